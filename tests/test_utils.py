@@ -1,0 +1,70 @@
+import dataclasses
+import json
+import math
+from typing import Optional
+
+import pytest
+import torch
+
+import utils
+
+
+@dataclasses.dataclass
+class _Cfg:
+    lr: float = 1e-4
+    epochs: int = 3
+    name: str = "run"
+    amp: bool = True
+    init: Optional[str] = None
+
+
+def test_parse_config_overrides_and_types():
+    cfg = utils.parse_config(_Cfg, ["--lr", "0.5", "--amp", "false", "--init", "ckpt.pt"])
+    assert cfg == _Cfg(lr=0.5, epochs=3, name="run", amp=False, init="ckpt.pt")
+    assert utils.parse_config(_Cfg, ["--init", "none"]).init is None
+    assert utils.parse_config(_Cfg, []) == _Cfg()
+
+
+def test_parse_config_rejects_unknown_and_bad_values(capsys):
+    with pytest.raises(SystemExit):
+        utils.parse_config(_Cfg, ["--lrr", "0.5"])
+    assert "unrecognized arguments: --lrr" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        utils.parse_config(_Cfg, ["--amp", "maybe"])
+    assert "expected true or false" in capsys.readouterr().err
+
+
+def test_cosine_lr_schedule():
+    kw = dict(total_steps=110, warmup_steps=10, base_lr=1.0, warmup_start_lr=0.1, final_lr=0.0)
+    assert utils.cosine_lr(0, **kw) == pytest.approx(0.1)
+    assert utils.cosine_lr(5, **kw) == pytest.approx(0.55)
+    assert utils.cosine_lr(10, **kw) == pytest.approx(1.0)
+    # halfway through the cosine part: exactly between base and final
+    assert utils.cosine_lr(60, **kw) == pytest.approx(0.5)
+    assert utils.cosine_lr(35, **kw) == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.25)))
+    assert utils.cosine_lr(110, **kw) == pytest.approx(0.0)
+    assert utils.cosine_lr(500, **kw) == pytest.approx(0.0)
+
+
+def test_checkpoint_roundtrip_is_atomic_and_weights_only(tmp_path):
+    path = tmp_path / "sub" / "ckpt.pt"
+    obj = {"model": {"w": torch.arange(4.0)}, "step": 7, "config": {"lr": 0.1}}
+    utils.save_checkpoint(obj, path)
+    assert sorted(p.name for p in path.parent.iterdir()) == ["ckpt.pt"]  # no temp file left
+    back = utils.load_checkpoint(path)
+    assert back["step"] == 7 and torch.equal(back["model"]["w"], obj["model"]["w"])
+
+
+def test_json_logger_appends_lines(tmp_path):
+    log = utils.JsonLogger(tmp_path / "log.jsonl")
+    log.log({"step": 1, "loss": 0.5})
+    log.log({"step": 2, "loss": 0.25})
+    lines = (tmp_path / "log.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == [1, 2]
+
+
+def test_not_distributed_without_torchrun(monkeypatch):
+    monkeypatch.delenv("RANK", raising=False)
+    rank, world, local, device = utils.init_distributed("cpu")
+    assert (rank, world, local, device.type) == (0, 1, 0, "cpu")
+    assert not utils.is_distributed() and utils.is_main()

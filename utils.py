@@ -1,0 +1,216 @@
+"""Small pieces shared by the training and evaluation scripts.
+
+Nothing here is part of the method: command-line configs from dataclasses,
+torchrun process-group setup, rank-0 printing, the learning-rate schedule
+(SPEC 12), mixed precision, atomic checkpoints and JSON-lines logs.
+"""
+import argparse
+import contextlib
+import dataclasses
+import json
+import os
+import random
+import typing
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+
+# ---------------------------------------------------------------------------
+# Configs: one dataclass per script, every field a `--field value` option
+# ---------------------------------------------------------------------------
+
+def _parse_bool(text):
+    value = text.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def _field_type(field, hints):
+    """The argparse `type` for a dataclass field: bool, int, float or str."""
+    tp = hints[field.name]
+    if typing.get_origin(tp) is typing.Union:  # Optional[X] -> X
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        tp = args[0]
+    if tp is bool:
+        return _parse_bool
+    if tp in (int, float, str):
+        return tp
+    raise TypeError(f"config field {field.name!r} has unsupported type {tp!r}")
+
+
+def parse_config(cls, argv=None, description=""):
+    """Build an instance of dataclass `cls` from `--field value` options.
+
+    Defaults and help texts come from the dataclass (help from
+    `field(metadata={"help": ...})`). An option given as `none` sets an
+    Optional field to None. Unknown options are an error, so a misspelled
+    flag never vanishes silently.
+    """
+    parser = argparse.ArgumentParser(
+        description=description,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    hints = typing.get_type_hints(cls)
+    for field in dataclasses.fields(cls):
+        default = field.default
+        if default is dataclasses.MISSING and field.default_factory is not dataclasses.MISSING:
+            default = field.default_factory()
+        convert = _field_type(field, hints)
+        optional = typing.get_origin(hints[field.name]) is typing.Union
+
+        def parse(text, convert=convert, optional=optional):
+            if optional and text.strip().lower() == "none":
+                return None
+            return convert(text)
+
+        parser.add_argument(f"--{field.name}", type=parse, default=default,
+                            metavar=field.name.upper().replace("_", ""),
+                            help=field.metadata.get("help", " "))
+    args = parser.parse_args(argv)
+    return cls(**vars(args))
+
+
+# ---------------------------------------------------------------------------
+# Distributed: torchrun only; a process group exists only when RANK is set
+# ---------------------------------------------------------------------------
+
+def is_distributed():
+    return dist.is_available() and dist.is_initialized()
+
+
+def get_rank():
+    return dist.get_rank() if is_distributed() else 0
+
+
+def get_world_size():
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def is_main():
+    return get_rank() == 0
+
+
+def print0(*args, **kwargs):
+    """print() on rank 0 only."""
+    if is_main():
+        print(*args, **kwargs, flush=True)
+
+
+def barrier():
+    if is_distributed():
+        dist.barrier()
+
+
+def init_distributed(device=None):
+    """Set up torchrun's process group, if launched by torchrun.
+
+    Returns (rank, world_size, local_rank, device). NCCL on CUDA, gloo on
+    CPU. `device` ("cpu"/"cuda") overrides the automatic choice.
+    """
+    use_cuda = torch.cuda.is_available() if device is None else device.startswith("cuda")
+    if "RANK" not in os.environ:
+        return 0, 1, 0, torch.device("cuda" if use_cuda else "cpu")
+    rank = int(os.environ["RANK"])
+    world_size = int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+        dev = torch.device("cuda", local_rank)
+        dist.init_process_group("nccl", device_id=dev)
+    else:
+        dev = torch.device("cpu")
+        dist.init_process_group("gloo")
+    return rank, world_size, local_rank, dev
+
+
+def cleanup_distributed():
+    if is_distributed():
+        dist.destroy_process_group()
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+# ---------------------------------------------------------------------------
+# Learning rate (SPEC 12): linear warm-up, then cosine, stepped per iteration
+# ---------------------------------------------------------------------------
+
+def cosine_lr(step, total_steps, warmup_steps, base_lr, warmup_start_lr=0.0, final_lr=0.0):
+    """Learning rate at iteration `step` (0-based).
+
+    Linear from `warmup_start_lr` to `base_lr` over `warmup_steps`, then a
+    half cosine from `base_lr` down to `final_lr` at `total_steps`.
+    """
+    if step < warmup_steps:
+        return warmup_start_lr + (base_lr - warmup_start_lr) * step / warmup_steps
+    span = max(1, total_steps - warmup_steps)
+    progress = min(1.0, (step - warmup_steps) / span)
+    return final_lr + 0.5 * (base_lr - final_lr) * (1.0 + np.cos(np.pi * progress))
+
+
+# ---------------------------------------------------------------------------
+# Mixed precision: bf16 where supported, fp16 with a scaler otherwise, off on CPU
+# ---------------------------------------------------------------------------
+
+def amp_dtype(device, amp):
+    """The autocast dtype for `device`, or None when AMP is off."""
+    device = torch.device(device)
+    if not amp or device.type != "cuda":
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def autocast_context(device, amp):
+    dtype = amp_dtype(device, amp)
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type="cuda", dtype=dtype)
+
+
+def make_grad_scaler(device, amp):
+    """A GradScaler that is only enabled for fp16 autocast."""
+    return torch.amp.GradScaler("cuda", enabled=amp_dtype(device, amp) == torch.float16)
+
+
+# ---------------------------------------------------------------------------
+# Checkpoints and logs
+# ---------------------------------------------------------------------------
+
+def save_checkpoint(obj, path):
+    """Write `obj` with torch.save atomically: a temp file, then a rename.
+
+    A run killed mid-write leaves the previous checkpoint intact. Call on
+    rank 0 only. `obj` must hold only tensors and plain Python values so that
+    `torch.load(weights_only=True)` accepts it.
+    """
+    path = os.fspath(path)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp.{os.getpid()}"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+class JsonLogger:
+    """Appends one JSON object per line to `path` (rank 0 only)."""
+
+    def __init__(self, path):
+        self.path = os.fspath(path)
+        if is_main():
+            os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+
+    def log(self, record):
+        if not is_main():
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
