@@ -1,0 +1,698 @@
+"""EquiAV model: encoders, augmentation encoder, transformation predictor,
+projection heads (SPEC 2-6), the fine-tuning classifier (SPEC 11) and the
+import of the authors' and MAE checkpoints (SPEC 10).
+
+Paper: Kim et al., "EquiAV: Leveraging Equivariance for Audio-Visual
+Contrastive Learning", ICML 2024. Read top to bottom it follows the paper's
+ladder: PatchEmbed -> Attention -> MLP -> Block -> ViTEncoder (f_m),
+AugEncoder (e_m) -> TransformationPredictor (u_m), ProjectionHead (g_m),
+EquiAV (the pretraining forward), EquiAVClassifier, then checkpoint loading.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+from typing import Mapping, NamedTuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from augment import AUDIO_DIM, AUDIO_SLOTS, VISUAL_DIM, VISUAL_SLOTS
+
+# ---------------------------------------------------------------------------
+# Configuration
+# ---------------------------------------------------------------------------
+
+
+@dataclass
+class ModelConfig:
+    """Sizes of every module. Defaults are the paper's ViT-B/16 model."""
+
+    audio_length: int = 1024   # T, spectrogram frames (10 ms each)
+    mel_bins: int = 128        # F, mel filterbank bins
+    image_size: int = 224      # H = W of the frame
+    patch_size: int = 16
+    embed_dim: int = 768       # D
+    depth: int = 12
+    num_heads: int = 12
+    mlp_ratio: float = 4.0
+    aug_hidden: int = 256      # width of the augmentation encoder e_m (SPEC 3)
+    pred_heads: int = 8        # cross-attention heads of the predictor u_m (SPEC 4)
+    pred_head_dim: int = 64
+    proj_hidden: int = 2048    # projection heads g_m (SPEC 5)
+    proj_dim: int = 512
+    drop_path: float = 0.0     # stochastic depth, maximum rate (last block)
+
+    def __post_init__(self):
+        p = self.patch_size
+        for name in ("audio_length", "mel_bins", "image_size"):
+            if getattr(self, name) % p:
+                raise ValueError(f"ModelConfig.{name}={getattr(self, name)} is not a multiple "
+                                 f"of patch_size={p}")
+        if self.embed_dim % self.num_heads:
+            raise ValueError(f"embed_dim={self.embed_dim} is not divisible by num_heads={self.num_heads}")
+        if self.embed_dim % 4:
+            raise ValueError(f"embed_dim={self.embed_dim} must be a multiple of 4 for the 2-D "
+                             "sin-cos position embedding (SPEC 2)")
+        if not 0.0 <= self.drop_path < 1.0:
+            raise ValueError(f"drop_path={self.drop_path} must be in [0, 1)")
+
+    @property
+    def audio_grid(self) -> tuple[int, int]:
+        """(rows, cols) = (frequency patches, time patches) of the audio encoder."""
+        return self.mel_bins // self.patch_size, self.audio_length // self.patch_size
+
+    @property
+    def visual_grid(self) -> tuple[int, int]:
+        """(rows, cols) of the visual encoder's patch grid."""
+        return self.image_size // self.patch_size, self.image_size // self.patch_size
+
+
+PRESETS = {
+    "base": ModelConfig(),
+    # For CPU runs and tests; its input sizes match data.py's toy dataset.
+    "tiny": ModelConfig(audio_length=256, mel_bins=64, image_size=96, embed_dim=128, depth=3,
+                        num_heads=4, aug_hidden=128, pred_heads=4, pred_head_dim=32,
+                        proj_hidden=512, proj_dim=128),
+}
+
+
+def get_config(name: str, **overrides) -> ModelConfig:
+    """Preset `name` with some fields replaced, e.g. get_config("tiny", drop_path=0.1)."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown model preset {name!r}; available: {sorted(PRESETS)}")
+    fields = {f.name for f in dataclasses.fields(ModelConfig)}
+    unknown = sorted(set(overrides) - fields)
+    if unknown:
+        raise ValueError(f"unknown ModelConfig field(s) {unknown}; valid fields: {sorted(fields)}")
+    return dataclasses.replace(PRESETS[name], **overrides)
+
+
+# ---------------------------------------------------------------------------
+# Initialisation helpers (SPEC 2)
+# ---------------------------------------------------------------------------
+
+
+def _init_linear_and_norm(m: nn.Module) -> None:
+    """xavier-uniform Linear weights, zero biases, LayerNorm weight 1 / bias 0."""
+    if isinstance(m, nn.Linear):
+        nn.init.xavier_uniform_(m.weight)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.LayerNorm):
+        nn.init.ones_(m.weight)
+        nn.init.zeros_(m.bias)
+
+
+def sincos_pos_embed_2d(dim: int, rows: int, cols: int) -> torch.Tensor:
+    """Fixed 2-D sine-cosine position embedding (MAE convention, SPEC 2).
+
+    Returns (rows * cols, dim), tokens in row-major order (n = r * cols + c).
+    Channels [0, dim/2) encode the column index c, [dim/2, dim) the row index r;
+    each half is [sin(pos * w_i)]_{i<dim/4} then [cos(pos * w_i)]_{i<dim/4},
+    w_i = 10000^(-i / (dim/4)). For audio, rows are frequency and cols time.
+    """
+    if dim % 4:
+        raise ValueError(f"sin-cos position embedding needs dim % 4 == 0, got {dim}")
+    quarter = dim // 4
+    omega = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float64) / quarter)
+    row = torch.arange(rows, dtype=torch.float64).repeat_interleave(cols)  # (N,) r of token n
+    col = torch.arange(cols, dtype=torch.float64).repeat(rows)             # (N,) c of token n
+
+    def encode(pos):  # (N,) -> (N, dim/2)
+        angle = pos[:, None] * omega[None, :]
+        return torch.cat([angle.sin(), angle.cos()], dim=1)
+
+    return torch.cat([encode(col), encode(row)], dim=1).float()
+
+
+def drop_path(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """Stochastic depth: drop the whole residual branch per sample, rescale the rest."""
+    if p == 0.0 or not training:
+        return x
+    keep = 1.0 - p
+    mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
+    return x * mask.div_(keep)
+
+
+# ---------------------------------------------------------------------------
+# Encoders f_a, f_v (SPEC 2)
+# ---------------------------------------------------------------------------
+
+
+class PatchEmbed(nn.Module):
+    """Non-overlapping p x p patches -> D-dim tokens: (B, C, H, W) -> (B, H/p * W/p, D)."""
+
+    def __init__(self, in_chans: int, embed_dim: int, patch_size: int):
+        super().__init__()
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.proj(x)                        # (B, D, rows, cols)
+        return x.flatten(2).transpose(1, 2)     # (B, N, D), row-major over (rows, cols)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with a fused qkv projection (with bias)."""
+
+    def __init__(self, dim: int, num_heads: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, N, D = x.shape
+        qkv = self.qkv(x).view(B, N, 3, self.num_heads, D // self.num_heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)   # each (B, heads, N, head_dim)
+        x = F.scaled_dot_product_attention(q, k, v)       # (B, heads, N, head_dim)
+        return self.proj(x.transpose(1, 2).reshape(B, N, D))
+
+
+class MLP(nn.Module):
+    """D -> hidden -> D with exact (erf) GELU."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block (SPEC 2) with per-sample drop path."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, drop_path: float = 0.0):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = Attention(dim, num_heads)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = MLP(dim, int(dim * mlp_ratio))
+        self.drop_path = drop_path
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + drop_path(self.attn(self.norm1(x)), self.drop_path, self.training)
+        return x + drop_path(self.mlp(self.norm2(x)), self.drop_path, self.training)
+
+
+class ViTEncoder(nn.Module):
+    """One modality's ViT f_m (SPEC 2): patches + fixed 2-D sin-cos position
+    embedding + learned modality embedding, `depth` blocks, final LayerNorm.
+
+    Audio input (B, T, F) is laid out as a 1-channel image (B, 1, F, T): rows
+    are frequency, cols are time, so grid = (F/p, T/p). Visual input is
+    (B, 3, H, W), ImageNet-normalized. Original inputs end in `norm`,
+    augmented ones in `norm_aug` (same blocks; SPEC 2). `with_aug_norm=False`
+    drops `norm_aug` (the fine-tuning classifier never uses it).
+    """
+
+    def __init__(self, cfg: ModelConfig, in_chans: int, grid: tuple[int, int],
+                 with_aug_norm: bool = True):
+        super().__init__()
+        D, p = cfg.embed_dim, cfg.patch_size
+        self.grid = tuple(grid)
+        self.image_hw = (grid[0] * p, grid[1] * p)
+        self.patch_embed = PatchEmbed(in_chans, D, p)
+        # A buffer, not a constant: it is saved in checkpoints and a loaded
+        # (e.g. converted) table replaces the computed one (SPEC 2, 10).
+        self.register_buffer("pos_embed", sincos_pos_embed_2d(D, *grid)[None])  # (1, N, D)
+        self.modality_embed = nn.Parameter(torch.zeros(1, 1, D))
+        rates = torch.linspace(0, cfg.drop_path, cfg.depth).tolist()  # deeper blocks drop more
+        self.blocks = nn.ModuleList(
+            [Block(D, cfg.num_heads, cfg.mlp_ratio, r) for r in rates])
+        self.norm = nn.LayerNorm(D)
+        self.norm_aug = nn.LayerNorm(D) if with_aug_norm else None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        self.apply(_init_linear_and_norm)
+        w = self.patch_embed.proj.weight
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))  # the conv viewed as a (D, C*p*p) matrix
+        nn.init.zeros_(self.patch_embed.proj.bias)
+        nn.init.normal_(self.modality_embed, std=0.02)
+
+    def forward_blocks(self, x: torch.Tensor) -> torch.Tensor:
+        """Tokens after the blocks, before the final norm: (B, N, D)."""
+        if x.ndim == 3:
+            x = x.transpose(1, 2).unsqueeze(1)  # (B, T, F) -> (B, 1, F, T): rows freq, cols time
+        if tuple(x.shape[-2:]) != self.image_hw:
+            raise ValueError(f"encoder expects inputs laid out as (B, C, {self.image_hw[0]}, "
+                             f"{self.image_hw[1]}) (audio: (B, T, F) with F = rows), "
+                             f"got {tuple(x.shape)}")
+        x = self.patch_embed(x) + self.pos_embed + self.modality_embed  # (B, N, D)
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+    def forward(self, x: torch.Tensor, aug: bool = False) -> torch.Tensor:
+        """h_m (B, N, D); `aug=True` uses the augmented-input norm `norm_aug`."""
+        x = self.forward_blocks(x)
+        return self.norm_aug(x) if aug else self.norm(x)
+
+    def forward_pair(self, x: torch.Tensor, x_aug: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(h, h') for an original and an augmented batch in ONE pass through
+        the shared blocks (a 2B batch), then the two separate final norms."""
+        n = x.shape[0]
+        tokens = self.forward_blocks(torch.cat([x, x_aug], dim=0))  # (2B, N, D)
+        return self.norm(tokens[:n]), self.norm_aug(tokens[n:])
+
+
+# ---------------------------------------------------------------------------
+# Augmentation encoder e_m and transformation predictor u_m (SPEC 3, 4)
+# ---------------------------------------------------------------------------
+
+
+class QuickGELU(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(1.702 * x)
+
+
+class AugEncoder(nn.Module):
+    """e_m (SPEC 3): t (..., d_t) -> (..., hidden); three Linear layers, QuickGELU between."""
+
+    def __init__(self, d_t: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(d_t, hidden)
+        self.fc2 = nn.Linear(hidden, hidden)
+        self.fc3 = nn.Linear(hidden, hidden)
+        self.act = QuickGELU()
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        return self.fc3(self.act(self.fc2(self.act(self.fc1(t)))))
+
+
+class TransformationPredictor(nn.Module):
+    """u_m(h, t) (SPEC 4): predicts the embedding of the transformed input
+    from the original tokens h (B, N, D) and parameter vectors t.
+
+    Each augmentation vector is one cross-attention query over the tokens, so
+    the S queries never interact and the output for S vectors is the mean of
+    the S single-vector predictions (the centroid h̄_m of SPEC 4).
+    """
+
+    def __init__(self, cfg: ModelConfig, d_t: int):
+        super().__init__()
+        D, inner = cfg.embed_dim, cfg.pred_heads * cfg.pred_head_dim
+        self.num_heads = cfg.pred_heads
+        self.aug_encoder = AugEncoder(d_t, cfg.aug_hidden)
+        self.norm_aug = nn.LayerNorm(cfg.aug_hidden)
+        self.to_q = nn.Linear(cfg.aug_hidden, inner)
+        self.to_k = nn.Linear(D, inner)
+        self.to_v = nn.Linear(D, inner)
+        self.to_out = nn.Linear(inner, D, bias=False)
+        self.norm = nn.LayerNorm(D)
+        self.mlp = MLP(D, int(D * cfg.mlp_ratio))
+        self.apply(_init_linear_and_norm)
+
+    def predict_each(self, h: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """One prediction per vector: h (B, N, D), t (B, S, d_t) -> y (B, S, D)."""
+        B, N, _ = h.shape
+        S, H = t.shape[1], self.num_heads
+        q = self.to_q(self.norm_aug(self.aug_encoder(t)))        # (B, S, H*hd)
+        q = q.view(B, S, H, -1).transpose(1, 2)                  # (B, H, S, hd)
+        k = self.to_k(h).view(B, N, H, -1).transpose(1, 2)       # (B, H, N, hd)
+        v = self.to_v(h).view(B, N, H, -1).transpose(1, 2)       # (B, H, N, hd)
+        a = F.scaled_dot_product_attention(q, k, v)              # (B, H, S, hd), softmax over N
+        a = self.to_out(a.transpose(1, 2).reshape(B, S, -1))     # (B, S, D)
+        y = h.mean(dim=1, keepdim=True) + a                      # mean_N(h) broadcast to S rows
+        return y + self.mlp(self.norm(y))
+
+    def forward(self, h: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """h (B, N, D), t (B, d_t) or (B, S, d_t) -> (B, D), the mean over the S rows."""
+        if t.ndim == 2:
+            t = t.unsqueeze(1)  # (B, 1, d_t)
+        return self.predict_each(h, t).mean(dim=1)
+
+
+# ---------------------------------------------------------------------------
+# Projection heads g_intra_m, g_inter_m (SPEC 5)
+# ---------------------------------------------------------------------------
+
+
+class ProjectionHead(nn.Module):
+    """(..., D) -> (..., proj_dim): 3 Linear layers, each followed by LayerNorm
+    (ReLU after the first two). Acts row-wise, so it also maps single tokens."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        D, hid, out = cfg.embed_dim, cfg.proj_hidden, cfg.proj_dim
+        self.fc1, self.norm1 = nn.Linear(D, hid), nn.LayerNorm(hid)
+        self.fc2, self.norm2 = nn.Linear(hid, hid), nn.LayerNorm(hid)
+        self.fc3, self.norm3 = nn.Linear(hid, out), nn.LayerNorm(out)
+        self.apply(_init_linear_and_norm)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.norm1(self.fc1(x)))
+        x = F.relu(self.norm2(self.fc2(x)))
+        return self.norm3(self.fc3(x))
+
+
+# ---------------------------------------------------------------------------
+# EquiAV (SPEC 6, 13)
+# ---------------------------------------------------------------------------
+
+
+class EquiAVOutput(NamedTuple):
+    """The six pretraining embeddings, each (B, proj_dim), NOT L2-normalized."""
+
+    z_inter_a: torch.Tensor  # g_inter_a(centroid of u_a(h_a, T_a))
+    z_inter_v: torch.Tensor
+    z_equi_a: torch.Tensor   # g_intra_a(u_a(h_a, t_a)), predicted from the original
+    z_equi_v: torch.Tensor
+    z_aug_a: torch.Tensor    # g_intra_a(mean_N(h'_a)), encoded from the augmented input
+    z_aug_v: torch.Tensor
+
+
+class EquiAV(nn.Module):
+    """The pretraining model (SPEC 6).
+
+    use_centroid=False: z_inter_m = g_inter_m(mean_N(h_m)) (paper's ablation).
+    equivariant=False:  z_equi_m  = g_intra_m(mean_N(h_m)) (invariant ablation).
+    With both off the predictors are not built (nothing would train them).
+    """
+
+    def __init__(self, cfg: ModelConfig, use_centroid: bool = True, equivariant: bool = True):
+        super().__init__()
+        self.cfg = cfg
+        self.use_centroid = use_centroid
+        self.equivariant = equivariant
+        self.audio_encoder = ViTEncoder(cfg, 1, cfg.audio_grid)
+        self.visual_encoder = ViTEncoder(cfg, 3, cfg.visual_grid)
+        needs_predictor = use_centroid or equivariant
+        self.predictor_a = TransformationPredictor(cfg, AUDIO_DIM) if needs_predictor else None
+        self.predictor_v = TransformationPredictor(cfg, VISUAL_DIM) if needs_predictor else None
+        self.proj_intra_a = ProjectionHead(cfg)
+        self.proj_intra_v = ProjectionHead(cfg)
+        self.proj_inter_a = ProjectionHead(cfg)
+        self.proj_inter_v = ProjectionHead(cfg)
+
+    def _modality(self, h, h_aug, t, T, predictor, proj_inter, proj_intra):
+        """The three embeddings of one modality from its tokens (SPEC 6)."""
+        if self.use_centroid and self.equivariant:
+            # One predictor call for [t, T_1..T_S]: the keys/values of h are
+            # projected once and shared by the equivariant and centroid paths.
+            y = predictor.predict_each(h, torch.cat([t.unsqueeze(1), T], dim=1))  # (B, 1+S, D)
+            equi_in, inter_in = y[:, 0], y[:, 1:].mean(dim=1)
+        else:
+            pooled = h.mean(dim=1)
+            inter_in = predictor(h, T) if self.use_centroid else pooled
+            equi_in = predictor(h, t) if self.equivariant else pooled
+        z_inter = proj_inter(inter_in)
+        # g_intra is shared by both intra-modal embeddings: run it once on 2B rows.
+        z_equi, z_aug = proj_intra(torch.cat([equi_in, h_aug.mean(dim=1)], dim=0)).chunk(2, dim=0)
+        return z_inter, z_equi, z_aug
+
+    def forward(self, x_a, x_v, x_a_aug, x_v_aug, t_a, t_v, T_a, T_v) -> EquiAVOutput:
+        """x_a, x_a_aug (B, T, F) normalized fbanks; x_v, x_v_aug (B, 3, H, W)
+        ImageNet-normalized; t_a (B, 24), t_v (B, 18) the applied augmentations;
+        T_a (B, S, 24), T_v (B, S, 18) sampled centroid vectors. t_m may be None
+        when equivariant=False, T_m when use_centroid=False."""
+        h_a, h_a_aug = self.audio_encoder.forward_pair(x_a, x_a_aug)    # (B, N_a, D) each
+        h_v, h_v_aug = self.visual_encoder.forward_pair(x_v, x_v_aug)   # (B, N_v, D) each
+        za = self._modality(h_a, h_a_aug, t_a, T_a, self.predictor_a,
+                            self.proj_inter_a, self.proj_intra_a)
+        zv = self._modality(h_v, h_v_aug, t_v, T_v, self.predictor_v,
+                            self.proj_inter_v, self.proj_intra_v)
+        return EquiAVOutput(za[0], zv[0], za[1], zv[1], za[2], zv[2])
+
+    def _inter(self, h, T, predictor, proj_inter):
+        return proj_inter(predictor(h, T) if self.use_centroid else h.mean(dim=1))
+
+    @torch.no_grad()
+    def embed(self, x_a, x_v, T_a=None, T_v=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Inter-modal embeddings of the originals, L2-normalized, each
+        (B, proj_dim) (SPEC 13). The caller supplies fixed-seed centroid vectors."""
+        z_a = self._inter(self.audio_encoder(x_a), T_a, self.predictor_a, self.proj_inter_a)
+        z_v = self._inter(self.visual_encoder(x_v), T_v, self.predictor_v, self.proj_inter_v)
+        return F.normalize(z_a, dim=-1), F.normalize(z_v, dim=-1)
+
+    @torch.no_grad()
+    def localize(self, x_a, x_v, T_a=None) -> torch.Tensor:
+        """Sound-source map (SPEC 13): cosine similarity between z_inter_a and
+        every visual token mapped through g_inter_v -> (B, H/p, W/p)."""
+        z_a = self._inter(self.audio_encoder(x_a), T_a, self.predictor_a, self.proj_inter_a)
+        z_tok = self.proj_inter_v(self.visual_encoder(x_v))                      # (B, N_v, P)
+        sim = torch.einsum("bp,bnp->bn", F.normalize(z_a, dim=-1), F.normalize(z_tok, dim=-1))
+        return sim.view(sim.shape[0], *self.visual_encoder.grid)                 # (B, rows, cols)
+
+
+# ---------------------------------------------------------------------------
+# Fine-tuning classifier (SPEC 11)
+# ---------------------------------------------------------------------------
+
+
+class EquiAVClassifier(nn.Module):
+    """Pretrained encoders (with their final norm_m) + one Linear head on the
+    mean-pooled tokens; multimodal concatenates [audio, visual] features."""
+
+    MODES = ("audio", "visual", "multimodal")
+
+    def __init__(self, cfg: ModelConfig, num_classes: int, mode: str = "multimodal",
+                 drop_path: float = 0.1):
+        super().__init__()
+        if mode not in self.MODES:
+            raise ValueError(f"unknown classifier mode {mode!r}; choose from {self.MODES}")
+        cfg = dataclasses.replace(cfg, drop_path=drop_path)
+        self.cfg, self.mode = cfg, mode
+        use_a, use_v = mode in ("audio", "multimodal"), mode in ("visual", "multimodal")
+        self.audio_encoder = ViTEncoder(cfg, 1, cfg.audio_grid, with_aug_norm=False) if use_a else None
+        self.visual_encoder = ViTEncoder(cfg, 3, cfg.visual_grid, with_aug_norm=False) if use_v else None
+        self.head = nn.Linear(cfg.embed_dim * (use_a + use_v), num_classes)
+        _init_linear_and_norm(self.head)
+
+    @classmethod
+    def from_pretrained(cls, equiav: EquiAV, num_classes: int, mode: str = "multimodal",
+                        drop_path: float = 0.1) -> "EquiAVClassifier":
+        """A classifier whose encoders are copies of `equiav`'s (norm_m_aug left out)."""
+        model = cls(equiav.cfg, num_classes, mode, drop_path)
+        for name in ("audio_encoder", "visual_encoder"):
+            encoder = getattr(model, name)
+            if encoder is not None:
+                src = getattr(equiav, name).state_dict()
+                encoder.load_state_dict({k: v for k, v in src.items() if not k.startswith("norm_aug.")})
+        return model.to(next(equiav.parameters()).device)
+
+    def forward_features(self, x_a=None, x_v=None) -> torch.Tensor:
+        """(B, D) for one modality or (B, 2D) = [audio, visual] for multimodal."""
+        feats = []
+        if self.audio_encoder is not None:
+            feats.append(self.audio_encoder(x_a).mean(dim=1))
+        if self.visual_encoder is not None:
+            feats.append(self.visual_encoder(x_v).mean(dim=1))
+        return feats[0] if len(feats) == 1 else torch.cat(feats, dim=-1)
+
+    def forward(self, x_a=None, x_v=None) -> torch.Tensor:
+        """x_a (B, T, F), x_v (B, 3, H, W) (the unused one may be None) -> logits (B, C)."""
+        return self.head(self.forward_features(x_a, x_v))
+
+    def encoder_parameters(self) -> list[nn.Parameter]:
+        return [p for n, p in self.named_parameters() if not n.startswith("head.")]
+
+    def head_parameters(self) -> list[nn.Parameter]:
+        return list(self.head.parameters())
+
+
+# ---------------------------------------------------------------------------
+# Checkpoint import (SPEC 10)
+# ---------------------------------------------------------------------------
+
+
+class LoadReport(NamedTuple):
+    missing: list[str]     # our keys the checkpoint did not provide (kept as initialised)
+    unexpected: list[str]  # checkpoint keys that have no place in the model (ignored)
+
+
+def official_raw_affine(audio_length: int = 1024, mel_bins: int = 128) -> dict:
+    """How the authors' code stored each slot: raw = scale * ours + offset.
+
+    {"audio" | "visual": {slot name: (scale, offset)}}; slots not listed are
+    stored identically, (1, 0). The single place these scales are written.
+    """
+    T, Fb = float(audio_length), float(mel_bins)
+    order = {f"cj_order{i}": (3.0, 0.0) for i in range(4)}   # op index 0..3, ours /3
+    audio = {
+        "tmask_start": (T, 0.0), "tmask_end": (T, 0.0),          # raw frames
+        "fmask_start": (Fb, 0.0), "fmask_end": (Fb, 0.0),        # raw bins
+        # Public crop values were divided by the other axis' length.
+        "rrc_time_start": (T / Fb, 0.0), "rrc_time_len": (T / Fb, 0.0),
+        "rrc_freq_start": (Fb / T, 0.0), "rrc_freq_width": (Fb / T, 0.0),
+        **order,
+    }
+    return {"audio": audio, "visual": dict(order)}
+
+
+def _fold_raw_affine(weight, bias, slots: Mapping[str, int], table: Mapping[str, tuple]):
+    """Fold raw = s * x + o into a Linear that read raw values: the weight
+    column j is multiplied by s_j and the bias absorbs W @ o. Returns (W', b')."""
+    scale = torch.ones(weight.shape[1], dtype=torch.float64)
+    offset = torch.zeros(weight.shape[1], dtype=torch.float64)
+    for name, (s, o) in table.items():
+        scale[slots[name]], offset[slots[name]] = s, o
+    w64 = weight.double()
+    new_w = (w64 * scale[None, :]).to(weight.dtype)
+    new_b = (bias.double() + w64 @ offset).to(bias.dtype)
+    return new_w, new_b
+
+
+_AUTHOR_PREFIXES = ("module.", "__M__.")
+_UNUSED_BLOCK_NORMS = ("norm1_a", "norm1_v", "norm2_a", "norm2_v")
+
+
+def _official_key_map() -> dict[str, str]:
+    """Authors' key prefix -> our key prefix (SPEC 10). A prefix ending in '.'
+    matches sub-keys; others are whole keys."""
+    m = {}
+    for s, enc, d_t_name in (("a", "audio_encoder", "audio"), ("v", "visual_encoder", "visual")):
+        pred = f"predictor_{s}"
+        m.update({
+            f"patch_embed_{s}.": f"{enc}.patch_embed.",
+            f"modality_{s}": f"{enc}.modality_embed",
+            f"pos_embed_{s}": f"{enc}.pos_embed",
+            f"blocks_{s}.": f"{enc}.blocks.",
+            f"norm_{s}.": f"{enc}.norm.",
+            f"norm_{s}_aug.": f"{enc}.norm_aug.",
+            f"aug_encoder_{s}.0.": f"{pred}.aug_encoder.fc1.",
+            f"aug_encoder_{s}.2.": f"{pred}.aug_encoder.fc2.",
+            f"aug_encoder_{s}.4.": f"{pred}.aug_encoder.fc3.",
+            f"cross_attn_{s}.norm_aug.": f"{pred}.norm_aug.",
+            f"cross_attn_{s}.attn.to_q.": f"{pred}.to_q.",
+            f"cross_attn_{s}.attn.to_k.": f"{pred}.to_k.",
+            f"cross_attn_{s}.attn.to_v.": f"{pred}.to_v.",
+            f"cross_attn_{s}.attn.to_out.": f"{pred}.to_out.",
+            f"cross_attn_{s}.norm.": f"{pred}.norm.",
+            f"cross_attn_{s}.mlp.": f"{pred}.mlp.",
+            f"pred_{s}_intra.": f"proj_intra_{s}.",
+            f"pred_{s}_inter.": f"proj_inter_{s}.",
+        })
+    return m
+
+
+def _strip_prefixes(key: str) -> str:
+    stripped = True
+    while stripped:
+        stripped = False
+        for p in _AUTHOR_PREFIXES:
+            if key.startswith(p):
+                key, stripped = key[len(p):], True
+    return key
+
+
+def _is_temperature(key: str) -> bool:
+    leaf = key.rsplit(".", 1)[-1].lower()
+    return "temp" in leaf or leaf == "logit_scale"
+
+
+def convert_official_state_dict(state_dict: Mapping[str, torch.Tensor],
+                                cfg: ModelConfig | None = None) -> dict[str, torch.Tensor]:
+    """Authors' EquiAV state dict -> ours (SPEC 10).
+
+    Strips `module.` / `__M__.`, drops the loss temperature and the unused
+    norm{1,2}_{a,v} block norms, renames every key, sums the audio patch kernel
+    over its 3 input channels, and folds the public raw-vector scales (which
+    depend on cfg's T and F; default the base sizes) into the first Linear of
+    each augmentation encoder. Unknown keys are passed through unchanged so
+    that loading reports them as unexpected.
+    """
+    cfg = cfg if cfg is not None else ModelConfig()
+    key_map = _official_key_map()
+    out = {}
+    for key, value in state_dict.items():
+        key = _strip_prefixes(key)
+        if _is_temperature(key):
+            continue
+        parts = key.split(".")
+        if parts[0] in ("blocks_a", "blocks_v") and len(parts) > 2 and parts[2] in _UNUSED_BLOCK_NORMS:
+            continue
+        new_key = key
+        for src, dst in key_map.items():
+            if key == src or (src.endswith(".") and key.startswith(src)):
+                new_key = dst + key[len(src):]
+                break
+        out[new_key] = value
+
+    kernel = "audio_encoder.patch_embed.proj.weight"
+    if kernel in out and out[kernel].shape[1] == 3:
+        # The public code repeats the spectrogram to 3 channels; summing the
+        # kernel over them gives the same convolution on 1 channel.
+        out[kernel] = out[kernel].sum(dim=1, keepdim=True)
+
+    table = official_raw_affine(cfg.audio_length, cfg.mel_bins)
+    for s, modality, slots in (("a", "audio", AUDIO_SLOTS), ("v", "visual", VISUAL_SLOTS)):
+        w_key, b_key = f"predictor_{s}.aug_encoder.fc1.weight", f"predictor_{s}.aug_encoder.fc1.bias"
+        if w_key in out and b_key in out:
+            out[w_key], out[b_key] = _fold_raw_affine(out[w_key], out[b_key], slots, table[modality])
+    return out
+
+
+def _read_state_dict(path_or_state_dict) -> dict[str, torch.Tensor]:
+    if isinstance(path_or_state_dict, (str, os.PathLike)):
+        sd = torch.load(path_or_state_dict, weights_only=True, map_location="cpu")
+    else:
+        sd = path_or_state_dict
+    for wrapper in ("model", "state_dict"):
+        if isinstance(sd.get(wrapper), Mapping):
+            sd = sd[wrapper]
+            break
+    return dict(sd)
+
+
+def _load_checked(model: nn.Module, state_dict: Mapping[str, torch.Tensor],
+                  unexpected: list[str]) -> LoadReport:
+    """Copy the keys the model has (after checking every shape), report the rest."""
+    own = model.state_dict()
+    for key, value in state_dict.items():
+        if key in own and tuple(own[key].shape) != tuple(value.shape):
+            raise ValueError(f"shape mismatch for {key}: checkpoint {tuple(value.shape)} "
+                             f"vs model {tuple(own[key].shape)}")
+    usable = {k: v for k, v in state_dict.items() if k in own}
+    unexpected = list(unexpected) + [k for k in state_dict if k not in own]
+    model.load_state_dict(usable, strict=False)
+    return LoadReport(missing=[k for k in own if k not in usable], unexpected=unexpected)
+
+
+def load_official_checkpoint(model: nn.Module, path_or_state_dict) -> LoadReport:
+    """Load the authors' pretrained EquiAV weights (SPEC 10) into `model`
+    (an EquiAV; for an EquiAVClassifier its encoders are filled). Keys in the
+    report use our names; unknown authors' keys keep theirs."""
+    sd = convert_official_state_dict(_read_state_dict(path_or_state_dict), model.cfg)
+    return _load_checked(model, sd, [])
+
+
+def load_mae_checkpoint(model: nn.Module, path_or_state_dict) -> LoadReport:
+    """Initialise both encoders of an EquiAV or EquiAVClassifier from one
+    ImageNet MAE ViT checkpoint (SPEC 2, 10).
+
+    Copied: patch embedding (audio kernel summed over RGB), blocks, and the
+    final `norm` (into norm_m and, where present, norm_m_aug). Not copied:
+    cls_token and pos_embed (our encoders have no class token and use the
+    fixed sin-cos table); they and every decoder key are reported as
+    unexpected, under their MAE names.
+    """
+    mae = {_strip_prefixes(k): v for k, v in _read_state_dict(path_or_state_dict).items()}
+    own = model.state_dict()
+    mapped, used = {}, set()
+    for name in ("audio_encoder", "visual_encoder"):
+        encoder = getattr(model, name, None)
+        if encoder is None:
+            continue
+        for key, value in mae.items():
+            if key.startswith(("patch_embed.", "blocks.")):
+                targets = [f"{name}.{key}"]
+                if key == "patch_embed.proj.weight" and encoder.patch_embed.proj.in_channels == 1:
+                    value = value.sum(dim=1, keepdim=True)  # RGB kernel -> 1-channel spectrogram
+            elif key.startswith("norm."):
+                targets = [f"{name}.{key}", f"{name}.norm_aug.{key[len('norm.'):]}"]
+            else:
+                continue
+            for target in targets:
+                if target in own:
+                    mapped[target] = value
+                    used.add(key)
+    unexpected = [k for k in mae if k not in used]
+    return _load_checked(model, mapped, unexpected)

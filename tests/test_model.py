@@ -1,0 +1,314 @@
+"""Tests of model.py (SPEC 2-6, 11, 13): every check compares against an
+independent computation or an invariant, with configs small enough for CPU."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from augment import AUDIO_DIM, AUDIO_SLOTS, VISUAL_DIM, VISUAL_SLOTS
+from model import (EquiAV, EquiAVClassifier, EquiAVOutput, PatchEmbed, TransformationPredictor,
+                   ViTEncoder, drop_path, get_config)
+
+# Smaller than `tiny`: T != F and a non-square audio grid so layout mistakes show.
+SMALL = dict(audio_length=48, mel_bins=16, image_size=32, patch_size=8, embed_dim=32, depth=2,
+             num_heads=4, aug_hidden=24, pred_heads=2, pred_head_dim=8, proj_hidden=48,
+             proj_dim=16)
+
+
+def small_cfg(**kw):
+    return get_config("tiny", **{**SMALL, **kw})
+
+
+def make_inputs(cfg, B=3, S=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    T, Fb, H = cfg.audio_length, cfg.mel_bins, cfg.image_size
+    return dict(
+        x_a=torch.randn(B, T, Fb, generator=g), x_v=torch.randn(B, 3, H, H, generator=g),
+        x_a_aug=torch.randn(B, T, Fb, generator=g), x_v_aug=torch.randn(B, 3, H, H, generator=g),
+        t_a=torch.rand(B, AUDIO_DIM, generator=g), t_v=torch.rand(B, VISUAL_DIM, generator=g),
+        T_a=torch.rand(B, S, AUDIO_DIM, generator=g), T_v=torch.rand(B, S, VISUAL_DIM, generator=g))
+
+
+def close(a, b, tol=1e-5):
+    return torch.allclose(a, b, atol=tol, rtol=tol)
+
+
+# ----------------------------------------------------------------- predictor
+
+def test_predictor_output_is_mean_of_single_vector_predictions():
+    torch.manual_seed(0)
+    cfg = small_cfg()
+    pred = TransformationPredictor(cfg, AUDIO_DIM).eval()
+    h = torch.randn(3, 10, cfg.embed_dim)
+    t = torch.randn(3, 5, AUDIO_DIM)
+    singles = torch.stack([pred(h, t[:, i]) for i in range(5)], dim=1)  # each (B, d_t) input
+    assert close(pred(h, t), singles.mean(dim=1))
+    assert close(pred(h, t[:, 2]), pred(h, t[:, 2:3]))
+    # and the vectors matter (otherwise the check above would be vacuous)
+    assert not close(singles[:, 0], singles[:, 1], 1e-3)
+
+
+def test_predictor_matches_spec4_written_out():
+    torch.manual_seed(1)
+    cfg = small_cfg()
+    p = TransformationPredictor(cfg, VISUAL_DIM).eval()
+    h = torch.randn(2, 7, cfg.embed_dim)
+    t = torch.randn(2, VISUAL_DIM)
+    e = p.aug_encoder
+    qg = lambda x: x * torch.sigmoid(1.702 * x)
+    q = p.norm_aug(e.fc3(qg(e.fc2(qg(e.fc1(t))))))                      # (B, 24)
+    H, hd = cfg.pred_heads, cfg.pred_head_dim
+    qh = p.to_q(q).view(2, H, hd)
+    kh = p.to_k(h).view(2, 7, H, hd)
+    vh = p.to_v(h).view(2, 7, H, hd)
+    att = torch.softmax(torch.einsum("bhd,bnhd->bhn", qh, kh) / math.sqrt(hd), dim=-1)
+    out = p.to_out(torch.einsum("bhn,bnhd->bhd", att, vh).reshape(2, H * hd))
+    y = h.mean(1) + out
+    y = y + p.mlp.fc2(F.gelu(p.mlp.fc1(p.norm(y))))
+    assert close(p(h, t), y)
+
+
+def identity_vectors(n, slots, dim):
+    """No augmentation (SPEC 8): RRC on with full extent, colour-jitter order 0, 1/3, 2/3, 1."""
+    t = torch.zeros(n, dim)
+    t[:, slots["rrc_on"]] = 1.0
+    for name in ("rrc_height", "rrc_width", "rrc_time_len", "rrc_freq_width"):
+        if name in slots:
+            t[:, slots[name]] = 1.0
+    for i in range(4):
+        t[:, slots[f"cj_order{i}"]] = i / 3
+    return t
+
+
+def test_identity_vector_path_is_deterministic_and_per_sample():
+    torch.manual_seed(2)
+    cfg = small_cfg()
+    pred = TransformationPredictor(cfg, AUDIO_DIM)  # train mode: still no randomness inside
+    h = torch.randn(4, 12, cfg.embed_dim)
+    t = identity_vectors(4, AUDIO_SLOTS, AUDIO_DIM)
+    a, b = pred(h, t), pred(h, t)
+    assert torch.equal(a, b)
+    # each sample's prediction depends only on its own tokens
+    assert close(pred(h[1:2], t[1:2]), a[1:2])
+    # embed() with the same fixed-seed centroid vectors is deterministic too
+    model = EquiAV(cfg).eval()
+    x = make_inputs(cfg, B=2)
+    e1 = model.embed(x["x_a"], x["x_v"], x["T_a"], x["T_v"])
+    e2 = model.embed(x["x_a"], x["x_v"], x["T_a"], x["T_v"])
+    assert torch.equal(e1[0], e2[0]) and torch.equal(e1[1], e2[1])
+
+
+# ------------------------------------------------------------------- encoder
+
+def test_one_channel_audio_conv_equals_three_channel_conv_on_repeated_spectrogram():
+    torch.manual_seed(3)
+    w3, b = torch.randn(16, 3, 8, 8), torch.randn(16)
+    pe = PatchEmbed(1, 16, 8)
+    with torch.no_grad():
+        pe.proj.weight.copy_(w3.sum(dim=1, keepdim=True))
+        pe.proj.bias.copy_(b)
+    img = torch.randn(2, 1, 16, 48)
+    ref = F.conv2d(img.repeat(1, 3, 1, 1), w3, b, stride=8).flatten(2).transpose(1, 2)
+    assert close(pe(img), ref, 1e-4)
+
+
+def test_audio_layout_rows_are_frequency_cols_are_time():
+    cfg = small_cfg(depth=0)
+    enc = ViTEncoder(cfg, 1, cfg.audio_grid)
+    rows, cols = cfg.audio_grid
+    assert (rows, cols) == (16 // 8, 48 // 8)
+    spec = torch.zeros(1, 48, 16)                 # (B, T, F)
+    spec[0, 8 * 4 + 3, 8 * 1 + 5] = 1.0            # frame in time patch 4, bin in freq patch 1
+    with torch.no_grad():
+        diff = (enc.forward_blocks(spec) - enc.forward_blocks(torch.zeros_like(spec))).abs().sum(-1)
+    assert diff[0].nonzero().flatten().tolist() == [1 * cols + 4]
+
+
+def reference_sincos(dim, rows, cols):
+    """Written independently of model.py, element by element."""
+    out = torch.zeros(rows * cols, dim, dtype=torch.float64)
+    quarter = dim // 4
+    for r in range(rows):
+        for c in range(cols):
+            n = r * cols + c
+            for half, pos in ((0, c), (1, r)):   # first half: column, second half: row
+                for i in range(quarter):
+                    w = 10000.0 ** (-i / quarter)
+                    out[n, half * dim // 2 + i] = math.sin(pos * w)
+                    out[n, half * dim // 2 + quarter + i] = math.cos(pos * w)
+    return out.float()
+
+
+def test_position_embedding_values_and_that_loaded_values_are_used():
+    cfg = small_cfg()
+    enc = ViTEncoder(cfg, 1, cfg.audio_grid)
+    assert close(enc.pos_embed[0], reference_sincos(cfg.embed_dim, *cfg.audio_grid), 1e-6)
+    assert "pos_embed" in enc.state_dict()
+    x = torch.randn(2, cfg.audio_length, cfg.mel_bins)
+    sd = enc.state_dict()
+    sd["pos_embed"] = torch.randn_like(sd["pos_embed"])
+    other = ViTEncoder(cfg, 1, cfg.audio_grid)
+    other.load_state_dict(sd)
+    assert torch.equal(other.pos_embed, sd["pos_embed"])
+    with torch.no_grad():
+        tokens = other.patch_embed(x.transpose(1, 2).unsqueeze(1)) + sd["pos_embed"] + other.modality_embed
+        for blk in other.blocks:
+            tokens = blk(tokens)
+        assert close(other(x), other.norm(tokens))
+        assert not close(other(x), enc(x), 1e-3)
+
+
+def test_drop_path_drops_whole_samples_and_preserves_the_mean():
+    torch.manual_seed(4)
+    x = torch.ones(4000, 3, 5)
+    y = drop_path(x, 0.25, training=True)
+    per_sample = y.view(4000, -1)
+    assert ((per_sample == 0).all(1) | (per_sample == 1 / 0.75).all(1)).all()
+    assert abs(y.mean().item() - 1.0) < 0.05
+    assert torch.equal(drop_path(x, 0.25, training=False), x)
+
+
+# --------------------------------------------------------------------- EquiAV
+
+def manual_outputs(model, x, use_centroid=True, equivariant=True):
+    """SPEC 6 written out from the submodules, one call per term."""
+    res = {}
+    for m, enc, pred, gi, ge in (("a", model.audio_encoder, model.predictor_a, model.proj_inter_a,
+                                  model.proj_intra_a),
+                                 ("v", model.visual_encoder, model.predictor_v, model.proj_inter_v,
+                                  model.proj_intra_v)):
+        h = enc(x[f"x_{m}"])
+        h_aug = enc(x[f"x_{m}_aug"], aug=True)
+        res[f"z_inter_{m}"] = gi(pred(h, x[f"T_{m}"]) if use_centroid else h.mean(1))
+        res[f"z_equi_{m}"] = ge(pred(h, x[f"t_{m}"]) if equivariant else h.mean(1))
+        res[f"z_aug_{m}"] = ge(h_aug.mean(1))
+    return res
+
+
+@pytest.mark.parametrize("use_centroid,equivariant", [(True, True), (False, True), (True, False),
+                                                      (False, False)])
+def test_forward_and_ablation_switches_match_manual_computation(use_centroid, equivariant):
+    torch.manual_seed(5)
+    cfg = small_cfg()
+    full = EquiAV(cfg).eval()
+    model = EquiAV(cfg, use_centroid=use_centroid, equivariant=equivariant).eval()
+    report = model.load_state_dict(full.state_dict(), strict=False)
+    assert report.missing_keys == []
+    x = make_inputs(cfg)
+    with torch.no_grad():
+        out = model(**x)
+        ref_full = full(**x)
+        manual = manual_outputs(model if model.predictor_a is not None else full, x,
+                                use_centroid, equivariant)
+    assert isinstance(out, EquiAVOutput)
+    for name in EquiAVOutput._fields:
+        assert close(getattr(out, name), manual[name], 1e-4), name
+    # exactly the switched outputs differ from the full model
+    changed = set()
+    if not use_centroid:
+        changed |= {"z_inter_a", "z_inter_v"}
+    if not equivariant:
+        changed |= {"z_equi_a", "z_equi_v"}
+    for name in EquiAVOutput._fields:
+        same = close(getattr(out, name), getattr(ref_full, name), 1e-4)
+        assert same == (name not in changed), name
+    if not (use_centroid or equivariant):
+        assert model.predictor_a is None and model.predictor_v is None
+
+
+def test_embed_is_normalized_forward_z_inter():
+    torch.manual_seed(6)
+    cfg = small_cfg()
+    model = EquiAV(cfg).eval()
+    x = make_inputs(cfg)
+    z_a, z_v = model.embed(x["x_a"], x["x_v"], x["T_a"], x["T_v"])
+    with torch.no_grad():
+        out = model(**x)
+    assert close(z_a.norm(dim=-1), torch.ones(3)) and close(z_v.norm(dim=-1), torch.ones(3))
+    assert close(z_a, F.normalize(out.z_inter_a, dim=-1))
+    assert close(z_v, F.normalize(out.z_inter_v, dim=-1))
+
+
+def test_localize_matches_manual_map():
+    torch.manual_seed(7)
+    cfg = small_cfg()
+    model = EquiAV(cfg).eval()
+    x = make_inputs(cfg, B=2)
+    sim = model.localize(x["x_a"], x["x_v"], x["T_a"])
+    rows, cols = cfg.visual_grid
+    assert sim.shape == (2, rows, cols)
+    with torch.no_grad():
+        z_a = F.normalize(model.proj_inter_a(model.predictor_a(model.audio_encoder(x["x_a"]),
+                                                              x["T_a"])), dim=-1)
+        tokens = model.visual_encoder(x["x_v"])
+        for b in range(2):
+            for r in range(rows):
+                for c in range(cols):
+                    z_tok = F.normalize(model.proj_inter_v(tokens[b, r * cols + c]), dim=-1)
+                    assert abs(sim[b, r, c].item() - (z_a[b] @ z_tok).item()) < 1e-5
+    assert (sim.abs() <= 1 + 1e-6).all()
+
+
+def test_tiny_forward_backward_gives_finite_gradients_everywhere():
+    torch.manual_seed(8)
+    cfg = get_config("tiny", drop_path=0.1)
+    model = EquiAV(cfg).train()
+    x = make_inputs(cfg, B=2, S=3)
+    out = model(**x)
+    # LayerNorm outputs sum to ~0, so weight them randomly to get real gradients
+    loss = sum((o * torch.randn_like(o)).sum() for o in out)
+    loss.backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None, name
+        assert torch.isfinite(p.grad).all(), name
+        assert p.grad.abs().sum() > 0, name
+
+
+# ---------------------------------------------------------------- classifier
+
+def test_classifier_modes_and_from_pretrained():
+    torch.manual_seed(9)
+    cfg = small_cfg()
+    pre = EquiAV(cfg).eval()
+    x = make_inputs(cfg)
+    for mode in ("audio", "visual", "multimodal"):
+        clf = EquiAVClassifier.from_pretrained(pre, num_classes=5, mode=mode, drop_path=0.1).eval()
+        assert clf.cfg.drop_path == 0.1 and pre.cfg.drop_path == 0.0
+        feats = []
+        with torch.no_grad():
+            if mode != "visual":
+                feats.append(pre.audio_encoder(x["x_a"]).mean(1))   # norm_a (not norm_a_aug)
+            if mode != "audio":
+                feats.append(pre.visual_encoder(x["x_v"]).mean(1))
+            expected = clf.head(torch.cat(feats, dim=-1))
+            logits = clf(x["x_a"] if mode != "visual" else None, x["x_v"] if mode != "audio" else None)
+        assert close(logits, expected, 1e-5), mode
+        # the copy is a copy, not a shared module
+        enc = clf.audio_encoder if mode != "visual" else clf.visual_encoder
+        src = pre.audio_encoder if mode != "visual" else pre.visual_encoder
+        assert enc is not src
+        assert torch.equal(enc.blocks[0].attn.qkv.weight, src.blocks[0].attn.qkv.weight)
+        assert enc.norm_aug is None
+        # parameter groups partition the model
+        ids = [id(p) for p in clf.encoder_parameters()] + [id(p) for p in clf.head_parameters()]
+        assert sorted(ids) == sorted(id(p) for p in clf.parameters()) and len(set(ids)) == len(ids)
+        assert [id(p) for p in clf.head_parameters()] == [id(clf.head.weight), id(clf.head.bias)]
+    with pytest.raises(ValueError, match="mode"):
+        EquiAVClassifier(cfg, 5, mode="audiovisual")
+
+
+# -------------------------------------------------------------------- config
+
+def test_get_config_errors_and_overrides():
+    assert get_config("base").embed_dim == 768 and get_config("base").audio_grid == (8, 64)
+    assert get_config("tiny", depth=1).depth == 1
+    with pytest.raises(ValueError, match="huge"):
+        get_config("huge")
+    with pytest.raises(ValueError, match="embed_dimm"):
+        get_config("tiny", embed_dimm=64)
+    with pytest.raises(ValueError, match="num_heads"):
+        get_config("tiny", num_heads=3)
+    with pytest.raises(ValueError, match="audio_length"):
+        get_config("tiny", audio_length=100)
