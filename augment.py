@@ -63,7 +63,7 @@ _LUMA = (0.2989, 0.587, 0.114)
 
 CROP_SCALE = (0.08, 1.0)                     # area fraction, both modalities
 VISUAL_CROP_RATIO = (3.0 / 4.0, 4.0 / 3.0)   # width / height
-AUDIO_CROP_RATIO = (1.0 / 10.0, 1.5 / 8.0)   # freq width / time length
+AUDIO_CROP_RATIO = (1.0 / 10.0, 1.5 / 8.0)   # freq width / time length, at T=1024, F=128
 CROP_ATTEMPTS = 10                           # torchvision's rejection attempts before the fallback
 P_SPECAUG, P_JITTER, P_BLUR, P_FLIP, P_GRAY = 0.8, 0.8, 0.5, 0.5, 0.2
 JITTER_STRENGTH = 0.4                        # brightness/contrast/saturation factors U(0.6, 1.4)
@@ -246,7 +246,11 @@ def sample_audio_params(n, generator, T=1024, F=128):
     t[:, S["shift"]] = torch.where(spec_on, shift.double() / T, 0.0).float()
 
     # Time is the crop's height and frequency its width: ratio = freq width / time length.
-    top, left, h, w = _sample_crop_boxes(n, generator, T, F, CROP_SCALE, AUDIO_CROP_RATIO)
+    # SPEC 8's ratio range is for the 1024 x 128 plane (aspect 1/8); other input sizes
+    # keep the same range relative to their own aspect, so the full plane stays allowed.
+    rel = (F / T) / (BASE_F / BASE_T)
+    ratio = (AUDIO_CROP_RATIO[0] * rel, AUDIO_CROP_RATIO[1] * rel)
+    top, left, h, w = _sample_crop_boxes(n, generator, T, F, CROP_SCALE, ratio)
     t[:, S["rrc_on"]] = 1.0
     t[:, S["rrc_time_start"]] = (top.double() / T).float()
     t[:, S["rrc_freq_start"]] = (left.double() / F).float()

@@ -565,3 +565,14 @@ def test_cuda_matches_cpu():
     assert torch.equal(A.apply_audio(spec.cuda(), A.audio_identity(16, "cuda")).cpu(), spec)
     rolled = A.random_time_roll(spec.cuda(), gen(21))
     assert torch.equal(rolled.cpu(), A.random_time_roll(spec, gen(21)))
+
+
+def test_audio_crop_ratio_is_relative_to_the_plane():
+    # SPEC 8's ratio range is for the 1024 x 128 plane; at T=256, F=64 the plane's
+    # aspect (F/T) is twice as large, so the allowed range doubles with it.
+    T, F = 256, 64
+    t = A.sample_audio_params(20000, gen(18), T, F)
+    tl = ints_t(t[:, AS["rrc_time_len"]], T).double()
+    fw = ints_t(t[:, AS["rrc_freq_width"]], F).double()
+    check_crop_distribution(tl, fw, T, F, (2 / 10, 2 * 1.5 / 8))
+    assert (fw == F).any()   # full-width crops remain possible
