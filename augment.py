@@ -275,13 +275,42 @@ def sample_audio_vectors(B, S, generator, T=1024, F=128):
 
 
 # ---------------------------------------------------------------------------
-# Batched building blocks (any device; per-sample parameters, no per-sample loop)
+# Application building blocks (any device)
+#
+# Every decision -- which samples, which boxes, which kernel sizes -- is read from a
+# CPU copy of t, so on a GPU nothing here waits for queued work (no host-device
+# sync); the device only receives small tensors (factors, sample indices, kernels).
+# On CPU the cost is full-size passes over memory and fresh full-size allocations
+# (page faults), so steps are fused where that is exact, up to float rounding:
+# - geometry is one copy per sample: the crop window of the (time-shifted, masked)
+#   input is cut out -- a view when nothing in it needs zeroing -- resized by
+#   torch.nn.functional.interpolate (bilinear, align_corners=False, no antialias:
+#   the op torchvision's resized_crop calls) and written to the output, flipped on the
+#   way. The flip moves ahead of colour and blur because they commute with it:
+#   per-pixel ops, a global mean, symmetric kernels with reflect padding.
+# - colour jitter: brightness, contrast and saturation are all clamp(f x + (1 - f) g)
+#   with g = 0, the mean grey or the grey image, so each of the four rounds is one
+#   in-place pass in which every sample applies the op it drew (f = 1: unchanged);
+#   only hue, the costly op, runs on the subset of samples that drew it.
 # ---------------------------------------------------------------------------
 
+def _host(t):
+    """t -> float32 CPU copy (a device sync only when the caller hands over a GPU t)."""
+    return t.detach().to("cpu", torch.float32)
+
+
+def _to_device(x, device):
+    """Small CPU tensor -> device without waiting for queued GPU work (pinned, non-blocking)."""
+    if device.type == "cuda":
+        return x.pin_memory().to(device, non_blocking=True)
+    return x.to(device)
+
+
 def _apply_to_(x, on, fn):
-    """Apply fn in place to the samples of x where on (B,) is set (computed on that subset only)."""
+    """Apply fn in place to the samples of x where on (B,) CPU bool is set (computed on that subset only)."""
     idx = on.nonzero().squeeze(1)
     if idx.numel() > 0:
+        idx = _to_device(idx, x.device)
         x.index_copy_(0, idx, fn(x[idx]))
     return x
 
@@ -291,91 +320,144 @@ def _decode_int(value, size):
     return torch.round(value.double() * size).long()
 
 
-def _take(x, dim, index):
-    """Per-sample selection along `dim`: out[b, ..., j, ...] = x[b, ..., index[b, j], ...].
+def _decode_boxes(tc, slots, names, H, W):
+    """Crop boxes (top, left, height, width) from CPU t as lists of ints, clamped into
+    the (H, W) plane so that any t decodes to a valid crop; the full plane where the
+    crop is off. names: the on, top, left, height and width slot names."""
+    on = tc[:, slots[names[0]]] > 0.5
+    top, left, h, w = (torch.where(on, _decode_int(tc[:, slots[name]], size), default)
+                       for name, size, default in zip(names[1:], (H, W, H, W), (0, 0, H, W)))
+    h, w = h.clamp(1, H), w.clamp(1, W)
+    top = torch.minimum(top.clamp(min=0), H - h)
+    left = torch.minimum(left.clamp(min=0), W - w)
+    return top.tolist(), left.tolist(), h.tolist(), w.tolist()
 
-    x (B, ...); index (B, L) int64. Along the last axis this is a gather; along an
-    earlier one every selected slice is a contiguous block of the trailing axes, so we
-    copy whole rows with index_select (much faster than an element-wise gather on CPU).
+
+def _resize(win, H, W):
+    """(..., h, w) window -> (..., H, W), torchvision resized_crop's bilinear resize."""
+    if tuple(win.shape[-2:]) == (H, W):
+        return win
+    lead = win.shape[:-2]
+    y = torch.nn.functional.interpolate(win.reshape(1, -1, *win.shape[-2:]), size=(H, W),
+                                        mode="bilinear", align_corners=False, antialias=False)
+    return y.view(*lead, H, W)
+
+
+def _circular_ranges(start, length, size):
+    """Positions start, ..., start + length - 1 (mod size) as ranges of real positions,
+    in order: [(first, end)], or two ranges when the span wraps past the end."""
+    start %= size
+    if start + length <= size:
+        return [(start, start + length)]
+    return [(start, size), (0, start + length - size)]
+
+
+def _audio_geometry(spec, tc):
+    """SpecAugment masks -> circular time shift -> random resized crop -> frequency flip
+    (SPEC 8), one copy per sample into a new (B, T, F) tensor.
+
+    After the shift, row j holds input row (j - shift) mod T, so the crop window's rows
+    [top, top + h) are input rows (top - shift + i) mod T: one range, or two when they
+    wrap. The masks zero input rows [ts, te) and bins [fs, fe); only their part inside
+    the window is zeroed, in the window's copy.
     """
-    B, L = index.shape
-    if dim == x.dim() - 1:
-        view = (B,) + (1,) * (x.dim() - 2) + (L,)
-        return x.gather(dim, index.view(view).expand(x.shape[:-1] + (L,)))
-    size = x.shape[dim]
-    mid = math.prod(x.shape[1:dim])                                  # e.g. channels for (B, C, H, W)
-    rows = x.reshape(B * mid * size, -1)                              # (B*mid*size, trailing)
-    first = torch.arange(B * mid, device=x.device).view(B, mid, 1) * size
-    sel = (first + index.view(B, 1, L)).view(-1)                      # (B*mid*L,) row numbers
-    return rows.index_select(0, sel).view(x.shape[:dim] + (L,) + x.shape[dim + 1:])
+    B, T, F = spec.shape
+    S = AUDIO_SLOTS
+    top, left, h, w = _decode_boxes(tc, S, ("rrc_on", "rrc_time_start", "rrc_freq_start",
+                                            "rrc_time_len", "rrc_freq_width"), T, F)
+    masked = (tc[:, S["specaug_on"]] > 0.5).tolist()
+    spans = [_decode_int(tc[:, S[name]], size).tolist() for name, size in
+             (("tmask_start", T), ("tmask_end", T), ("fmask_start", F), ("fmask_end", F))]
+    shift = torch.where(tc[:, S["shift_on"]] > 0.5, _decode_int(tc[:, S["shift"]], T), 0).tolist()
+    flip = (tc[:, S["flip_on"]] > 0.5).tolist()
+    out = torch.empty_like(spec)
+    for b in range(B):
+        rows = _circular_ranges(top[b] - shift[b], h[b], T)    # input rows of the window
+        c0, c1 = left[b], left[b] + w[b]                        # input bins of the window
+        zero_rows, zero_cols = [], None                         # in window coordinates
+        if masked[b]:
+            ts, te, fs, fe = (s[b] for s in spans)
+            offset = 0
+            for r0, r1 in rows:
+                lo, hi = max(r0, ts), min(r1, te)
+                if lo < hi:
+                    zero_rows.append((offset + lo - r0, offset + hi - r0))
+                offset += r1 - r0
+            if max(c0, fs) < min(c1, fe):
+                zero_cols = (max(c0, fs) - c0, min(c1, fe) - c0)
+        full = (h[b], w[b]) == (T, F)
+        if len(rows) == 1 and not zero_rows and zero_cols is None:
+            win = spec[b, rows[0][0]:rows[0][1], c0:c1]         # (h, w) view, nothing to zero
+            in_out = False
+        else:                                                   # copy, then zero the masks
+            win = out[b] if full else spec.new_empty(h[b], w[b])
+            offset = 0
+            for r0, r1 in rows:
+                win[offset:offset + r1 - r0] = spec[b, r0:r1, c0:c1]
+                offset += r1 - r0
+            for lo, hi in zero_rows:
+                win[lo:hi] = 0.0
+            if zero_cols is not None:
+                win[:, zero_cols[0]:zero_cols[1]] = 0.0
+            in_out = full
+        win = _resize(win, T, F)                                # (T, F)
+        if flip[b]:
+            out[b] = win.flip(1)                                # frequency is axis 1 here
+        elif not in_out:
+            out[b] = win
+    return out
 
 
-def _crop_resize_axis(x, dim, start, length):
-    """Resample the window [start, start + length) of x along `dim` back to the full size.
-
-    Linear interpolation with torch's align_corners=False rule and the source
-    coordinate clamped to the window, i.e. what torch.nn.functional.interpolate(mode="bilinear",
-    antialias=False) does on the cropped tensor (torchvision resized_crop), one axis
-    at a time. A full window (start 0, length = size) returns x exactly (weight 0).
-    x (B, ...); start, length (B,) int64.
-    """
-    size = x.shape[dim]
-    pos = torch.arange(size, device=x.device, dtype=torch.float64)
-    scale = (length.float() / size).double()[:, None]        # the float32 scale torch uses
-    # One rounding to float32 after multiply-add, as the fused multiply-add in torch's kernel.
-    src = ((pos + 0.5) * scale - 0.5).float().clamp(min=0)   # (B, size) in window coordinates
-    i0 = src.floor()
-    lam = (src - i0).to(x.dtype)
-    last = (length - 1)[:, None]
-    i0 = torch.minimum(i0.long(), last)
-    i1 = torch.minimum(i0 + 1, last)
-    view = [x.shape[0]] + [1] * (x.dim() - 1)
-    view[dim] = size
-    out = _take(x, dim, start[:, None] + i0)
-    return out.lerp_(_take(x, dim, start[:, None] + i1), lam.view(view))   # weight 0 keeps x0 exactly
+def _visual_geometry(img, tc):
+    """Random resized crop -> horizontal flip (SPEC 8; the flip moved forward, see the
+    section comment), one copy per sample into a new (B, 3, H, W) tensor."""
+    B, _, H, W = img.shape
+    S = VISUAL_SLOTS
+    top, left, h, w = _decode_boxes(tc, S, ("rrc_on", "rrc_top", "rrc_left", "rrc_height",
+                                            "rrc_width"), H, W)
+    flip = (tc[:, S["flip_on"]] > 0.5).tolist()
+    out = torch.empty_like(img)
+    for b in range(B):
+        win = _resize(img[b, :, top[b]:top[b] + h[b], left[b]:left[b] + w[b]], H, W)
+        out[b] = win.flip(2) if flip[b] else win                # flip width
+    return out
 
 
-def _resized_crop(x, dim_h, dim_w, top, left, h, w):
-    """Per-sample crop boxes resized back to the input size (both axes), any leading dims.
-    Boxes are clamped into the plane so that any t decodes to a valid crop."""
-    h = h.clamp(1, x.shape[dim_h])
-    w = w.clamp(1, x.shape[dim_w])
-    top = torch.minimum(top.clamp(min=0), x.shape[dim_h] - h)
-    left = torch.minimum(left.clamp(min=0), x.shape[dim_w] - w)
-    full = (top == 0) & (left == 0) & (h == x.shape[dim_h]) & (w == x.shape[dim_w])
-    if bool(full.all()):
-        return x
-    x = _crop_resize_axis(x, dim_h, top, h)
-    return _crop_resize_axis(x, dim_w, left, w)
+def _blur_axis(y, k, dim):
+    """Blur y (n, C, H, W) along `dim` (2: rows, 3: columns) with one 1-D kernel per
+    sample, k (n, 2R+1), reflect padding: out_i = sum_d k_d y_(i+d), as 2R+1 in-place
+    multiply-adds over whole shifted slabs (no convolution primitive: oneDNN's depthwise
+    convolution costs ~1 ms per call on CPU, more than the arithmetic)."""
+    n, L, R = y.shape[0], y.shape[dim], (k.shape[1] - 1) // 2
+    yp = torch.nn.functional.pad(y, (0, 0, R, R) if dim == 2 else (R, R, 0, 0), mode="reflect")
+    taps = k.view(n, 1, 1, 1, -1)
+    out = yp.narrow(dim, 0, L) * taps[..., 0]
+    for d in range(1, 2 * R + 1):
+        out.addcmul_(yp.narrow(dim, d, L), taps[..., d])
+    return out
 
 
 def _gaussian_blur_(x, on, sigma, radius):
     """Per-sample Gaussian blur with reflect padding, in place for the samples with `on`.
-    x (B, C, H, W); on, sigma, radius (B,).
+    x (B, C, H, W); on, sigma, radius (B,) on the CPU.
 
-    Kernel taps exp(-d^2 / 2 sigma^2) for |d| <= radius, normalized, as the outer product
-    of the 1-D kernel with itself: torchvision's gaussian_blur with kernel size
-    2 radius + 1. Samples are grouped by kernel size (a handful of sizes: radius <= 6
-    for sigma <= 2), one depthwise convolution per group with per-sample kernels.
+    Kernel taps exp(-d^2 / 2 sigma^2) for |d| <= radius, normalized: torchvision's
+    gaussian_blur with kernel size 2 radius + 1, whose 2-D kernel is the outer product
+    of this 1-D kernel with itself -- so the blur is separable, a pass along rows then
+    one along columns (2K instead of K^2 multiply-adds per pixel; equal up to rounding).
+    Samples are grouped by kernel size (radius <= 6 for sigma <= 2).
     """
     _, C, H, W = x.shape
     on = on & (radius > 0)   # radius 0 is the 1-tap identity
-    if not bool(on.any()):
-        return x
     for R in torch.unique(radius[on]).tolist():
         if R >= min(H, W):
             raise ValueError(f"blur radius {R} needs an input larger than {H}x{W} (reflect padding)")
         idx = (on & (radius == R)).nonzero().squeeze(1)
-        n = idx.numel()
-        d = torch.arange(-R, R + 1, device=x.device, dtype=torch.float32)
+        d = torch.arange(-R, R + 1, dtype=torch.float32)
         k = torch.exp(-0.5 * (d / sigma[idx, None]) ** 2)
-        k = k / k.sum(dim=1, keepdim=True)                              # (n, 2R+1)
-        k2 = (k[:, :, None] * k[:, None, :]).to(x.dtype)                # (n, 2R+1, 2R+1) rows x cols
-        k2 = k2.repeat_interleave(C, dim=0).unsqueeze(1)                # (n*C, 1, K, K): one per channel
-        y = x[idx].reshape(1, n * C, H, W)                              # samples x channels as conv groups
-        y = torch.nn.functional.pad(y, (R, R, R, R), mode="reflect")
-        y = torch.nn.functional.conv2d(y, k2, groups=n * C)
-        x.index_copy_(0, idx, y.view(n, C, H, W))
+        k = _to_device(k / k.sum(dim=1, keepdim=True), x.device).to(x.dtype)   # (n, 2R+1)
+        idx = _to_device(idx, x.device)
+        x.index_copy_(0, idx, _blur_axis(_blur_axis(x[idx], k, 2), k, 3))
     return x
 
 
@@ -408,40 +490,50 @@ def _rotate_hue(x, hue):
     return k.mul_(chroma.unsqueeze(1)).add_(minc.unsqueeze(1))
 
 
-def _decode_color_jitter(t, slots):
-    on = t[:, slots["cj_on"]] > 0.5
-    order = torch.stack([_decode_int(t[:, slots[name]], 3) for name in _ORDER_NAMES], dim=1)
-    order = torch.where(on[:, None], order.clamp(0, 3), -1)                 # -1: nothing this round
-    factors = torch.stack([1.0 + t[:, slots[name]] for name in _FACTOR_NAMES[:3]]
-                          + [t[:, slots["cj_hue"]]], dim=1)                 # b, c, s factors; hue shift
+def _decode_color_jitter(tc, slots):
+    """CPU t -> order (B, 4) op indices applied 1st..4th (-1: off), factors (B, 4):
+    brightness, contrast, saturation factors and the hue shift."""
+    on = tc[:, slots["cj_on"]] > 0.5
+    order = torch.stack([_decode_int(tc[:, slots[name]], 3) for name in _ORDER_NAMES], dim=1)
+    order = torch.where(on[:, None], order.clamp(0, 3), -1)
+    factors = torch.stack([1.0 + tc[:, slots[name]] for name in _FACTOR_NAMES[:3]]
+                          + [tc[:, slots["cj_hue"]]], dim=1)
     return order, factors
-
-
-def _blend(x, other, f):
-    """torchvision's _blend: clamp(x * f + other * (1 - f), 0, 1), per-sample f (n,). x (n, 3, H, W)."""
-    f = f.to(x.dtype).view(-1, 1, 1, 1)
-    return x.mul(f).add_(other * (1 - f)).clamp_(0, 1)
-
-
-# Each op maps (images, per-sample factor (n,)) -> images, torchvision semantics.
-_RGB_OPS = {   # (n, 3, H, W) in [0, 1], clamped
-    BRIGHTNESS: lambda x, f: x.mul(f.to(x.dtype).view(-1, 1, 1, 1)).clamp_(0, 1),
-    CONTRAST: lambda x, f: _blend(x, _luma(x).mean(dim=(1, 2, 3), keepdim=True), f),   # mean grey
-    SATURATION: lambda x, f: _blend(x, _luma(x), f),                                     # grey image
-    HUE: _rotate_hue,
-}
 
 
 def _color_jitter_(x, order, factors):
     """Per-sample colour jitter of (B, 3, H, W) images in [0, 1], in place, in per-sample
-    op order: in round r, each op is applied to the samples whose r-th order slot
-    selects it (computed on that subset only). order (B, 4) op indices (-1 = off),
-    factors (B, 4)."""
+    op order (torchvision semantics, each op clamped to [0, 1]). order (B, 4), factors
+    (B, 4) on the CPU, from _decode_color_jitter.
+
+    Round r applies every sample's r-th op. Brightness, contrast and saturation are
+    torchvision's blend clamp(f x + (1 - f) g) with g = 0, the mean grey of the image
+    or the grey image, computed for all samples at once: g = grey * a + mean * c with
+    per-sample a, c in {0, 1 - f}, and f = 1, a = c = 0 (x unchanged, exactly) for
+    samples whose r-th op is hue or off. Hue runs on its subset.
+    """
+    B = x.shape[0]
+    rows = torch.arange(B)
     for r in range(4):
-        for op, fn in _RGB_OPS.items():
-            idx = (order[:, r] == op).nonzero().squeeze(1)
-            if idx.numel() > 0:
-                x.index_copy_(0, idx, fn(x[idx], factors[idx, op]))
+        op = order[:, r]
+        blend = (op >= 0) & (op != HUE)
+        if bool(blend.any()):
+            f = torch.where(blend, factors[rows, op.clamp(min=0)], 1.0).to(x.dtype)
+            a = torch.where(op == SATURATION, 1.0 - f, 0.0)
+            c = torch.where(op == CONTRAST, 1.0 - f, 0.0)
+            f, a, c = (_to_device(v.view(B, 1, 1, 1), x.device) for v in (f, a, c))
+            if bool((op == SATURATION).any() or (op == CONTRAST).any()):
+                grey = _luma(x)                                              # (B, 1, H, W)
+                g = grey.mean(dim=(1, 2, 3), keepdim=True).mul_(c)           # (B, 1, 1, 1)
+                x.mul_(f).add_(grey.mul_(a).add_(g))
+            else:
+                x.mul_(f)
+            x.clamp_(0, 1)
+        hue = (op == HUE).nonzero().squeeze(1)
+        if hue.numel() > 0:
+            shift = _to_device(factors[hue, HUE], x.device)
+            idx = _to_device(hue, x.device)
+            x.index_copy_(0, idx, _rotate_hue(x[idx], shift))
     return x
 
 
@@ -450,24 +542,16 @@ def _jitter_spectrogram_(x, order, factors):
     multiplies, contrast c blends with the per-sample mean m; saturation and hue change
     nothing on one channel (as torchvision). Unclamped, the two remaining ops commute:
     either order gives b (c x + (1 - c) m), so the recorded order cannot change the result
-    and one affine pass per sample does it. Off samples get b = c = 1 (x unchanged)."""
+    and one affine pass per sample does it. Off samples get b = c = 1 (x unchanged).
+    order, factors on the CPU."""
     on = order[:, 0] >= 0
     if not bool(on.any()):
         return x
     b = torch.where(on, factors[:, BRIGHTNESS], 1.0).to(x.dtype).view(-1, 1, 1)
     c = torch.where(on, factors[:, CONTRAST], 1.0).to(x.dtype).view(-1, 1, 1)
+    scale, offset = _to_device(b * c, x.device), _to_device(b * (1 - c), x.device)
     mean = x.mean(dim=(1, 2), keepdim=True)                     # (B, 1, 1) over time and frequency
-    return x.mul_(b * c).add_(b * (1 - c) * mean)
-
-
-def _roll_time(x, shift):
-    """Per-sample circular shift along time (axis 1) of (B, T, F); shift (B,) int64."""
-    if not bool((shift != 0).any()):
-        return x
-    T = x.shape[1]
-    frames = torch.arange(T, device=x.device)
-    src = torch.remainder(frames - shift.to(x.device)[:, None], T)   # (B, T) source frame
-    return _take(x, 1, src)
+    return x.mul_(scale).add_(offset * mean)
 
 
 def _check_inputs(x, t, ndim, dim, what):
@@ -487,31 +571,19 @@ def apply_visual(img, t):
     Order (SPEC 8): random resized crop (back to H x W, bilinear) -> colour jitter (ops in
     the recorded order) -> Gaussian blur (kernel size 2 ceil(3 sigma) + 1: our choice,
     SPEC does not fix it) -> horizontal flip -> grayscale. torchvision semantics; the
-    identity vector returns img unchanged. Runs on img.device.
+    identity vector returns img unchanged. Runs on img.device; t may be anywhere, but a
+    CPU t (as augment_visual passes) keeps a GPU from being synchronized.
     """
     _check_inputs(img, t, 4, VISUAL_DIM, "apply_visual")
     if img.shape[1] != 3:
         raise ValueError(f"apply_visual: expected 3 channels, got shape {tuple(img.shape)}")
     S = VISUAL_SLOTS
-    H, W = img.shape[2:]
-    t = t.to(device=img.device, dtype=torch.float32)
-    rrc = t[:, S["rrc_on"]] > 0.5
-    top = torch.where(rrc, _decode_int(t[:, S["rrc_top"]], H), 0)
-    left = torch.where(rrc, _decode_int(t[:, S["rrc_left"]], W), 0)
-    h = torch.where(rrc, _decode_int(t[:, S["rrc_height"]], H), H)
-    w = torch.where(rrc, _decode_int(t[:, S["rrc_width"]], W), W)
-    x = _resized_crop(img, 2, 3, top, left, h, w)
-    if x is img:
-        x = img.clone()   # the steps below work in place on the samples they change
-
-    _color_jitter_(x, *_decode_color_jitter(t, S))
-
-    sigma = t[:, S["blur_sigma"]]
-    radius = torch.ceil(3.0 * sigma.double()).long()
-    _gaussian_blur_(x, t[:, S["blur_on"]] > 0.5, sigma, radius)
-
-    _apply_to_(x, t[:, S["flip_on"]] > 0.5, lambda y: y.flip(3))                   # flip width
-    _apply_to_(x, t[:, S["gray_on"]] > 0.5, lambda y: _luma(y).expand_as(y))
+    tc = _host(t)
+    x = _visual_geometry(img, tc)                          # crop and flip; a new tensor
+    _color_jitter_(x, *_decode_color_jitter(tc, S))
+    sigma = tc[:, S["blur_sigma"]]
+    _gaussian_blur_(x, tc[:, S["blur_on"]] > 0.5, sigma, torch.ceil(3.0 * sigma.double()).long())
+    _apply_to_(x, tc[:, S["gray_on"]] > 0.5, lambda y: _luma(y).expand_as(y))
     return x.clamp_(0, 1)
 
 
@@ -522,47 +594,19 @@ def apply_audio(spec, t):
     circular time shift -> random resized crop of the (T, F) plane back to (T, F) ->
     colour jitter (brightness, contrast; no clamping) -> Gaussian blur (kernel size
     2 ceil(sigma) + 1, reflect padding) -> flip of the frequency axis. Each step is gated
-    by its own on-slot. The identity vector returns spec unchanged. Runs on spec.device.
+    by its own on-slot. The identity vector returns spec unchanged. Runs on spec.device;
+    t may be anywhere, but a CPU t (as augment_audio passes) keeps a GPU from being
+    synchronized.
     """
     _check_inputs(spec, t, 3, AUDIO_DIM, "apply_audio")
     S = AUDIO_SLOTS
-    T, F = spec.shape[1:]
-    t = t.to(device=spec.device, dtype=torch.float32)
-    x = spec
-
-    # SpecAugment: zero the time span [start, end) and the frequency span [start, end).
-    spec_on = t[:, S["specaug_on"]] > 0.5
-    if bool(spec_on.any()):
-        frames = torch.arange(T, device=x.device)
-        bins = torch.arange(F, device=x.device)
-        in_time = ((frames >= _decode_int(t[:, S["tmask_start"]], T)[:, None])
-                   & (frames < _decode_int(t[:, S["tmask_end"]], T)[:, None]))     # (B, T)
-        in_freq = ((bins >= _decode_int(t[:, S["fmask_start"]], F)[:, None])
-                   & (bins < _decode_int(t[:, S["fmask_end"]], F)[:, None]))      # (B, F)
-        on = spec_on[:, None]
-        x = x.masked_fill((in_time & on)[:, :, None], 0.0)                           # (B, T, 1)
-        x.masked_fill_((in_freq & on)[:, None, :], 0.0)                              # (B, 1, F)
-
-    # Time shift: out[:, i] = x[:, (i - shift) mod T], i.e. torch.roll along time.
-    shift = torch.where(t[:, S["shift_on"]] > 0.5, _decode_int(t[:, S["shift"]], T), 0)
-    x = _roll_time(x, shift)
-
-    rrc = t[:, S["rrc_on"]] > 0.5
-    top = torch.where(rrc, _decode_int(t[:, S["rrc_time_start"]], T), 0)
-    left = torch.where(rrc, _decode_int(t[:, S["rrc_freq_start"]], F), 0)
-    h = torch.where(rrc, _decode_int(t[:, S["rrc_time_len"]], T), T)
-    w = torch.where(rrc, _decode_int(t[:, S["rrc_freq_width"]], F), F)
-    x = _resized_crop(x, 1, 2, top, left, h, w)
-    if x is spec:
-        x = spec.clone()   # the steps below work in place on the samples they change
-
-    _jitter_spectrogram_(x, *_decode_color_jitter(t, S))
-
-    sigma = t[:, S["blur_sigma"]]
-    radius = torch.ceil(sigma.double()).long()
-    _gaussian_blur_(x.unsqueeze(1), t[:, S["blur_on"]] > 0.5, sigma, radius)   # (B, 1, T, F) view of x
-
-    return _apply_to_(x, t[:, S["flip_on"]] > 0.5, lambda y: y.flip(2))           # flip frequency
+    tc = _host(t)
+    x = _audio_geometry(spec, tc)                          # masks, shift, crop, flip; a new tensor
+    _jitter_spectrogram_(x, *_decode_color_jitter(tc, S))
+    sigma = tc[:, S["blur_sigma"]]
+    _gaussian_blur_(x.unsqueeze(1), tc[:, S["blur_on"]] > 0.5, sigma,
+                    torch.ceil(sigma.double()).long())    # (B, 1, T, F) view of x
+    return x
 
 
 # ---------------------------------------------------------------------------
@@ -572,23 +616,27 @@ def apply_audio(spec, t):
 def augment_visual(img, generator):
     """Sample per-sample visual augmentations on CPU and apply them on img.device.
     img (B, 3, H, W) in [0, 1] -> (img_aug (B, 3, H, W) in [0, 1], t (B, 18) on img.device)."""
-    t = sample_visual_params(img.shape[0], generator, img.shape[2], img.shape[3]).to(img.device)
-    return apply_visual(img, t), t
+    t = sample_visual_params(img.shape[0], generator, img.shape[2], img.shape[3])
+    return apply_visual(img, t), _to_device(t, img.device)
 
 
 def augment_audio(spec, generator):
     """Sample per-sample audio augmentations on CPU and apply them on spec.device.
     spec (B, T, F) -> (spec_aug (B, T, F), t (B, 24) on spec.device)."""
-    t = sample_audio_params(spec.shape[0], generator, spec.shape[1], spec.shape[2]).to(spec.device)
-    return apply_audio(spec, t), t
+    t = sample_audio_params(spec.shape[0], generator, spec.shape[1], spec.shape[2])
+    return apply_audio(spec, t), _to_device(t, spec.device)
 
 
 def random_time_roll(spec, generator):
     """Input noise on the original spectrogram (SPEC 12): a circular shift along time
     (axis 1) by an integer uniform in [0, T), per sample; not recorded. (B, T, F) -> (B, T, F)."""
     _check_generator(generator)
-    shift = torch.randint(0, spec.shape[1], (spec.shape[0],), generator=generator)
-    return _roll_time(spec, shift.to(spec.device))
+    B, T = spec.shape[:2]
+    shift = torch.randint(0, T, (B,), generator=generator)
+    # out[b, i] = spec[b, (i - shift_b) mod T]: whole frames, so one row gather of (B*T, F)
+    src = torch.remainder(torch.arange(T) - shift[:, None], T) + T * torch.arange(B)[:, None]
+    rows = spec.reshape(B * T, -1).index_select(0, _to_device(src.view(-1), spec.device))
+    return rows.view(spec.shape)
 
 
 # ---------------------------------------------------------------------------
