@@ -21,6 +21,11 @@ import torch.distributed as dist
 # Configs: one dataclass per script, every field a `--field value` option
 # ---------------------------------------------------------------------------
 
+def option(default, help):
+    """A config field with a default and its --help text: `lr: float = option(1e-4, "...")`."""
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
 def _parse_bool(text):
     value = text.strip().lower()
     if value in ("1", "true", "yes", "on"):

@@ -1,0 +1,618 @@
+"""EquiAV pretraining (SPEC 6, 7, 8, 12): the recipe, top to bottom.
+
+    python pretrain.py                               # toy data, `tiny` preset, CPU, ~10 min
+    torchrun --nproc_per_node=8 pretrain.py --data train.csv --eval_data eval.csv \
+        --init_mae mae_pretrain_vit_base.pth         # the paper's recipe (SPEC 12)
+
+Each step: a batch of (spectrogram, frame) pairs -> a random time roll of the
+originals (SPEC 12 input noise) -> one augmented view per modality and its
+parameter vector t (SPEC 8) -> S sampled vectors per sample for the centroids
+-> EquiAV forward (SPEC 6) -> inter- + intra-modal InfoNCE (SPEC 7) -> AdamW
+with warm-up + cosine learning rate and gradient clipping. After every epoch:
+zero-shot audio<->visual retrieval on a held-out split (SPEC 13) and an atomic
+checkpoint that the same command resumes from.
+"""
+import dataclasses
+import os
+import random
+import time
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+import augment
+import data
+import retrieval
+import utils
+from utils import option
+from losses import EquiAVLoss
+from model import (EquiAV, ModelConfig, get_config, load_mae_checkpoint,
+                   load_official_checkpoint)
+
+
+# =============================================================================
+# Config
+# =============================================================================
+
+@dataclasses.dataclass
+class PretrainConfig:
+    """Every field is a `--field value` option. Fields left at None take their
+    value from the profile (PROFILES below): `paper` = SPEC 12, `toy` = CPU demo."""
+    # -- data --
+    data: Optional[str] = option(None, "training manifest (see data.py); none -> the built-in "
+                                       "toy dataset under --toy_root (generated if absent)")
+    profile: Optional[str] = option(None, "defaults for the fields left at none: 'paper' "
+                                          "(SPEC 12) or 'toy' (CPU demo); none -> 'toy' without "
+                                          "--data, 'paper' with it")
+    eval_data: Optional[str] = option(None, "held-out manifest for zero-shot retrieval after "
+                                            "every epoch; none -> the toy retrieval split on toy "
+                                            "data, no retrieval otherwise")
+    toy_root: str = option("data/toy", "where the toy dataset lives (or is generated)")
+    norm_mean: Optional[float] = option(None, "fbank mean; none -> stats.json next to --data")
+    norm_std: Optional[float] = option(None, "fbank std; none -> stats.json next to --data")
+    skip_bad: bool = option(False, "skip unreadable samples (counted in the log) instead of "
+                                   "failing on the first one")
+    max_bad_fraction: float = option(0.01, "with --skip_bad: fail once more than this fraction "
+                                           "of the samples seen was bad")
+    num_workers: Optional[int] = option(None, "data-loader processes per rank (paper 8, toy 1)")
+    run_dir: Optional[str] = option(None, "checkpoint.pt and log.jsonl go here; an existing "
+                                          "checkpoint is resumed (paper runs/pretrain, toy "
+                                          "runs/pretrain_toy)")
+    # -- model (SPEC 2-6) --
+    preset: Optional[str] = option(None, "model size: base = ViT-B/16 (paper), tiny (toy)")
+    model_overrides: Optional[str] = option(None, "comma-separated ModelConfig changes, "
+                                                  "e.g. depth=2,embed_dim=96")
+    centroid: bool = option(True, "false: inter-modal embedding from mean-pooled tokens "
+                                  "instead of the centroid (SPEC 6 ablation)")
+    equivariant: bool = option(True, "false: invariant intra-modal loss, no transformation "
+                                     "predictor (ablation)")
+    S: int = option(16, "sampled augmentation vectors per centroid (SPEC 6)")
+    init_mae: Optional[str] = option(None, "initialise both encoders from an ImageNet MAE "
+                                           "ViT-B/16 checkpoint (SPEC 10)")
+    init_official: Optional[str] = option(None, "initialise from an authors' EquiAV "
+                                                "checkpoint (SPEC 10)")
+    # -- loss (SPEC 7) --
+    temperature: float = option(0.07, "InfoNCE temperature tau")
+    learnable_temperature: bool = option(False, "learn tau along with the model")
+    w_inter: float = option(1 / 3, "weight of the inter-modal loss")
+    w_intra: float = option(1 / 3, "weight of each intra-modal loss (0: none)")
+    w_a: Optional[float] = option(None, "audio intra-modal weight; none -> --w_intra")
+    w_v: Optional[float] = option(None, "visual intra-modal weight; none -> --w_intra")
+    # -- optimisation (SPEC 12) --
+    epochs: Optional[int] = option(None, "training epochs (paper 20)")
+    batch_size: Optional[int] = option(None, "samples per process per step (paper 16 on each "
+                                             "of 8 GPUs)")
+    lr: Optional[float] = option(None, "peak learning rate (paper 1e-4)")
+    warmup_epochs: Optional[float] = option(None, "linear warm-up in epochs (paper 2)")
+    warmup_start_lr: float = option(2e-7, "learning rate at step 0")
+    final_lr: float = option(1e-6, "learning rate at the end of the cosine")
+    weight_decay: float = option(1e-5, "AdamW weight decay, on all parameters")
+    beta1: float = option(0.9, "AdamW beta1")
+    beta2: float = option(0.95, "AdamW beta2")
+    clip_grad: Optional[float] = option(None, "gradient-norm clipping, 0 disables (paper 0.01)")
+    amp: bool = option(True, "mixed precision on CUDA (bf16 where supported, else fp16 with "
+                             "a scaler); no effect on CPU")
+    time_roll: bool = option(True, "random circular time shift of the original spectrograms "
+                                   "(SPEC 12 input noise)")
+    compile: bool = option(False, "torch.compile the model")
+    cpu_threads: Optional[int] = option(None, "torch threads of each process on CPU; 0 -> the "
+                                              "cores not taken by loader workers (oversubscribed "
+                                              "cores make CPU training several times slower); "
+                                              "none -> torch's default (paper), toy 0")
+    seed: int = option(0, "random seed (augmentation streams are offset by rank)")
+    device: Optional[str] = option(None, "cpu or cuda; none -> cuda when available")
+    # -- logging / evaluation --
+    log_every: int = option(20, "steps between log lines (the loop's only host-device syncs)")
+    eval_batch_size: int = option(64, "batch size of the retrieval evaluation")
+
+
+# Defaults for the fields left at None, by profile. `paper` is SPEC 12 (AudioSet-2M,
+# 8 GPUs x 16); `toy` is tuned so that `python pretrain.py` visibly learns on 2 CPU
+# cores in about ten minutes.
+PROFILES = {
+    "paper": dict(preset="base", epochs=20, batch_size=16, lr=1e-4, warmup_epochs=2.0,
+                  clip_grad=0.01, num_workers=8, run_dir="runs/pretrain"),
+    "toy": dict(preset="tiny", epochs=10, batch_size=32, lr=1e-3, warmup_epochs=1.0,
+                clip_grad=1.0, num_workers=1, cpu_threads=0, run_dir="runs/pretrain_toy"),
+}
+
+
+def resolve_config(cfg):
+    """Fill the None fields from the profile and check the rest; returns a new config."""
+    profile = cfg.profile or ("toy" if cfg.data is None else "paper")
+    if profile not in PROFILES:
+        raise ValueError(f"unknown profile {profile!r}; choose from {sorted(PROFILES)}")
+    filled = {k: v for k, v in PROFILES[profile].items() if getattr(cfg, k) is None}
+    cfg = dataclasses.replace(cfg, profile=profile, **filled)
+    cfg = dataclasses.replace(cfg, w_a=cfg.w_intra if cfg.w_a is None else cfg.w_a,
+                              w_v=cfg.w_intra if cfg.w_v is None else cfg.w_v)
+    if cfg.init_mae and cfg.init_official:
+        raise ValueError("give at most one of --init_mae and --init_official")
+    for name in ("epochs", "batch_size", "S", "log_every", "eval_batch_size"):
+        if getattr(cfg, name) < 1:
+            raise ValueError(f"--{name} must be at least 1, got {getattr(cfg, name)}")
+    if min(cfg.w_inter, cfg.w_a, cfg.w_v) < 0 or cfg.w_inter + cfg.w_a + cfg.w_v == 0:
+        raise ValueError("loss weights must be >= 0 and not all zero")
+    return cfg
+
+
+def model_config(cfg):
+    """The ModelConfig of the preset with --model_overrides applied."""
+    preset = get_config(cfg.preset)
+    overrides = {}
+    for item in filter(None, (cfg.model_overrides or "").split(",")):
+        key, _, value = (s.strip() for s in item.partition("="))
+        if not hasattr(preset, key):
+            raise ValueError(f"--model_overrides: unknown ModelConfig field {key!r}")
+        overrides[key] = type(getattr(preset, key))(value)  # int or float, as in the preset
+    return get_config(cfg.preset, **overrides)
+
+
+# =============================================================================
+# Loading a pretrained EquiAV (used by finetune.py and retrieval.py)
+# =============================================================================
+
+def load_equiav(path, preset="base"):
+    """An EquiAV from our checkpoint (rebuilt exactly) or an authors' state dict.
+
+    Our checkpoints carry "model_config" and "model_flags"; anything else is
+    taken as an authors' EquiAV state dict and loaded into
+    EquiAV(get_config(preset)) through the SPEC 10 conversion.
+    """
+    state = utils.load_checkpoint(path)
+    if "model_config" in state:
+        net = EquiAV(ModelConfig(**state["model_config"]), **state.get("model_flags", {}))
+        net.load_state_dict(state["model"])
+        return net
+    net = EquiAV(get_config(preset))
+    report = load_official_checkpoint(net, state)
+    _print_report(f"authors' EquiAV checkpoint {path}", report)
+    return net
+
+
+def _print_report(what, report):
+    utils.print0(f"loaded {what}: {len(report.missing)} missing, "
+                 f"{len(report.unexpected)} unexpected keys")
+    for name, keys in (("missing", report.missing), ("unexpected", report.unexpected)):
+        if keys:
+            shown = ", ".join(keys[:12]) + (f", ... ({len(keys) - 12} more)" if len(keys) > 12 else "")
+            utils.print0(f"  {name}: {shown}")
+
+
+# =============================================================================
+# Random state: saved per rank so that a resumed run repeats exactly
+# =============================================================================
+
+def augmentation_generator(seed, rank):
+    """The CPU generator that samples every augmentation and centroid vector."""
+    mixed = np.random.SeedSequence([seed, rank]).generate_state(1, dtype=np.uint64)[0]
+    return torch.Generator().manual_seed(int(mixed))
+
+
+def capture_rng(aug_gen):
+    """This rank's random state as plain values (torch.load(weights_only=True) accepts it)."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             "numpy": (name, keys.tolist(), int(pos), int(has_gauss), float(cached)),
+             "aug": aug_gen.get_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def restore_rng(state, aug_gen):
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    aug_gen.set_state(state["aug"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def gather_rng(aug_gen):
+    """Every rank's random state, as a list indexed by rank (collective call)."""
+    mine = capture_rng(aug_gen)
+    if utils.get_world_size() == 1:
+        return [mine]
+    states = [None] * utils.get_world_size()
+    dist.all_gather_object(states, mine)
+    return states
+
+
+# =============================================================================
+# Checkpoints: written by rank 0 after every epoch; a run resumes from its own
+# =============================================================================
+
+def save(path, cfg, mcfg, net, criterion, optimizer, scaler, step, epoch, rng, norm_stats):
+    """Write {run_dir}/checkpoint.pt atomically (rank 0), plain tensors and values only.
+
+    `epoch` counts completed epochs: resuming is epoch-granular, and the data
+    order of an epoch is a function of (seed, epoch), so nothing else about
+    the loader needs saving.
+    """
+    if not utils.is_main():
+        return
+    utils.save_checkpoint({
+        "model": net.state_dict(),  # unwrapped and uncompiled: plain EquiAV keys
+        "model_config": dataclasses.asdict(mcfg),
+        "model_flags": {"use_centroid": cfg.centroid, "equivariant": cfg.equivariant},
+        "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+        "loss": criterion.state_dict(), "step": step, "epoch": epoch,
+        "config": dataclasses.asdict(cfg), "rng": rng, "norm_stats": norm_stats,
+    }, path)
+
+
+def resume(path, cfg, mcfg, net, criterion, optimizer, scaler, aug_gen):
+    """Load our checkpoint into the run's objects; returns (epoch, step, aug_gen)."""
+    ckpt = utils.load_checkpoint(path)
+    flags = {"use_centroid": cfg.centroid, "equivariant": cfg.equivariant}
+    if ckpt["model_config"] != dataclasses.asdict(mcfg) or ckpt["model_flags"] != flags:
+        raise ValueError(
+            f"{path} holds a different model ({ckpt['model_config']}, {ckpt['model_flags']}) "
+            f"than this command builds ({dataclasses.asdict(mcfg)}, {flags}): give the same "
+            f"--preset/--model_overrides/--centroid/--equivariant, or another --run_dir")
+    net.load_state_dict(ckpt["model"])
+    criterion.load_state_dict(ckpt["loss"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    scaler.load_state_dict(ckpt["scaler"])
+    epoch, step = ckpt["epoch"], ckpt["step"]
+    rank, world = utils.get_rank(), utils.get_world_size()
+    if len(ckpt["rng"]) == world:
+        restore_rng(ckpt["rng"][rank], aug_gen)
+    else:  # another number of processes cannot continue the old random streams
+        utils.print0(f"  checkpoint written by {len(ckpt['rng'])} process(es), now {world}: "
+                     f"random streams re-seeded")
+        utils.seed_everything(cfg.seed + rank + 1000 * epoch)
+        aug_gen = augmentation_generator(cfg.seed + 1000 * epoch, rank)
+    changed = {k: (v, getattr(cfg, k)) for k, v in ckpt["config"].items()
+               if getattr(cfg, k, v) != v}
+    utils.print0(f"resumed from {path}: {epoch} epoch(s), step {step} done"
+                 + (f"; config changed since (old, new): {changed}" if changed else ""))
+    if cfg.init_mae or cfg.init_official:
+        utils.print0("  (--init_mae/--init_official ignored: resuming wins)")
+    return epoch, step, aug_gen
+
+
+# =============================================================================
+# One epoch of pretraining (SPEC 6-8, 12)
+# =============================================================================
+
+LOG_KEYS = ("loss", "inter", "intra_a", "intra_v",
+            "acc_a2v", "acc_v2a", "acc_intra_a", "acc_intra_v")
+
+
+def train_one_epoch(model, criterion, optimizer, scaler, loader, aug_gen, epoch, step,
+                    cfg, mcfg, device, logger, bad_data=None):
+    """One pass over `loader`; returns (global step, epoch means of LOG_KEYS).
+
+    Loss values stay on the device and are read only every `log_every` steps,
+    so the loop never waits for the GPU in between; a non-finite loss is
+    recorded on the device at the step it happens and raised at the next read.
+    `bad_data` (a BadDataPolicy, with --skip_bad) drops and counts bad samples.
+    """
+    model.train()
+    steps_per_epoch = len(loader)
+    total_steps = cfg.epochs * steps_per_epoch
+    warmup_steps = round(cfg.warmup_epochs * steps_per_epoch)
+    world = utils.get_world_size()
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    sums = torch.zeros(len(LOG_KEYS), device=device)
+    first_bad = torch.full((1 + len(LOG_KEYS),), -1.0, device=device)  # [step, terms...]
+    step_dev = torch.tensor(float(step), device=device)
+    done, since, t_last = 0, 0, time.time()
+
+    bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not utils.is_main(),
+               dynamic_ncols=True, leave=False)
+    for i, batch in enumerate(bar):
+        if bad_data is not None:
+            batch = bad_data.filter(batch)  # equal batch sizes on every rank, maybe 0
+            if batch is None:
+                continue
+        lr = float(utils.cosine_lr(step, total_steps, warmup_steps, cfg.lr,  # no numpy
+                                   cfg.warmup_start_lr, cfg.final_lr))  # scalars in checkpoints
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+
+        x_a = batch["audio"].to(device, non_blocking=True)   # (B, T, F) normalised fbank
+        x_v = batch["frame"].to(device, non_blocking=True)   # (B, 3, H, W) in [0, 1]
+        n = x_a.shape[0]
+        if cfg.time_roll:  # SPEC 12 input noise, on the originals before augmenting
+            x_a = augment.random_time_roll(x_a, aug_gen)
+        # SPEC 8: one augmented view per modality and its parameter vector t
+        x_a_aug, t_a = augment.augment_audio(x_a, aug_gen)      # (B, T, F), (B, 24)
+        x_v_aug, t_v = augment.augment_visual(x_v, aug_gen)     # (B, 3, H, W), (B, 18)
+        # ImageNet normalisation comes last, after the colour augmentations (SPEC 1)
+        x_v, x_v_aug = augment.normalize_image(x_v), augment.normalize_image(x_v_aug)
+        # SPEC 6: S vectors per sample, only sampled (never applied), for the centroids
+        T_a = _to_device(augment.sample_audio_vectors(
+            n, cfg.S, aug_gen, T=mcfg.audio_length, F=mcfg.mel_bins), device)  # (B, S, 24)
+        T_v = _to_device(augment.sample_visual_vectors(
+            n, cfg.S, aug_gen, H=mcfg.image_size, W=mcfg.image_size), device)  # (B, S, 18)
+
+        with utils.autocast_context(device, cfg.amp):
+            out = model(x_a, x_v, x_a_aug, x_v_aug, t_a, t_v, T_a, T_v)
+        terms = criterion(out)  # float32 inside: logits are cosines divided by tau = 0.07
+        loss = terms["loss"]
+
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        if cfg.learnable_temperature and world > 1:
+            _average_grads(criterion.parameters(), world)  # tau is not inside DDP
+        if cfg.clip_grad > 0:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad)
+        scaler.step(optimizer)
+        scaler.update()
+        step += 1
+        done += 1
+
+        values = torch.stack([terms[k].detach().float() for k in LOG_KEYS])
+        sums += values
+        step_dev += 1
+        is_first_bad = ~torch.isfinite(values[0]) & (first_bad[0] < 0)
+        first_bad = torch.where(is_first_bad, torch.cat([step_dev.view(1), values]), first_bad)
+
+        since += n * world
+        if (i + 1) % cfg.log_every == 0 or i + 1 == steps_per_epoch:
+            _raise_if_nonfinite(first_bad, epoch)  # reads the device: the loop's one sync
+            now = dict(zip(LOG_KEYS, _mean_over_ranks(values).tolist()))
+            rate = since / max(time.time() - t_last, 1e-9)
+            since, t_last = 0, time.time()
+            logger.log({"type": "step", "epoch": epoch, "step": step, "lr": lr,
+                        "samples_per_s": rate, **now})
+            bar.set_postfix(loss=f"{now['loss']:.4f}", lr=f"{lr:.2e}",
+                            samples_per_s=f"{rate:.1f}")
+    bar.close()
+    _raise_if_nonfinite(first_bad, epoch)
+    means = (_mean_over_ranks(sums) / max(done, 1)).tolist()
+    return step, dict(zip(LOG_KEYS, means))
+
+
+def _to_device(x, device):
+    """CPU tensor -> device without waiting for the GPU (pinned, non-blocking copy)."""
+    if device.type == "cuda":
+        x = x.pin_memory()
+    return x.to(device, non_blocking=True)
+
+
+class BadDataPolicy:
+    """--skip_bad: count the samples collate dropped (failing past a fraction, see
+    data.SkipCounter) and trim every rank's batch to the smallest one, because the
+    gathered contrastive losses need equal local batches (losses.py header). The
+    sizes are exchanged over a CPU (gloo) group, so no GPU sync is added."""
+
+    def __init__(self, max_fraction):
+        self.counter = data.SkipCounter(max_fraction=max_fraction)
+        self.group = None
+        if utils.get_world_size() > 1:
+            self.group = dist.new_group(backend="gloo")
+
+    def filter(self, batch):
+        self.counter.update(batch)
+        n = batch["index"].numel()
+        if self.group is not None:
+            size = torch.tensor([n])
+            dist.all_reduce(size, op=dist.ReduceOp.MIN, group=self.group)
+            n = int(size)
+        if n == 0:
+            return None
+        return {k: v[:n] if torch.is_tensor(v) else v for k, v in batch.items()}
+
+    def skipped(self):
+        """Samples skipped so far, over all ranks."""
+        if self.group is None:
+            return self.counter.skipped
+        total = torch.tensor([self.counter.skipped])
+        dist.all_reduce(total, group=self.group)
+        return int(total)
+
+
+def _raise_if_nonfinite(first_bad, epoch):
+    """Stop every rank if any rank has seen a non-finite loss (collective call)."""
+    seen = (first_bad[:1] >= 0).float()
+    if utils.get_world_size() > 1:
+        dist.all_reduce(seen)  # a rank that stopped alone would leave the others hanging
+    if seen.item() == 0:  # the host-device sync of a log step
+        return
+    row = first_bad.tolist()
+    if row[0] < 0:
+        raise FloatingPointError(f"non-finite loss on another rank in epoch {epoch + 1}; stopping")
+    terms = ", ".join(f"{k}={v:.4g}" for k, v in zip(LOG_KEYS[:4], row[1:5]))
+    raise FloatingPointError(
+        f"non-finite loss at step {int(row[0])} (epoch {epoch + 1}): {terms}. Stopping; "
+        f"the last checkpoint is from before this epoch. Try a lower --lr, a smaller "
+        f"--clip_grad or --amp false.")
+
+
+def _average_grads(params, world):
+    for p in params:
+        if p.grad is not None:
+            dist.all_reduce(p.grad)
+            p.grad /= world
+
+
+def _mean_over_ranks(x):
+    if utils.get_world_size() > 1:
+        x = x.clone()
+        dist.all_reduce(x)
+        x /= utils.get_world_size()
+    return x
+
+
+# =============================================================================
+# Zero-shot retrieval on the held-out split (SPEC 13)
+# =============================================================================
+
+def evaluate_retrieval(net, loader, device, cfg):
+    """R@1/5/10 and median rank, both directions, plus the chance levels (collective call)."""
+    z_a, z_v = retrieval.extract_embeddings(net, loader, device, S=cfg.S, seed=cfg.seed,
+                                            amp=cfg.amp)
+    metrics = {k: float(v) for k, v in retrieval.retrieval_metrics(z_a, z_v).items()}
+    n = z_a.shape[0]
+    chance = {f"R@{k}": 100.0 * min(k, n) / n for k in (1, 5, 10)}
+    chance["medr"] = (n + 1) / 2
+    return metrics, chance, n
+
+
+def format_retrieval(metrics, chance, n):
+    parts = []
+    for d in ("a2v", "v2a"):
+        parts.append(f"{d} R@1 {metrics[f'{d}_R@1']:.1f} R@5 {metrics[f'{d}_R@5']:.1f} "
+                     f"R@10 {metrics[f'{d}_R@10']:.1f} medr {metrics[f'{d}_medr']:.0f}")
+    parts.append(f"chance R@1 {chance['R@1']:.1f} R@5 {chance['R@5']:.1f} "
+                 f"R@10 {chance['R@10']:.1f} medr {chance['medr']:.0f} (N={n})")
+    return " | ".join(parts)
+
+
+# =============================================================================
+# The recipe
+# =============================================================================
+
+def main(cfg):
+    """Pretrain EquiAV with config `cfg` (resolved here); returns the final summary dict."""
+    cfg = resolve_config(cfg)
+    rank, world, local_rank, device = utils.init_distributed(cfg.device)
+    threads = torch.get_num_threads()
+    if device.type == "cpu" and cfg.cpu_threads is not None:
+        torch.set_num_threads(cfg.cpu_threads or _free_cores(cfg.num_workers, world))
+    try:
+        return _run(cfg, rank, world, local_rank, device)
+    finally:
+        torch.set_num_threads(threads)  # main() may be called in-process (tests, notebooks)
+        utils.cleanup_distributed()
+
+
+def _free_cores(num_workers, world):
+    """Cores per process left after the data-loader workers (at least 1)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:
+        cores = os.cpu_count() or 1
+    return max(1, cores // world - num_workers)
+
+
+def _run(cfg, rank, world, local_rank, device):
+    t_start = time.time()
+    # ---- config ---------------------------------------------------------------
+    utils.print0(f"EquiAV pretraining: {world} process(es) on {device}"
+                 + (f" ({torch.get_num_threads()} threads each)" if device.type == "cpu" else "")
+                 + f"; resolved config (profile {cfg.profile!r}):")
+    for f in dataclasses.fields(cfg):
+        utils.print0(f"  {f.name:22s} {getattr(cfg, f.name)}")
+    mcfg = model_config(cfg)
+    ckpt_path = os.path.join(cfg.run_dir, "checkpoint.pt")
+    logger = utils.JsonLogger(os.path.join(cfg.run_dir, "log.jsonl"))
+
+    # ---- data -----------------------------------------------------------------
+    train_manifest, eval_manifest = cfg.data, cfg.eval_data
+    if train_manifest is None:
+        if utils.is_main():
+            data.ensure_toy_dataset(cfg.toy_root)  # generates it on first use
+        utils.barrier()  # the other ranks wait for rank 0, then only read
+        toy = data.ensure_toy_dataset(cfg.toy_root)
+        train_manifest = toy["train"]
+        eval_manifest = eval_manifest or toy["retrieval"]
+    sizes = dict(audio_length=mcfg.audio_length, mel_bins=mcfg.mel_bins,
+                 image_size=mcfg.image_size)
+    train_set = data.AudioVisualDataset(train_manifest, train=True, norm_mean=cfg.norm_mean,
+                                        norm_std=cfg.norm_std, skip_bad=cfg.skip_bad, **sizes)
+    norm_stats = [float(train_set.norm_mean), float(train_set.norm_std)]
+    train_loader = data.make_loader(train_set, cfg.batch_size, train=True,
+                                    num_workers=cfg.num_workers, seed=cfg.seed)
+    if len(train_loader) == 0:
+        raise ValueError(f"{train_manifest}: {len(train_set)} samples is less than one batch "
+                         f"of {cfg.batch_size} x {world} processes")
+    eval_loader = None
+    if eval_manifest is not None:
+        eval_set = data.AudioVisualDataset(eval_manifest, train=False, norm_mean=norm_stats[0],
+                                           norm_std=norm_stats[1], skip_bad=cfg.skip_bad,
+                                           **sizes)
+        eval_loader = data.make_loader(eval_set, cfg.eval_batch_size, train=False,
+                                       num_workers=cfg.num_workers, seed=cfg.seed)
+    utils.print0(f"data: {len(train_set)} training clips ({train_manifest}), "
+                 f"{len(train_loader)} steps/epoch of {cfg.batch_size} x {world}; retrieval on "
+                 f"{eval_manifest or 'nothing (no --eval_data)'}; fbank mean/std {norm_stats}")
+
+    # ---- model, loss, optimiser -----------------------------------------------
+    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+    net = EquiAV(mcfg, use_centroid=cfg.centroid, equivariant=cfg.equivariant).to(device)
+    criterion = EquiAVLoss(temperature=cfg.temperature,
+                           learnable_temperature=cfg.learnable_temperature,
+                           w_inter=cfg.w_inter, w_a=cfg.w_a, w_v=cfg.w_v).to(device)
+    utils.seed_everything(cfg.seed + rank)  # everything random from here differs by rank
+    aug_gen = augmentation_generator(cfg.seed, rank)
+    optimizer = torch.optim.AdamW(list(net.parameters()) + list(criterion.parameters()),
+                                  lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+                                  weight_decay=cfg.weight_decay)
+    scaler = utils.make_grad_scaler(device, cfg.amp)
+    utils.print0(f"model: preset {cfg.preset!r} ({sum(p.numel() for p in net.parameters()) / 1e6:.2f}M "
+                 f"parameters), centroid={cfg.centroid}, equivariant={cfg.equivariant}, S={cfg.S}")
+
+    # ---- resume (wins) or initialise ------------------------------------------
+    if os.path.exists(ckpt_path):
+        start_epoch, step, aug_gen = resume(ckpt_path, cfg, mcfg, net, criterion, optimizer,
+                                            scaler, aug_gen)
+    else:
+        start_epoch, step = 0, 0
+        if cfg.init_mae:
+            _print_report(f"ImageNet MAE checkpoint {cfg.init_mae}",
+                          load_mae_checkpoint(net, cfg.init_mae))
+        elif cfg.init_official:
+            _print_report(f"authors' EquiAV checkpoint {cfg.init_official}",
+                          load_official_checkpoint(net, cfg.init_official))
+
+    bad_data = BadDataPolicy(cfg.max_bad_fraction) if cfg.skip_bad else None
+    model = net
+    if world > 1:
+        # ablations leave some modules out of the loss; DDP must then look for unused ones
+        unused = not (cfg.centroid and cfg.equivariant) or min(cfg.w_inter, cfg.w_a, cfg.w_v) == 0
+        model = DistributedDataParallel(net, device_ids=[local_rank] if device.type == "cuda" else None,
+                                        find_unused_parameters=unused)
+    if cfg.compile:
+        model = torch.compile(model)
+    if start_epoch == 0:
+        logger.log({"type": "config", "world_size": world, "model_config": dataclasses.asdict(mcfg),
+                    **dataclasses.asdict(cfg)})
+    else:
+        logger.log({"type": "resume", "epoch": start_epoch, "step": step, "world_size": world})
+
+    # ---- train ----------------------------------------------------------------
+    summary = {"epoch": start_epoch, "step": step}
+    if start_epoch >= cfg.epochs:
+        utils.print0(f"nothing to do: {cfg.run_dir} already holds {start_epoch} epoch(s)")
+    for epoch in range(start_epoch, cfg.epochs):
+        t0 = time.time()
+        if hasattr(train_loader.sampler, "set_epoch"):
+            train_loader.sampler.set_epoch(epoch)  # a new, reproducible order every epoch
+        step, means = train_one_epoch(model, criterion, optimizer, scaler, train_loader, aug_gen,
+                                      epoch, step, cfg, mcfg, device, logger, bad_data)
+        skipped = bad_data.skipped() if bad_data is not None else 0
+        train_time = time.time() - t0
+        summary = {"type": "epoch", "epoch": epoch + 1, "step": step, "skipped": skipped,
+                   "train_time_s": train_time, **means}
+        line = (f"epoch {epoch + 1}/{cfg.epochs}  step {step}  loss {means['loss']:.4f} "
+                f"(inter {means['inter']:.3f}, intra_a {means['intra_a']:.3f}, "
+                f"intra_v {means['intra_v']:.3f})  acc a2v {means['acc_a2v']:.2f}  "
+                f"{train_time:.0f} s" + (f"  skipped {skipped}" if skipped else ""))
+        if eval_loader is not None:
+            metrics, chance, n = evaluate_retrieval(net, eval_loader, device, cfg)
+            summary.update({"retrieval": metrics, "chance": chance, "n_eval": n})
+            line += "\n  retrieval " + format_retrieval(metrics, chance, n)
+        utils.print0(line)
+        logger.log(summary)
+
+        save(ckpt_path, cfg, mcfg, net, criterion, optimizer, scaler, step, epoch + 1,
+             gather_rng(aug_gen), norm_stats)  # gather_rng is collective: all ranks call it
+        utils.barrier()
+    utils.print0(f"done: {cfg.epochs} epochs, step {step}, {time.time() - t_start:.0f} s in "
+                 f"this process; checkpoint {ckpt_path}, log {logger.path}")
+    return summary
+
+
+if __name__ == "__main__":
+    main(utils.parse_config(PretrainConfig, description=__doc__.splitlines()[0]))

@@ -1,0 +1,258 @@
+"""pretrain.py: end-to-end runs on a tiny toy dataset, torchrun on CPU, exact resume,
+the non-finite-loss stop, profiles and the checkpoint format."""
+import dataclasses
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import data
+import pretrain
+import utils
+from losses import EquiAVLoss
+from model import EquiAV
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The toy inputs keep the tiny preset's sizes; the transformer is shrunk further.
+SMALL = ("embed_dim=64,depth=1,num_heads=2,aug_hidden=32,pred_heads=2,pred_head_dim=16,"
+         "proj_hidden=64,proj_dim=32")
+N_TRAIN, BATCH, N_EVAL = 8, 4, 4  # 2 steps per epoch in one process
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+    root = tmp_path_factory.mktemp("toy") / "toy"
+    data.make_toy_dataset(root, n_train=N_TRAIN, n_test=N_EVAL, n_retrieval=N_EVAL, n_train_multilabel=0,
+                          n_test_multilabel=0, num_workers=0)
+    return data.toy_paths(root)
+
+
+def _cfg(toy, run_dir, **kw):
+    base = dict(data=toy["train"], eval_data=toy["retrieval"], profile="toy", run_dir=str(run_dir),
+                model_overrides=SMALL, batch_size=BATCH, epochs=1, S=2, log_every=1,
+                eval_batch_size=N_EVAL, device="cpu", num_workers=0, cpu_threads=1)
+    base.update(kw)
+    return pretrain.PretrainConfig(**base)
+
+
+def _log(run_dir):
+    with open(os.path.join(run_dir, "log.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def _step_losses(records):
+    """step -> every loss logged for it (a resumed run logs the interrupted steps again)."""
+    out = {}
+    for r in records:
+        if r["type"] == "step":
+            out.setdefault(r["step"], []).append(r["loss"])
+    return out
+
+
+# ---------------------------------------------------------------------------
+# Config
+# ---------------------------------------------------------------------------
+
+def test_profiles_fill_only_unset_fields():
+    toy = pretrain.resolve_config(pretrain.PretrainConfig())
+    assert toy.profile == "toy" and toy.preset == "tiny"
+    assert (toy.epochs, toy.batch_size, toy.lr) == tuple(
+        pretrain.PROFILES["toy"][k] for k in ("epochs", "batch_size", "lr"))
+    # with --data: the paper's recipe (SPEC 12) unless set explicitly
+    paper = pretrain.resolve_config(pretrain.PretrainConfig(data="x.json", lr=3e-4))
+    assert paper.profile == "paper" and paper.preset == "base"
+    assert (paper.epochs, paper.batch_size, paper.warmup_epochs, paper.clip_grad) == (20, 16, 2.0, 0.01)
+    assert paper.lr == 3e-4  # explicit value wins over the profile
+    assert (paper.beta1, paper.beta2, paper.weight_decay) == (0.9, 0.95, 1e-5)
+    assert (paper.warmup_start_lr, paper.final_lr, paper.S, paper.temperature) == (2e-7, 1e-6, 16, 0.07)
+    assert paper.w_inter == paper.w_a == paper.w_v == pytest.approx(1 / 3)
+    # --w_intra sets both intra-modal weights; --w_a / --w_v override one
+    cfg = pretrain.resolve_config(utils.parse_config(
+        pretrain.PretrainConfig, ["--w_intra", "0", "--w_v", "0.5", "--centroid", "false"]))
+    assert (cfg.w_a, cfg.w_v, cfg.centroid) == (0.0, 0.5, False)
+    with pytest.raises(ValueError, match="at most one of --init_mae and --init_official"):
+        pretrain.resolve_config(pretrain.PretrainConfig(init_mae="a", init_official="b"))
+    with pytest.raises(ValueError, match="unknown profile"):
+        pretrain.resolve_config(pretrain.PretrainConfig(profile="huge"))
+    with pytest.raises(ValueError, match="unknown ModelConfig field 'depht'"):
+        pretrain.model_config(dataclasses.replace(toy, model_overrides="depht=2"))
+
+
+# ---------------------------------------------------------------------------
+# One process, end to end
+# ---------------------------------------------------------------------------
+
+def test_end_to_end_log_and_checkpoint(toy, tmp_path):
+    cfg = _cfg(toy, tmp_path / "run")
+    summary = pretrain.main(cfg)
+    records = _log(cfg.run_dir)
+    steps = [r for r in records if r["type"] == "step"]
+    epochs = [r for r in records if r["type"] == "epoch"]
+    n_steps = N_TRAIN // BATCH
+    assert [r["step"] for r in steps] == list(range(1, n_steps + 1))
+    assert all(math.isfinite(r[k]) for r in steps for k in pretrain.LOG_KEYS)
+    # the loss is the weighted sum of its logged terms (weights 1/3 each)
+    for r in steps:
+        assert r["loss"] == pytest.approx((r["inter"] + r["intra_a"] + r["intra_v"]) / 3, rel=1e-5)
+    # per-iteration learning rate from the warm-up + cosine function
+    resolved = pretrain.resolve_config(cfg)
+    for r in steps:
+        assert r["lr"] == pytest.approx(utils.cosine_lr(
+            r["step"] - 1, n_steps, round(resolved.warmup_epochs * n_steps), resolved.lr,
+            resolved.warmup_start_lr, resolved.final_lr))
+    assert len(epochs) == 1 and epochs[0]["step"] == n_steps
+    assert epochs[0]["loss"] == pytest.approx(sum(r["loss"] for r in steps) / n_steps, rel=1e-5)
+    assert epochs[0]["chance"]["R@1"] == pytest.approx(100 / N_EVAL)
+    assert 0 <= epochs[0]["retrieval"]["a2v_R@1"] <= epochs[0]["retrieval"]["a2v_R@10"] <= 100
+    assert summary["step"] == n_steps
+
+    path = os.path.join(cfg.run_dir, "checkpoint.pt")
+    assert sorted(os.listdir(cfg.run_dir)) == ["checkpoint.pt", "log.jsonl"]  # no temp files
+    ckpt = torch.load(path, weights_only=True, map_location="cpu")
+    for key in ("model", "model_config", "model_flags", "optimizer", "scaler", "loss", "step",
+                "epoch", "config", "rng", "norm_stats"):
+        assert key in ckpt, key
+    assert (ckpt["step"], ckpt["epoch"]) == (n_steps, 1)
+    assert ckpt["config"] == dataclasses.asdict(resolved)
+    assert ckpt["model_config"]["embed_dim"] == 64 and ckpt["model_config"]["depth"] == 1
+    stats = json.load(open(os.path.join(os.path.dirname(toy["train"]), "stats.json")))
+    assert ckpt["norm_stats"] == pytest.approx([stats["mean"], stats["std"]])
+    assert len(ckpt["rng"]) == 1 and "aug" in ckpt["rng"][0]
+    assert len(ckpt["optimizer"]["state"]) == len(ckpt["optimizer"]["param_groups"][0]["params"])
+    assert all(float(s["step"]) == n_steps for s in ckpt["optimizer"]["state"].values())
+
+    # load_equiav rebuilds exactly what was trained, and training changed the weights
+    net = pretrain.load_equiav(path)
+    for k, v in net.state_dict().items():
+        assert torch.equal(v, ckpt["model"][k]), k
+    torch.manual_seed(cfg.seed)  # main() builds the model right after seeding like this
+    fresh = dict(EquiAV(net.cfg).named_parameters())
+    changed = [not torch.equal(p, ckpt["model"][k]) for k, p in fresh.items()]
+    assert sum(changed) >= 0.9 * len(changed)
+
+    # the same command again finds the finished run and does nothing
+    pretrain.main(cfg)
+    assert len([r for r in _log(cfg.run_dir) if r["type"] == "step"]) == n_steps
+    # another model in the same run_dir is refused before anything is overwritten
+    with pytest.raises(ValueError, match="holds a different model"):
+        pretrain.main(dataclasses.replace(cfg, centroid=False, epochs=2))
+
+
+def test_ablation_without_centroid_and_predictor(toy, tmp_path):
+    cfg = _cfg(toy, tmp_path / "run", centroid=False, equivariant=False, w_intra=0.0, w_inter=1.0)
+    pretrain.main(cfg)
+    ckpt = torch.load(os.path.join(cfg.run_dir, "checkpoint.pt"), weights_only=True)
+    assert ckpt["model_flags"] == {"use_centroid": False, "equivariant": False}
+    assert not any(k.startswith("predictor") for k in ckpt["model"])
+    steps = [r for r in _log(cfg.run_dir) if r["type"] == "step"]
+    assert all(r["intra_a"] == 0 and r["intra_v"] == 0 and r["loss"] == r["inter"] for r in steps)
+    net = pretrain.load_equiav(os.path.join(cfg.run_dir, "checkpoint.pt"))
+    assert (net.use_centroid, net.equivariant) == (False, False)
+
+
+# ---------------------------------------------------------------------------
+# Resume
+# ---------------------------------------------------------------------------
+
+class _StopAfter:
+    """A loader that raises KeyboardInterrupt (a killed run) after n batches."""
+
+    def __init__(self, loader, n):
+        self.loader, self.n = loader, n
+
+    def __len__(self):
+        return len(self.loader)
+
+    def __iter__(self):
+        for i, batch in enumerate(self.loader):
+            if i == self.n:
+                raise KeyboardInterrupt
+            yield batch
+
+
+def test_interrupted_and_resumed_equals_uninterrupted(toy, tmp_path, monkeypatch):
+    straight = _cfg(toy, tmp_path / "straight", epochs=2)
+    pretrain.main(straight)
+
+    resumed = _cfg(toy, tmp_path / "resumed", epochs=2)
+    original = pretrain.train_one_epoch
+
+    def killed_in_second_epoch(model, criterion, optimizer, scaler, loader, aug_gen, epoch, *a, **kw):
+        if epoch == 1:
+            loader = _StopAfter(loader, 1)
+        return original(model, criterion, optimizer, scaler, loader, aug_gen, epoch, *a, **kw)
+
+    monkeypatch.setattr(pretrain, "train_one_epoch", killed_in_second_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        pretrain.main(resumed)
+    assert torch.load(os.path.join(resumed.run_dir, "checkpoint.pt"), weights_only=True)["epoch"] == 1
+    monkeypatch.setattr(pretrain, "train_one_epoch", original)
+    pretrain.main(resumed)  # the same command again: continues from epoch 2
+
+    a, b = _step_losses(_log(straight.run_dir)), _step_losses(_log(resumed.run_dir))
+    n_steps = 2 * (N_TRAIN // BATCH)
+    assert sorted(a) == sorted(b) == list(range(1, n_steps + 1))
+    assert len(b[N_TRAIN // BATCH + 1]) == 2  # the step run before the kill was logged twice
+    for step in a:
+        assert set(b[step]) == set(a[step]), step  # bit-identical, including the repeat
+    ca = torch.load(os.path.join(straight.run_dir, "checkpoint.pt"), weights_only=True)
+    cb = torch.load(os.path.join(resumed.run_dir, "checkpoint.pt"), weights_only=True)
+    assert all(torch.equal(ca["model"][k], cb["model"][k]) for k in ca["model"])
+    ea = [r for r in _log(straight.run_dir) if r["type"] == "epoch"][-1]
+    eb = [r for r in _log(resumed.run_dir) if r["type"] == "epoch"][-1]
+    assert ea["retrieval"] == eb["retrieval"]
+
+
+# ---------------------------------------------------------------------------
+# Non-finite loss
+# ---------------------------------------------------------------------------
+
+def test_nonfinite_loss_stops_with_step_and_terms(toy, tmp_path, monkeypatch):
+    class NaNFromSecondStep(EquiAVLoss):
+        calls = 0
+
+        def forward(self, out):
+            terms = super().forward(out)
+            NaNFromSecondStep.calls += 1
+            if NaNFromSecondStep.calls >= 2:
+                terms = dict(terms, loss=terms["loss"] * float("nan"))
+            return terms
+
+    monkeypatch.setattr(pretrain, "EquiAVLoss", NaNFromSecondStep)
+    # log_every 100: the loss is only read at the end of the epoch, the step must still be exact
+    cfg = _cfg(toy, tmp_path / "run", log_every=100)
+    with pytest.raises(FloatingPointError, match=r"non-finite loss at step 2 \(epoch 1\): "
+                                                 r"loss=nan, inter=\d"):
+        pretrain.main(cfg)
+    assert not os.path.exists(os.path.join(cfg.run_dir, "checkpoint.pt"))
+
+
+# ---------------------------------------------------------------------------
+# torchrun, two CPU processes (gloo)
+# ---------------------------------------------------------------------------
+
+def test_torchrun_two_processes_writes_one_checkpoint(toy, tmp_path):
+    run_dir = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "pretrain.py", "--data", toy["train"], "--eval_data", toy["retrieval"],
+           "--profile", "toy", "--run_dir", str(run_dir), "--model_overrides", SMALL,
+           "--batch_size", "2", "--epochs", "1", "--S", "2", "--log_every", "1",
+           "--eval_batch_size", "2", "--device", "cpu", "--num_workers", "0"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert sorted(os.listdir(run_dir)) == ["checkpoint.pt", "log.jsonl"]
+    ckpt = torch.load(run_dir / "checkpoint.pt", weights_only=True)
+    n_steps = N_TRAIN // (2 * 2)
+    assert (ckpt["step"], ckpt["epoch"]) == (n_steps, 1)
+    assert len(ckpt["rng"]) == 2  # one random state per rank
+    assert not torch.equal(ckpt["rng"][0]["aug"], ckpt["rng"][1]["aug"])  # seeds offset by rank
+    records = _log(run_dir)
+    assert sum(r["type"] == "config" for r in records) == 1  # rank 0 logs alone
+    assert [r["step"] for r in records if r["type"] == "step"] == list(range(1, n_steps + 1))
+    epoch = [r for r in records if r["type"] == "epoch"][0]
+    assert epoch["n_eval"] == N_EVAL  # both ranks' embeddings gathered, padding removed
