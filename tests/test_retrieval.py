@@ -1,0 +1,232 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import retrieval
+
+
+# ---------------------------------------------------------------------------
+# Retrieval metrics on embeddings with a known ranking
+# ---------------------------------------------------------------------------
+
+def _brute_force_ranks(q, k):
+    """Rank of key i for query i by a full stable sort of each row."""
+    sim = q @ k.T
+    order = torch.sort(-sim, dim=1, stable=True).indices
+    return torch.tensor([(order[i] == i).nonzero().item() + 1 for i in range(q.shape[0])])
+
+
+def test_retrieval_metrics_known_ranking():
+    v = torch.eye(4)
+    a = F.normalize(torch.tensor([[1.0, 0.0, 0.0, 0.0],      # partner first:  rank 1
+                                  [0.9, 0.1, 0.0, 0.0],      # clip 0 closer:  rank 2
+                                  [0.5, 0.4, 0.3, 0.0],      # clips 0, 1:     rank 3
+                                  [0.0, 0.0, 0.0, 1.0]]), dim=-1)
+    m = retrieval.retrieval_metrics(a, v)
+    assert m["a2v_R@1"] == pytest.approx(50.0)
+    assert m["a2v_R@5"] == m["a2v_R@10"] == pytest.approx(100.0)
+    assert m["a2v_medr"] == 1.0        # 0-based ranks 0,0,1,2: median 0.5, floored, +1
+    # visual -> audio: video clip 1 finds audio 1 (0.110) below audio 2 (0.566): rank 2;
+    # video clip 2 finds audio 2 first: rank 1; clips 0 and 3: rank 1
+    assert m["v2a_R@1"] == pytest.approx(75.0)
+    assert m["v2a_medr"] == 1.0
+    assert set(m) == {f"{d}_{k}" for d in ("a2v", "v2a")
+                      for k in ("R@1", "R@5", "R@10", "medr")}
+
+
+def test_retrieval_ties_are_ranked_like_a_stable_sort():
+    # identical embeddings: query i finds its partner after the i clips before it
+    z = F.normalize(torch.ones(10, 3), dim=-1)
+    m = retrieval.retrieval_metrics(z, z, chunk_size=3)
+    assert (m["a2v_R@1"], m["a2v_R@5"], m["a2v_R@10"]) == pytest.approx((10.0, 50.0, 100.0))
+    assert m["a2v_medr"] == 5.0        # ranks 1..10: 0-based median 4.5 -> 4 + 1
+
+
+def test_retrieval_chunking_matches_full_matrix_and_brute_force():
+    g = torch.Generator().manual_seed(0)
+    z_a = F.normalize(torch.randn(57, 8, generator=g), dim=-1)
+    z_v = F.normalize(z_a + 0.8 * torch.randn(57, 8, generator=g), dim=-1)
+    full = retrieval.retrieval_metrics(z_a, z_v, chunk_size=4096)
+    for chunk in (1, 7, 56):
+        assert retrieval.retrieval_metrics(z_a, z_v, chunk_size=chunk) == full
+    ranks = retrieval._ranks(z_a, z_v, 5)
+    assert torch.equal(ranks, _brute_force_ranks(z_a, z_v))
+    assert full["a2v_R@5"] == pytest.approx(100 * (ranks <= 5).float().mean().item())
+    ranks_v = _brute_force_ranks(z_v, z_a)
+    assert full["v2a_R@1"] == pytest.approx(100 * (ranks_v == 1).float().mean().item())
+    assert full["v2a_medr"] == math.floor(float(torch.quantile((ranks_v - 1).double(), 0.5))) + 1
+
+
+def test_retrieval_metrics_rejects_bad_input():
+    # (speed is measured in bench.py, not asserted here)
+    z = F.normalize(torch.randn(10, 8, generator=torch.Generator().manual_seed(1)), dim=-1)
+    with pytest.raises(ValueError, match="equal shape"):
+        retrieval.retrieval_metrics(z, z[:9])
+    with pytest.raises(ValueError, match="at least one clip"):
+        retrieval.retrieval_metrics(z[:0], z[:0])
+    with pytest.raises(ValueError, match="chunk_size must be positive"):
+        retrieval.retrieval_metrics(z, z, chunk_size=0)
+
+
+# ---------------------------------------------------------------------------
+# Deterministic embeddings
+# ---------------------------------------------------------------------------
+
+class _Clips(torch.utils.data.Dataset):
+    """Random clips in the dataset's dict format (an evaluation split)."""
+    train = False
+
+    def __init__(self, n, cfg, seed=0):
+        g = torch.Generator().manual_seed(seed)
+        self.audio = torch.randn(n, cfg.audio_length, cfg.mel_bins, generator=g)
+        self.frame = torch.rand(n, 3, cfg.image_size, cfg.image_size, generator=g)
+
+    def __len__(self):
+        return len(self.audio)
+
+    def __getitem__(self, i):
+        return {"audio": self.audio[i], "frame": self.frame[i], "index": i}
+
+
+@pytest.fixture(scope="module")
+def tiny_equiav():
+    from model import EquiAV, get_config
+    torch.manual_seed(0)
+    return EquiAV(get_config("tiny", depth=1)).eval()
+
+
+def test_extract_embeddings_deterministic_and_in_dataset_order(tiny_equiav):
+    model = tiny_equiav
+    ds = _Clips(7, model.cfg)
+    backwards = torch.utils.data.DataLoader(ds, batch_size=3, sampler=list(range(6, -1, -1)))
+    z_a, z_v = retrieval.extract_embeddings(model, backwards, "cpu", S=4, seed=3)
+    # reference: every clip in one batch, the seeded centroid vectors shared by all clips
+    T_a, T_v = retrieval.centroid_vectors(model.cfg, 4, 3)
+    import augment
+    ref_a, ref_v = model.embed(ds.audio, augment.normalize_image(ds.frame),
+                               T_a.expand(7, -1, -1), T_v.expand(7, -1, -1))
+    torch.testing.assert_close(z_a, ref_a, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(z_v, ref_v, atol=1e-5, rtol=1e-4)
+    assert torch.allclose(z_a.norm(dim=1), torch.ones(7))
+    # another batch size gives the same embeddings; another seed does not
+    again = retrieval.extract_embeddings(model, torch.utils.data.DataLoader(ds, batch_size=5),
+                                         "cpu", S=4, seed=3)
+    torch.testing.assert_close(again[0], z_a, atol=1e-5, rtol=1e-4)
+    other = retrieval.extract_embeddings(model, torch.utils.data.DataLoader(ds, batch_size=5),
+                                         "cpu", S=4, seed=4)
+    assert not torch.allclose(other[0], z_a, atol=1e-4)
+
+    class _Train(_Clips):
+        train = True
+    with pytest.raises(ValueError, match="evaluation dataset"):
+        retrieval.extract_embeddings(model, torch.utils.data.DataLoader(_Train(2, model.cfg)),
+                                     "cpu")
+
+
+def test_gather_in_dataset_order_drops_padding_repeats():
+    index = torch.tensor([4, 0, 2, 0, 1, 3])       # 0 repeated, as sampler padding does
+    rows = index.float()[:, None] * 10
+    idx, out = retrieval.gather_in_dataset_order(index, rows)
+    assert idx.tolist() == [0, 1, 2, 3, 4]
+    assert out[:, 0].tolist() == [0.0, 10.0, 20.0, 30.0, 40.0]
+
+
+# ---------------------------------------------------------------------------
+# Localization
+# ---------------------------------------------------------------------------
+
+def test_upsampled_map_peaks_inside_the_planted_patch():
+    g = torch.Generator().manual_seed(0)
+    grid = 0.1 * torch.rand(3, 6, 6, generator=g)
+    planted = [(0, 0), (2, 5), (4, 3)]                # (row, col) of the most similar patch
+    for b, (r, c) in enumerate(planted):
+        grid[b, r, c] = 1.0
+    maps = retrieval.upsample_maps(grid, (96, 96))
+    assert maps.shape == (3, 96, 96)
+    peaks = retrieval.map_peaks(maps)                  # (x, y) fractions
+    for b, (r, c) in enumerate(planted):
+        x, y = peaks[b].tolist()
+        assert c / 6 <= x < (c + 1) / 6 and r / 6 <= y < (r + 1) / 6
+        # points_in_boxes agrees: inside the planted patch's box, outside a far one
+        box = [[c / 6, r / 6, (c + 1) / 6, (r + 1) / 6]]
+        assert retrieval.points_in_boxes(peaks[b:b + 1], [box]).item()
+        far = [[(c + 3) % 6 / 6, (r + 3) % 6 / 6, ((c + 3) % 6 + 1) / 6, ((r + 3) % 6 + 1) / 6]]
+        assert not retrieval.points_in_boxes(peaks[b:b + 1], [far]).item()
+
+
+def test_localization_maps_match_token_similarities(tiny_equiav):
+    model = tiny_equiav
+    ds = _Clips(2, model.cfg, seed=1)
+    T_a, _ = retrieval.centroid_vectors(model.cfg, 4, 0)
+    maps = retrieval.localization_maps(model, ds.audio, ds.frame, T_a)
+    assert maps.shape == (2, 96, 96)                   # the frame's shape
+    # independent computation: z_inter_a against every visual token through g_inter_v
+    import augment
+    z_a, _ = model.embed(ds.audio, augment.normalize_image(ds.frame), T_a.expand(2, -1, -1),
+                         retrieval.centroid_vectors(model.cfg, 4, 0)[1].expand(2, -1, -1))
+    tokens = F.normalize(model.proj_inter_v(model.visual_encoder(augment.normalize_image(ds.frame))), dim=-1)
+    sim = torch.einsum("bd,bnd->bn", z_a, tokens).view(2, 6, 6)   # rows, cols of the patch grid
+    torch.testing.assert_close(maps, retrieval.upsample_maps(sim, (96, 96)), atol=1e-5, rtol=1e-4)
+    # the peak lies in the patch of the highest token similarity
+    r, c = divmod(sim[0].argmax().item(), 6)
+    x, y = retrieval.map_peaks(maps)[0].tolist()
+    assert c / 6 <= x < (c + 1) / 6 and r / 6 <= y < (r + 1) / 6
+
+
+def test_localization_grid_png(tmp_path):
+    from PIL import Image
+    frames = torch.full((3, 3, 16, 20), 0.5)
+    maps = torch.zeros(3, 16, 20)
+    maps[:, 4, 10] = 1.0                               # the hottest pixel
+    path = tmp_path / "grid.png"
+    retrieval.save_localization_grid(str(path), frames, maps, boxes=[[[0, 0, 0.5, 0.5]]] * 3,
+                                     captions=["a", "b", "c"], cols=2, scale=1)
+    img = Image.open(path)
+    assert img.size == (2 * (2 * 20 + 2 + 6) + 6, 2 * (16 + 14 + 6) + 6)
+    # heat colours: cold is blue, hot is red; the overlay is half frame, half colour
+    torch.testing.assert_close(retrieval.heat_colors(torch.tensor([[0.0, 1.0]]))[:, 0],
+                               torch.tensor([[0.0, 0.5], [0.0, 0.0], [0.5, 0.0]]))
+    px = img.getpixel((6 + 20 + 2 + 3, 6 + 14 + 12))   # a cold pixel of clip 0's overlay
+    assert px[2] > px[0]
+
+
+# ---------------------------------------------------------------------------
+# The script, end to end on a very small toy dataset
+# ---------------------------------------------------------------------------
+
+def test_retrieval_script_end_to_end(tmp_path, tiny_equiav):
+    import dataclasses
+    import json
+
+    import data
+    import utils
+    root = tmp_path / "toy"
+    data.make_toy_dataset(root, n_train=0, n_test=8, n_retrieval=8, n_train_multilabel=0,
+                          n_test_multilabel=0, num_workers=0)
+    ckpt = tmp_path / "pretrain" / "checkpoint.pt"
+    utils.save_checkpoint({"model": tiny_equiav.state_dict(),
+                           "model_config": dataclasses.asdict(tiny_equiav.cfg),
+                           "model_flags": {"use_centroid": True, "equivariant": True},
+                           "norm_stats": [-5.0, 4.0]}, ckpt)
+    cfg = retrieval.RetrievalConfig(checkpoint=str(ckpt), toy_root=str(root),
+                                    out_dir=str(tmp_path / "out"), batch_size=4, num_workers=0,
+                                    localize=3, S=4, device="cpu")
+    res = retrieval.main(cfg)
+    saved = json.loads((tmp_path / "out" / "retrieval.json").read_text())
+    assert saved["n_clips"] == 8 and saved["norm_stats"] == [-5.0, 4.0]   # the checkpoint's
+    for key, value in saved["retrieval"].items():
+        assert value == pytest.approx(res["retrieval"][key])
+        if "R@" in key:   # percentages of 8 clips
+            assert value * 8 / 100 == pytest.approx(round(value * 8 / 100))
+    assert saved["retrieval"]["a2v_R@10"] == 100.0
+    loc = saved["localization"]
+    assert loc["clips"] == [0, 1, 2] and (tmp_path / "out" / "localization.png").exists()
+    assert loc["n_clips"] == 8 and 0.0 <= loc["pointing_game"] <= 100.0
+    # the centre baseline, recomputed from the manifest's boxes
+    entries = data.read_manifest(data.toy_paths(root)["retrieval"])
+    centre = [any(b[0] <= 0.5 <= b[2] and b[1] <= 0.5 <= b[3]
+                  for b in (data.box_in_crop(box, e["frame_size"], 96)
+                            for box in e["boxes"][data.EVAL_FRAME])) for e in entries]
+    assert loc["centre_baseline"] == pytest.approx(100.0 * sum(centre) / 8)
