@@ -230,3 +230,39 @@ def test_retrieval_script_end_to_end(tmp_path, tiny_equiav):
                   for b in (data.box_in_crop(box, e["frame_size"], 96)
                             for box in e["boxes"][data.EVAL_FRAME])) for e in entries]
     assert loc["centre_baseline"] == pytest.approx(100.0 * sum(centre) / 8)
+
+
+def test_pointing_game_scores_planted_maps(tmp_path, monkeypatch):
+    """Maps planted inside (or, negated, inside with the sign flipped) each clip's
+    box: the pointing game is 100 % (0 %) and the minimum diagnostic 0 % (100 %)."""
+    import data
+    root = tmp_path / "toy"
+    data.make_toy_dataset(root, n_train=0, n_test=6, n_retrieval=6, n_train_multilabel=0,
+                          n_test_multilabel=0, num_workers=0)
+    manifest = data.toy_paths(root)["retrieval"]
+    entries = data.read_manifest(manifest)
+    ds = data.AudioVisualDataset(manifest, audio_length=256, mel_bins=64, image_size=96,
+                                 train=False, norm_mean=0.0, norm_std=1.0)
+    size = 96
+
+    def planted(sign):
+        def fake_maps(model, audio, frame, T_a, amp=False):
+            out = torch.zeros(audio.shape[0], size, size)
+            for j in range(audio.shape[0]):
+                i = fake_maps.seen + j
+                x0, y0, x1, y1 = data.box_in_crop(entries[i]["boxes"][data.EVAL_FRAME][0],
+                                                  entries[i]["frame_size"], size)
+                # the box's middle pixel (the box edges hold no pixel centres safely)
+                out[j, int((y0 + y1) / 2 * size), int((x0 + x1) / 2 * size)] = sign
+            fake_maps.seen += audio.shape[0]
+            return out
+        fake_maps.seen = 0
+        return fake_maps
+
+    monkeypatch.setattr(retrieval, "localization_maps", planted(1.0))
+    score = retrieval.pointing_game(None, ds, entries, None, "cpu", batch_size=4)
+    assert score["n_clips"] == 6
+    assert score["pointing_game"] == 100.0 and score["minimum_in_box"] < 100.0
+    monkeypatch.setattr(retrieval, "localization_maps", planted(-1.0))
+    score = retrieval.pointing_game(None, ds, entries, None, "cpu", batch_size=4)
+    assert score["minimum_in_box"] == 100.0 and score["pointing_game"] < 100.0

@@ -1,0 +1,656 @@
+"""Speed and memory of EquiAV's hot paths, measured on whatever device this runs on.
+
+    python bench.py                       # full run: a few minutes on a 2-core CPU
+    python bench.py --quick               # smoke run (CI): well under a minute
+    python bench.py --parts step --presets base --precisions bf16 --compile true   # one GPU
+
+Four parts (--parts), each printed as a table and written to one JSON file (--out):
+
+step       one pretraining step (SPEC 6-8, 12), the same step pretrain.py runs:
+           random time roll -> batched augmentation on the device (SPEC 8) -> centroid
+           vectors (SPEC 6) -> EquiAV forward -> EquiAVLoss (SPEC 7) -> backward ->
+           gradient clipping -> AdamW. Samples/s and peak memory per preset, precision
+           (fp32, bf16 autocast) and mode (eager, torch.compile); also the time of the
+           input pipeline alone (roll + augmentation + vectors) as a share of the step,
+           and the analytic FLOP count of the step (`step_flops`) over the time, against
+           the measured peak of a large matmul of the same dtype (MFU).
+augment    batched augmentation (augment.augment_audio / augment_visual) at the base
+           sizes, next to augment.py's per-sample loop of the same ops, on CPU and CUDA.
+data       data loading from the toy dataset files (tiny sizes), 0 and 2 workers:
+           samples over the wall time from creating the iterator to the last batch.
+retrieval  retrieval.retrieval_metrics on random unit embeddings of the presets' sizes.
+
+Every timing: warm-up first, the device synchronized before each clock read,
+the median of the repeats. Peak memory is torch.cuda.max_memory_allocated on
+CUDA; on CPU it is the rise of the process's peak resident set size (Linux
+VmHWM, reset before each measurement) over the resident size before the model
+was built -- RSS, not allocator bytes, so it is labelled differently.
+"""
+import dataclasses
+import datetime
+import gc
+import json
+import math
+import os
+import platform
+import re
+import statistics
+import sys
+import tempfile
+import time
+import traceback
+import typing
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+import augment
+import data
+import retrieval
+import utils
+from utils import option
+from losses import EquiAVLoss
+from model import EquiAV, get_config
+
+
+# =============================================================================
+# Config
+# =============================================================================
+
+@dataclasses.dataclass
+class BenchConfig:
+    """Every field is a `--field value` option (bare `--quick` means `--quick true`).
+    Fields left at none take the full or the --quick default (DEFAULTS below)."""
+    quick: bool = option(False, "smoke-test sizes: tiny step in fp32 eager only, small batches, "
+                                "few repeats, N=1,725 retrieval only")
+    parts: str = option("step,augment,data,retrieval", "comma-separated parts to run")
+    presets: Optional[str] = option(None, "model presets of the step part (full: tiny,base; "
+                                          "quick: tiny)")
+    precisions: Optional[str] = option(None, "fp32 and/or bf16 autocast (full: fp32,bf16; "
+                                             "quick: fp32)")
+    compile: Optional[bool] = option(None, "also measure torch.compile (full: true, quick: false)")
+    compile_presets: Optional[str] = option(None, "presets measured compiled (none: tiny on CPU, "
+                                                  "all on CUDA; compiling base on 2 cores takes "
+                                                  "minutes)")
+    cpu_bf16_presets: str = option("tiny", "presets whose bf16 step runs on a CPU without native "
+                                           "bf16 matmul (emulated bf16 is many times slower)")
+    batch_tiny: Optional[int] = option(None, "step batch size of tiny (CUDA 64, CPU 32, quick 8)")
+    batch_base: Optional[int] = option(None, "step batch size of base (CUDA 16 = the paper's "
+                                             "per-GPU batch, CPU 2)")
+    S: int = option(16, "centroid vectors per sample (SPEC 6)")
+    warmup: Optional[int] = option(None, "warm-up iterations per measurement (full 2, quick 1)")
+    repeats: Optional[int] = option(None, "timed iterations per measurement (full 5, quick 2)")
+    budget_s: float = option(60.0, "time budget per step measurement: fewer repeats (at least "
+                                   "1) when the warm-up shows they would not fit")
+    aug_batch: Optional[int] = option(None, "batch size of the augmentation part (full 16, quick 4)")
+    data_batches: Optional[int] = option(None, "timed batches per data-loading measurement "
+                                               "(full 24, quick 2)")
+    data_batch_size: int = option(32, "batch size of the data-loading part")
+    toy_root: str = option("data/toy", "toy dataset for the data part (full: generated if absent; "
+                                       "quick: a small temporary one if absent)")
+    retrieval_sizes: Optional[str] = option(None, "clip counts N (full 1725,15000; quick 1725)")
+    device: Optional[str] = option(None, "main device: cpu or cuda; none -> cuda when available "
+                                         "(augment and retrieval also run on the CPU)")
+    out: str = option("bench_results/bench.json", "JSON file written at the end")
+    seed: int = option(0, "seed of the random inputs and augmentation streams")
+
+
+DEFAULTS = {
+    "full": dict(presets="tiny,base", precisions="fp32,bf16", compile=True, warmup=2, repeats=5,
+                 aug_batch=16, data_batches=24, retrieval_sizes="1725,15000"),
+    "quick": dict(presets="tiny", precisions="fp32", compile=False, warmup=1, repeats=2,
+                  aug_batch=4, data_batches=2, retrieval_sizes="1725"),
+}
+PARTS = ("step", "augment", "data", "retrieval")
+
+
+def resolve_config(cfg):
+    defaults = DEFAULTS["quick" if cfg.quick else "full"]
+    cfg = dataclasses.replace(cfg, **{k: v for k, v in defaults.items() if getattr(cfg, k) is None})
+    for name, allowed in (("parts", PARTS), ("precisions", ("fp32", "bf16"))):
+        unknown = set(_items(getattr(cfg, name))) - set(allowed)
+        if unknown:
+            raise ValueError(f"--{name}: unknown {sorted(unknown)}; choose from {list(allowed)}")
+    for preset in _items(cfg.presets):
+        get_config(preset)  # a clear error for an unknown preset
+    return cfg
+
+
+def _items(text):
+    return [s.strip() for s in (text or "").split(",") if s.strip()]
+
+
+def _expand_bare_flags(argv, cls):
+    """`--quick` alone -> `--quick true` for the bool fields (parse_config wants a value)."""
+    hints = typing.get_type_hints(cls)
+    flags = {f"--{f.name}" for f in dataclasses.fields(cls) if hints[f.name] in (bool, Optional[bool])}
+    out = []
+    for i, arg in enumerate(argv):
+        out.append(arg)
+        nxt = argv[i + 1] if i + 1 < len(argv) else None
+        if arg in flags and (nxt is None or nxt.startswith("--")):
+            out.append("true")
+    return out
+
+
+# =============================================================================
+# Clocks and memory
+# =============================================================================
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, device, warmup, repeats):
+    """Median and all wall times (s) of `repeats` calls of fn after `warmup` calls; the
+    device is synchronized before each clock read."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), times
+
+
+def _rss_kib(field):
+    with open("/proc/self/status") as f:
+        match = re.search(rf"^{field}:\s+(\d+) kB", f.read(), re.M)
+    return int(match.group(1))
+
+
+class PeakMemory:
+    """Peak memory of what runs between start() and stop(), in MiB.
+
+    CUDA: torch.cuda.max_memory_allocated (reset at start): every tensor torch
+    allocated, model, gradients and optimizer state included. CPU (Linux): the
+    process's peak resident set size VmHWM, reset at start through
+    /proc/self/clear_refs, minus the resident size at start; where the reset is
+    not allowed, the growth of getrusage's ru_maxrss (0 when an earlier
+    measurement already reached a higher peak). `kind` says which one.
+    """
+
+    def __init__(self, device):
+        self.device = device
+        self.kind = "cuda_max_allocated"
+        if device.type != "cuda":
+            self.kind = "cpu_peak_rss_delta" if self._can_reset() else "cpu_maxrss_growth"
+
+    @staticmethod
+    def _can_reset():
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+            _rss_kib("VmHWM")
+            return True
+        except (OSError, AttributeError):
+            return False
+
+    def start(self):
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(self.device)
+        elif self.kind == "cpu_peak_rss_delta":
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # VmHWM := VmRSS
+            self.base = _rss_kib("VmRSS")
+        else:
+            import resource
+            self.base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+    def stop(self):
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.device) / 2**20
+        if self.kind == "cpu_peak_rss_delta":
+            return (_rss_kib("VmHWM") - self.base) / 1024
+        import resource
+        return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - self.base) / 1024
+
+
+# =============================================================================
+# FLOPs of one pretraining step, and the measured matmul peak
+# =============================================================================
+
+def step_flops(cfg, B, S):
+    """Analytic matmul FLOPs of one EquiAV training step (SPEC 2-6), default flags.
+
+    A matmul of (n, a) by (a, b) is 2 n a b FLOPs forward; backward computes the
+    input and the weight gradients, twice that, so training = 3 x forward (the
+    usual 6 x tokens x parameters rule) -- except the patch embedding, whose input
+    (the data) needs no gradient: 2 x forward. Per modality m with N_m tokens,
+    C_m input channels, p the patch size, D the width, r the MLP ratio, L the depth:
+
+      encoder, on 2B inputs (original and augmented, one pass; SPEC 2, 6):
+        2 (2B) N_m [C_m p^2 D + L (4 + 2r) D^2]      patch embedding, qkv + proj, MLP
+        + L (2B) 4 N_m^2 D                           attention scores q k^T and a v
+      transformation predictor on Q = 1 + S queries (t_m and the S centroid vectors,
+      one call; SPEC 3, 4) with aug width A, inner width I = heads x head_dim:
+        2 B Q [d_t A + 2 A^2 + A I + I D + 2 r D^2]  aug encoder, to_q, to_out, MLP
+        + 2 B N_m (2 D I) + 4 B Q N_m I              to_k, to_v; cross-attention
+      projection heads (SPEC 5), g_inter on B rows, g_intra on 2B rows, hidden H, out P:
+        2 (3B) [D H + H^2 + H P]
+
+    step = 3 x (sum over both modalities) - (patch embedding forward). Not counted:
+    elementwise work (norms, GELU, softmax), the losses' B x B similarities
+    (< 0.1 %), augmentation, AdamW. tests/test_bench.py checks the count against
+    torch's FlopCounterMode on a real step.
+    """
+    D, r, L, p = cfg.embed_dim, cfg.mlp_ratio, cfg.depth, cfg.patch_size
+    A, I, H, P = cfg.aug_hidden, cfg.pred_heads * cfg.pred_head_dim, cfg.proj_hidden, cfg.proj_dim
+    Q = 1 + S
+    total, patch = 0.0, 0.0
+    for n_tokens, chans, d_t in ((math.prod(cfg.audio_grid), 1, augment.AUDIO_DIM),
+                                 (math.prod(cfg.visual_grid), 3, augment.VISUAL_DIM)):
+        patch += 2 * (2 * B) * n_tokens * chans * p * p * D
+        enc = 2 * (2 * B) * n_tokens * (chans * p * p * D + L * (4 + 2 * r) * D * D)
+        enc += L * (2 * B) * 4 * n_tokens ** 2 * D
+        pred = 2 * B * Q * (d_t * A + 2 * A * A + A * I + I * D + 2 * r * D * D)
+        pred += 2 * B * n_tokens * 2 * D * I + 4 * B * Q * n_tokens * I
+        heads = 2 * (3 * B) * (D * H + H * H + H * P)
+        total += enc + pred + heads
+    return 3 * total - patch
+
+
+def matmul_peak(device, dtype, quick):
+    """Measured FLOP/s of a large square matmul (the MFU denominator)."""
+    if device.type == "cuda":
+        n, reps = 8192, (3 if quick else 10)
+    else:
+        n, reps = (1024 if quick or dtype != torch.float32 else 2048), 3
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    t, _ = timed(lambda: a @ b, device, warmup=1, repeats=reps)
+    return {"dtype": str(dtype).replace("torch.", ""), "n": n, "flops_per_s": 2 * n ** 3 / t}
+
+
+def cpu_has_native_bf16():
+    """True when the CPU has a bf16 matmul instruction set (AVX512-BF16 or AMX)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return any(flag in flags for flag in (" avx512_bf16", " amx_bf16"))
+
+
+# =============================================================================
+# Part 1: the pretraining step
+# =============================================================================
+
+class StepSetup:
+    """Everything one pretraining step needs, built as pretrain.py builds it
+    (paper profile: AdamW beta 0.9/0.95, weight decay 1e-5, clipping 0.01)."""
+
+    def __init__(self, preset, B, S, device, precision, compiled, seed):
+        self.cfg = get_config(preset)
+        self.B, self.S, self.device = B, S, device
+        torch.manual_seed(seed)
+        self.net = EquiAV(self.cfg).to(device)
+        self.criterion = EquiAVLoss().to(device)
+        self.params = list(self.net.parameters()) + list(self.criterion.parameters())
+        self.optimizer = torch.optim.AdamW(self.params, lr=1e-4, betas=(0.9, 0.95),
+                                           weight_decay=1e-5)
+        self.model = torch.compile(self.net) if compiled else self.net
+        self.clip_grad = 0.01
+        self.autocast_dtype = torch.bfloat16 if precision == "bf16" else None
+        # pretrain.py's make_grad_scaler: only enabled for fp16 autocast, so a no-op here
+        self.scaler = torch.amp.GradScaler(device.type, enabled=False)
+        self.aug_gen = torch.Generator().manual_seed(seed)
+        # A loader batch: CPU tensors (pinned on CUDA) copied to the device every step.
+        cpu_gen = torch.Generator().manual_seed(seed)
+        c = self.cfg
+        self.batch = {"audio": torch.randn(B, c.audio_length, c.mel_bins, generator=cpu_gen),
+                      "frame": torch.rand(B, 3, c.image_size, c.image_size, generator=cpu_gen)}
+        if device.type == "cuda":
+            self.batch = {k: v.pin_memory() for k, v in self.batch.items()}
+
+    def autocast(self):
+        if self.autocast_dtype is None:
+            return torch.autocast(self.device.type, enabled=False)
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    def inputs(self):
+        """The input pipeline of pretrain.train_one_epoch: to device, SPEC 12 time roll,
+        SPEC 8 augmentation, ImageNet normalization, SPEC 6 centroid vectors."""
+        c, dev, n = self.cfg, self.device, self.B
+        x_a = self.batch["audio"].to(dev, non_blocking=True)          # (B, T, F)
+        x_v = self.batch["frame"].to(dev, non_blocking=True)          # (B, 3, H, W) in [0, 1]
+        x_a = augment.random_time_roll(x_a, self.aug_gen)
+        x_a_aug, t_a = augment.augment_audio(x_a, self.aug_gen)       # (B, T, F), (B, 24)
+        x_v_aug, t_v = augment.augment_visual(x_v, self.aug_gen)      # (B, 3, H, W), (B, 18)
+        x_v, x_v_aug = augment.normalize_image(x_v), augment.normalize_image(x_v_aug)
+        T_a = _to_device(augment.sample_audio_vectors(n, self.S, self.aug_gen, T=c.audio_length,
+                                                      F=c.mel_bins), dev)       # (B, S, 24)
+        T_v = _to_device(augment.sample_visual_vectors(n, self.S, self.aug_gen, H=c.image_size,
+                                                       W=c.image_size), dev)    # (B, S, 18)
+        return x_a, x_v, x_a_aug, x_v_aug, t_a, t_v, T_a, T_v
+
+    def step(self):
+        """One optimizer step, as in pretrain.train_one_epoch (no host-device sync)."""
+        inputs = self.inputs()
+        with self.autocast():
+            out = self.model(*inputs)
+        terms = self.criterion(out)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(terms["loss"]).backward()
+        self.scaler.unscale_(self.optimizer)
+        torch.nn.utils.clip_grad_norm_(self.params, self.clip_grad)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        return terms
+
+
+def _to_device(x, device):
+    if device.type == "cuda":
+        x = x.pin_memory()
+    return x.to(device, non_blocking=True)
+
+
+def bench_step(cfg, device, notes):
+    rows = []
+    peaks = {}
+    native_bf16 = device.type == "cuda" or cpu_has_native_bf16()
+    compile_presets = (_items(cfg.compile_presets) if cfg.compile_presets is not None
+                       else (_items(cfg.presets) if device.type == "cuda" else ["tiny"]))
+    for preset in _items(cfg.presets):
+        B = _batch(cfg, preset, device)
+        for precision in _items(cfg.precisions):
+            if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+                notes.append(f"step {preset} bf16: skipped, this GPU has no bf16")
+                continue
+            if precision == "bf16" and not native_bf16 and preset not in _items(cfg.cpu_bf16_presets):
+                notes.append(f"step {preset} bf16: skipped on this CPU (no native bf16 matmul; "
+                             f"emulated bf16 is many times slower than fp32; --cpu_bf16_presets "
+                             f"{preset} runs it)")
+                continue
+            modes = ["eager"] + (["compile"] if cfg.compile and preset in compile_presets else [])
+            if cfg.compile and preset not in compile_presets:
+                notes.append(f"step {preset}: torch.compile not measured here (--compile_presets)")
+            for mode in modes:
+                row = {"preset": preset, "precision": precision, "mode": mode, "batch": B,
+                       "S": cfg.S, "device": device.type}
+                try:
+                    row.update(_measure_step(cfg, preset, B, device, precision, mode == "compile"))
+                    key = "bfloat16" if precision == "bf16" else "float32"
+                    if key not in peaks:
+                        peaks[key] = matmul_peak(device, getattr(torch, key), cfg.quick)
+                    row["mfu"] = row["flops_per_s"] / peaks[key]["flops_per_s"]
+                except Exception as err:  # compile failures etc.: recorded, the run goes on
+                    row["error"] = f"{type(err).__name__}: {str(err).strip().splitlines()[0][:300]}"
+                    notes.append(f"step {preset} {precision} {mode} failed: {row['error']}")
+                    traceback.print_exc()
+                rows.append(row)
+                _print_row(row)
+                gc.collect()
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+    return rows, peaks
+
+
+def _batch(cfg, preset, device):
+    given = {"tiny": cfg.batch_tiny, "base": cfg.batch_base}.get(preset)
+    if given is not None:
+        return given
+    if cfg.quick:
+        return {"tiny": 8}.get(preset, 1)
+    if device.type == "cuda":
+        return {"tiny": 64, "base": 16}.get(preset, 16)
+    return {"tiny": 32, "base": 2}.get(preset, 2)
+
+
+def _measure_step(cfg, preset, B, device, precision, compiled):
+    mem = PeakMemory(device)
+    mem.start()
+    setup = StepSetup(preset, B, cfg.S, device, precision, compiled, cfg.seed)
+    t0 = time.perf_counter()
+    setup.step()  # first step: compilation happens here
+    sync(device)
+    first_s = time.perf_counter() - t0
+    warm = max(cfg.warmup - 1, 0)
+    # A quick look at one more step decides how many repeats fit into the budget.
+    probe, _ = timed(setup.step, device, warmup=warm, repeats=1)
+    repeats = max(1, min(cfg.repeats, int(cfg.budget_s / max(probe, 1e-9))))
+    median, times = timed(setup.step, device, warmup=0, repeats=repeats)
+    times = [probe] + times
+    median = statistics.median(times)
+    peak = mem.stop()
+    # The input pipeline alone (roll, augmentation, centroid vectors), same batch.
+    inputs_s, _ = timed(setup.inputs, device, warmup=1, repeats=max(3, cfg.repeats))
+    flops = step_flops(setup.cfg, B, cfg.S)
+    n_params = sum(p.numel() for p in setup.net.parameters())
+    del setup
+    return {"step_ms": 1e3 * median, "samples_per_s": B / median, "first_step_s": first_s,
+            "repeats": len(times), "times_ms": [1e3 * t for t in times],
+            "peak_mem_mib": peak, "peak_mem_kind": mem.kind,
+            "inputs_ms": 1e3 * inputs_s, "inputs_share": inputs_s / median,
+            "step_gflop": flops / 1e9, "flops_per_s": flops / median, "params_m": n_params / 1e6}
+
+
+# =============================================================================
+# Part 2: batched augmentation vs. the per-sample loop
+# =============================================================================
+
+def bench_augment(cfg, devices):
+    base = get_config("base")
+    B = cfg.aug_batch
+    rows = []
+    gen = torch.Generator().manual_seed(cfg.seed)
+    for device in devices:
+        inputs = {
+            "audio": torch.randn(B, base.audio_length, base.mel_bins, device=device),
+            "visual": torch.rand(B, 3, base.image_size, base.image_size, device=device),
+        }
+        fns = {"audio": (augment.augment_audio, augment.augment_audio_loop_reference),
+               "visual": (augment.augment_visual, augment.augment_visual_loop_reference)}
+        for name, x in inputs.items():
+            batched, loop = fns[name]
+            t_b, _ = timed(lambda: batched(x, gen), device, cfg.warmup, max(3, cfg.repeats))
+            t_l, _ = timed(lambda: loop(x, gen), device, cfg.warmup, max(3, cfg.repeats))
+            row = {"device": device.type, "input": name, "shape": list(x.shape[1:]), "batch": B,
+                   "batched_samples_per_s": B / t_b, "loop_samples_per_s": B / t_l,
+                   "speedup": t_l / t_b, "batched_ms_per_sample": 1e3 * t_b / B,
+                   "loop_ms_per_sample": 1e3 * t_l / B}
+            rows.append(row)
+            _print_row(row)
+    return rows
+
+
+# =============================================================================
+# Part 3: data loading from the toy dataset files
+# =============================================================================
+
+def _toy_manifest(cfg, notes):
+    """The toy training manifest; in --quick a small temporary one if data/toy is absent."""
+    marker = os.path.join(cfg.toy_root, "toy.json")
+    if cfg.quick and not os.path.exists(marker):
+        root = os.path.join(tempfile.mkdtemp(prefix="equiav_bench_"), "toy")
+        data.make_toy_dataset(root, n_train=64, n_test=4, n_retrieval=0, n_train_multilabel=0,
+                              n_test_multilabel=0, num_workers=0)
+        notes.append(f"data: {cfg.toy_root} absent, used a 64-clip toy dataset in {root}")
+        return data.toy_paths(root)["train"]
+    t0 = time.perf_counter()
+    paths = data.ensure_toy_dataset(cfg.toy_root)
+    if time.perf_counter() - t0 > 5:
+        notes.append(f"data: generated the toy dataset in {time.perf_counter() - t0:.0f} s")
+    return paths["train"]
+
+
+def bench_data(cfg, device, notes):
+    tiny = get_config("tiny")
+    manifest = _toy_manifest(cfg, notes)
+    dataset = data.AudioVisualDataset(manifest, train=True, audio_length=tiny.audio_length,
+                                      mel_bins=tiny.mel_bins, image_size=tiny.image_size)
+    bs = min(cfg.data_batch_size, len(dataset))
+    rows = []
+    for workers in (0, 2):
+        loader = data.make_loader(dataset, bs, train=True, num_workers=workers,
+                                  distributed=False, seed=cfg.seed,
+                                  pin_memory=device.type == "cuda")
+        n_batches = min(cfg.data_batches, len(loader))
+        # From creating the iterator to the last batch, worker start-up included: with
+        # workers, batches are prefetched, so timing batches one at a time after the
+        # first would count prefetched ones as free.
+        t0 = time.perf_counter()
+        it = iter(loader)
+        next(it)
+        first = time.perf_counter() - t0
+        for _ in range(n_batches - 1):
+            next(it)
+        total = time.perf_counter() - t0
+        del it, loader
+        row = {"workers": workers, "batch": bs, "batches": n_batches,
+               "samples_per_s": bs * n_batches / total,
+               "ms_per_batch": 1e3 * total / n_batches, "first_batch_s": first,
+               "sizes": f"audio {tiny.audio_length}x{tiny.mel_bins}, frame {tiny.image_size}"}
+        rows.append(row)
+        _print_row(row)
+    return rows
+
+
+# =============================================================================
+# Part 4: retrieval metrics
+# =============================================================================
+
+def bench_retrieval(cfg, devices):
+    rows = []
+    dims = sorted({get_config(p).proj_dim for p in ("tiny", "base")})
+    gen = torch.Generator().manual_seed(cfg.seed)
+    for device in devices:
+        for n in (int(s) for s in _items(cfg.retrieval_sizes)):
+            for d in dims:
+                z_a = F.normalize(torch.randn(n, d, generator=gen), dim=-1).to(device)
+                z_v = F.normalize(torch.randn(n, d, generator=gen), dim=-1).to(device)
+                repeats = 3 if n <= 2000 or device.type == "cuda" else (1 if cfg.quick else 2)
+                t, _ = timed(lambda: retrieval.retrieval_metrics(z_a, z_v), device,
+                             warmup=1, repeats=repeats)
+                row = {"device": device.type, "N": n, "dim": d, "seconds": t}
+                rows.append(row)
+                _print_row(row)
+    return rows
+
+
+# =============================================================================
+# Tables
+# =============================================================================
+
+def _fmt(v):
+    if isinstance(v, float):
+        if v == 0 or 0.01 <= abs(v) < 1e5:
+            return f"{v:.3g}" if abs(v) < 100 else f"{v:.0f}"
+        return f"{v:.3g}"
+    return str(v)
+
+
+def _print_row(row):
+    shown = {k: v for k, v in row.items() if k != "times_ms"}
+    print("  " + "  ".join(f"{k}={_fmt(v)}" for k, v in shown.items()), flush=True)
+
+
+TABLES = {
+    "step": [("preset", "preset"), ("prec", "precision"), ("mode", "mode"), ("B", "batch"),
+             ("samples/s", "samples_per_s"), ("step ms", "step_ms"),
+             ("peak MiB", "peak_mem_mib"), ("inputs %", "inputs_share"),
+             ("GFLOP/step", "step_gflop"), ("TFLOP/s", "flops_per_s"), ("MFU %", "mfu")],
+    "augment": [("device", "device"), ("input", "input"), ("B", "batch"),
+                ("batched /s", "batched_samples_per_s"), ("loop /s", "loop_samples_per_s"),
+                ("speed-up", "speedup")],
+    "data": [("workers", "workers"), ("B", "batch"), ("samples/s", "samples_per_s"),
+             ("ms/batch", "ms_per_batch"), ("first batch s", "first_batch_s")],
+    "retrieval": [("device", "device"), ("N", "N"), ("dim", "dim"), ("seconds", "seconds")],
+}
+_SCALE = {"inputs_share": 100, "mfu": 100, "flops_per_s": 1e-12}
+
+
+def format_table(part, rows):
+    cols = TABLES[part]
+    cells = [[h for h, _ in cols]]
+    for row in rows:
+        if "error" in row:
+            cells.append([_fmt(row.get(k, "")) for _, k in cols[:4]] + [row["error"][:60]])
+            continue
+        cells.append([_fmt(row[k] * _SCALE.get(k, 1)) if isinstance(row.get(k), float)
+                      else _fmt(row.get(k, "")) for _, k in cols])
+    widths = [max(len(r[i]) for r in cells if i < len(r)) for i in range(len(cols))]
+    lines = ["  ".join(c.rjust(widths[i]) for i, c in enumerate(r)) for r in cells]
+    return "\n".join([lines[0], "-" * len(lines[0])] + lines[1:])
+
+
+# =============================================================================
+# Main
+# =============================================================================
+
+def machine_info(device):
+    info = {"torch": torch.__version__, "python": platform.python_version(),
+            "platform": platform.platform(), "cpu_count": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(), "device": str(device)}
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = re.search(r"^model name\s*:\s*(.+)$", f.read(), re.M)
+        info["cpu"] = model.group(1) if model else platform.processor()
+    except OSError:
+        info["cpu"] = platform.processor()
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    if hasattr(os, "getloadavg"):
+        info["load_avg_1min_at_start"] = os.getloadavg()[0]
+    return info
+
+
+def main(cfg):
+    cfg = resolve_config(cfg)
+    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    devices = [torch.device("cpu")] + ([device] if device.type == "cuda" else [])
+    t_start = time.perf_counter()
+    results = {"meta": {**machine_info(device), "command": " ".join([sys.executable] + sys.argv),
+                        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+                        "config": dataclasses.asdict(cfg)},
+               "notes": []}
+    notes = results["notes"]
+    if device.type != "cuda":
+        notes.append("no CUDA device: everything ran on the CPU; MFU is against the measured "
+                     "CPU matmul peak of the same dtype")
+    print(f"EquiAV bench on {device} ({results['meta'].get('gpu', results['meta']['cpu'])}), "
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads"
+          + (" [quick]" if cfg.quick else ""), flush=True)
+    runners = {
+        "step": lambda: bench_step(cfg, device, notes),
+        "augment": lambda: bench_augment(cfg, devices),
+        "data": lambda: bench_data(cfg, device, notes),
+        "retrieval": lambda: bench_retrieval(cfg, devices),
+    }
+    for part in PARTS:
+        if part not in _items(cfg.parts):
+            continue
+        print(f"\n== {part} ==", flush=True)
+        t0 = time.perf_counter()
+        out = runners[part]()
+        if part == "step":
+            out, results["matmul_peak"] = out
+        results[part] = out
+        results.setdefault("part_seconds", {})[part] = time.perf_counter() - t0
+    results["total_seconds"] = time.perf_counter() - t_start
+
+    print()
+    for part in PARTS:
+        if part in results:
+            print(f"{part}:\n{format_table(part, results[part])}\n")
+    for peak in results.get("matmul_peak", {}).values():
+        print(f"matmul peak {peak['dtype']} n={peak['n']}: {peak['flops_per_s'] / 1e12:.3g} TFLOP/s")
+    for note in notes:
+        print(f"note: {note}")
+    os.makedirs(os.path.dirname(os.path.abspath(cfg.out)), exist_ok=True)
+    with open(cfg.out, "w") as f:
+        json.dump(results, f, indent=1, allow_nan=False)
+    print(f"wrote {cfg.out} ({results['total_seconds']:.0f} s)")
+    return results
+
+
+if __name__ == "__main__":
+    argv = _expand_bare_flags(sys.argv[1:], BenchConfig)
+    main(utils.parse_config(BenchConfig, argv, description=__doc__.splitlines()[0]))

@@ -1,0 +1,73 @@
+"""bench.py: the analytic FLOP count against torch's own counter, and a small run
+of the cheap parts (CI also runs `bench.py --quick`; no timing is asserted)."""
+import json
+import math
+
+import pytest
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+import augment
+import bench
+from losses import EquiAVLoss
+from model import EquiAV, get_config
+
+
+@pytest.mark.parametrize("overrides", [{}, {"depth": 2, "embed_dim": 64, "pred_heads": 2}])
+def test_step_flops_matches_flop_counter(overrides):
+    """step_flops(cfg, B, S) = the matmul FLOPs torch counts in a real forward + backward.
+
+    The math SDPA backend runs attention as bmm's, which FlopCounterMode counts
+    (the fused CPU kernel it would not). The forward must match exactly; the
+    step within 0.1 %: the formula leaves out the B x B loss similarities and
+    counts an input gradient for the aug encoder's first Linear, whose input t
+    is data (autograd skips part of it)."""
+    cfg = get_config("tiny", **overrides)
+    B, S = 3, 5
+    torch.manual_seed(0)
+    net, criterion = EquiAV(cfg), EquiAVLoss()
+    g = torch.Generator().manual_seed(0)
+    x_a = torch.randn(B, cfg.audio_length, cfg.mel_bins, generator=g)
+    x_v = torch.rand(B, 3, cfg.image_size, cfg.image_size, generator=g)
+    x_a_aug, t_a = augment.augment_audio(x_a, g)
+    x_v_aug, t_v = augment.augment_visual(x_v, g)
+    T_a = augment.sample_audio_vectors(B, S, g, T=cfg.audio_length, F=cfg.mel_bins)
+    T_v = augment.sample_visual_vectors(B, S, g, H=cfg.image_size, W=cfg.image_size)
+    args = (x_a, augment.normalize_image(x_v), x_a_aug, augment.normalize_image(x_v_aug),
+            t_a, t_v, T_a, T_v)
+    analytic = bench.step_flops(cfg, B, S)
+    patch = sum(2 * (2 * B) * math.prod(grid) * c * cfg.patch_size ** 2 * cfg.embed_dim
+                for grid, c in ((cfg.audio_grid, 1), (cfg.visual_grid, 3)))
+    with sdpa_kernel(SDPBackend.MATH):
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            net(*args)
+        assert counter.get_total_flops() == (analytic + patch) / 3  # forward, exactly
+        with FlopCounterMode(display=False) as counter:
+            criterion(net(*args))["loss"].backward()
+    assert counter.get_total_flops() == pytest.approx(analytic, rel=1e-3)
+
+
+def test_bench_cheap_parts_write_json(tmp_path):
+    out = tmp_path / "bench.json"
+    cfg = bench.BenchConfig(quick=True, parts="augment,retrieval", out=str(out), device="cpu",
+                            aug_batch=2, retrieval_sizes="50")
+    results = bench.main(cfg)
+    saved = json.loads(out.read_text())
+    assert saved["meta"]["torch"] == torch.__version__
+    assert {r["input"] for r in saved["augment"]} == {"audio", "visual"}
+    for row in saved["augment"]:
+        assert row["batch"] == 2 and row["batched_samples_per_s"] > 0
+        assert math.isclose(row["speedup"], row["batched_samples_per_s"] / row["loop_samples_per_s"],
+                            rel_tol=1e-9)
+    assert [r["N"] for r in saved["retrieval"]] == [50, 50]  # both embedding widths
+    assert "step" not in results and "data" not in results
+
+
+def test_bad_options_are_rejected():
+    with pytest.raises(ValueError, match="--parts: unknown"):
+        bench.resolve_config(bench.BenchConfig(parts="step,warp"))
+    with pytest.raises(ValueError, match="--precisions: unknown"):
+        bench.resolve_config(bench.BenchConfig(precisions="fp8"))
+    assert bench._expand_bare_flags(["--quick", "--parts", "data"], bench.BenchConfig) == \
+        ["--quick", "true", "--parts", "data"]
