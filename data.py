@@ -81,6 +81,27 @@ class DataError(Exception):
 _ENTRY_KEYS = ("video_id", "wav", "video_path")
 
 
+def resolve_norm_stats(spec, checkpoint_stats=None):
+    """A --norm_stats option -> (mean, std), or (None, None) for the stats.json lookup.
+
+    auto: the statistics stored in our pretraining checkpoint (the ones the
+    model was trained with) when given, else stats.json next to the manifest;
+    audioset / vggsound: KNOWN_STATS; "MEAN,STD": those numbers.
+    """
+    text = spec.strip().lower()
+    if text == "auto":
+        return (float(checkpoint_stats[0]), float(checkpoint_stats[1])) if checkpoint_stats \
+            else (None, None)
+    if text in KNOWN_STATS:
+        return KNOWN_STATS[text]
+    try:
+        mean, std = (float(v) for v in text.split(","))
+    except ValueError:
+        raise ValueError(f"--norm_stats must be auto, {', '.join(KNOWN_STATS)} or MEAN,STD; "
+                         f"got {spec!r}") from None
+    return mean, std
+
+
 def read_manifest(path):
     """Read a CAV-MAE style manifest; returns the list of entry dicts.
 

@@ -36,7 +36,7 @@ import data
 import utils
 from utils import option
 from model import EquiAVClassifier, ModelConfig, get_config, load_mae_checkpoint
-from retrieval import gather_in_dataset_order, require_checkpoint, resolve_norm_stats
+from retrieval import gather_in_dataset_order, require_checkpoint
 
 
 # =============================================================================
@@ -469,7 +469,7 @@ def _datasets(cfg, mcfg):
         label_csv = label_csv or toy["label_csv"]
     if label_csv is None:
         raise ValueError("give --label_csv (index,mid,display_name) with --train")
-    mean, std = resolve_norm_stats(cfg.norm_stats)
+    mean, std = data.resolve_norm_stats(cfg.norm_stats)
     sizes = dict(audio_length=mcfg.audio_length, mel_bins=mcfg.mel_bins,
                  image_size=mcfg.image_size, label_csv=label_csv, skip_bad=cfg.skip_bad)
     train_set = data.AudioVisualDataset(train, train=True, norm_mean=mean, norm_std=std,

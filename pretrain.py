@@ -52,8 +52,8 @@ class PretrainConfig:
                                             "every epoch; none -> the toy retrieval split on toy "
                                             "data, no retrieval otherwise")
     toy_root: str = option("data/toy", "where the toy dataset lives (or is generated)")
-    norm_mean: Optional[float] = option(None, "fbank mean; none -> stats.json next to --data")
-    norm_std: Optional[float] = option(None, "fbank std; none -> stats.json next to --data")
+    norm_stats: str = option("auto", "fbank normalization: auto (stats.json next to --data, "
+                                     "see `python data.py stats`), audioset, vggsound, or MEAN,STD")
     skip_bad: bool = option(False, "skip unreadable samples (counted in the log) instead of "
                                    "failing on the first one")
     max_bad_fraction: float = option(0.01, "with --skip_bad: fail once more than this fraction "
@@ -519,8 +519,9 @@ def _run(cfg, rank, world, local_rank, device):
         eval_manifest = eval_manifest or toy["retrieval"]
     sizes = dict(audio_length=mcfg.audio_length, mel_bins=mcfg.mel_bins,
                  image_size=mcfg.image_size)
-    train_set = data.AudioVisualDataset(train_manifest, train=True, norm_mean=cfg.norm_mean,
-                                        norm_std=cfg.norm_std, skip_bad=cfg.skip_bad, **sizes)
+    mean, std = data.resolve_norm_stats(cfg.norm_stats)
+    train_set = data.AudioVisualDataset(train_manifest, train=True, norm_mean=mean, norm_std=std,
+                                        skip_bad=cfg.skip_bad, **sizes)
     norm_stats = [float(train_set.norm_mean), float(train_set.norm_std)]
     train_loader = data.make_loader(train_set, cfg.batch_size, train=True,
                                     num_workers=cfg.num_workers, seed=cfg.seed)

@@ -345,27 +345,6 @@ def pointing_game(model, dataset, entries, T_a, device, batch_size=32, num_worke
 # The script
 # ---------------------------------------------------------------------------
 
-def resolve_norm_stats(spec, checkpoint_stats=None):
-    """--norm_stats -> (mean, std), or (None, None) for data.py's stats.json lookup.
-
-    auto: the statistics stored in our pretraining checkpoint (the ones the
-    model was trained with) when given, else stats.json next to the manifest;
-    audioset / vggsound: data.KNOWN_STATS; "MEAN,STD": those numbers.
-    """
-    text = spec.strip().lower()
-    if text == "auto":
-        return (float(checkpoint_stats[0]), float(checkpoint_stats[1])) if checkpoint_stats \
-            else (None, None)
-    if text in data.KNOWN_STATS:
-        return data.KNOWN_STATS[text]
-    try:
-        mean, std = (float(v) for v in text.split(","))
-    except ValueError:
-        raise ValueError(f"--norm_stats must be auto, {', '.join(data.KNOWN_STATS)} or MEAN,STD; "
-                         f"got {spec!r}") from None
-    return mean, std
-
-
 def require_checkpoint(path, default, what):
     """Fail with the command that creates the default checkpoint when it is missing."""
     if os.path.exists(path):
@@ -422,7 +401,7 @@ def _run(cfg, device):
     require_checkpoint(cfg.checkpoint, DEFAULT_CHECKPOINT, "checkpoint")
     model = load_equiav(cfg.checkpoint, cfg.preset).to(device).eval()
     mcfg = model.cfg
-    mean, std = resolve_norm_stats(cfg.norm_stats, _peek_norm_stats(cfg.checkpoint))
+    mean, std = data.resolve_norm_stats(cfg.norm_stats, _peek_norm_stats(cfg.checkpoint))
     dataset = data.AudioVisualDataset(manifest, audio_length=mcfg.audio_length,
                                       mel_bins=mcfg.mel_bins, image_size=mcfg.image_size,
                                       train=False, norm_mean=mean, norm_std=std)

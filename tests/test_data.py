@@ -698,3 +698,12 @@ def test_ensure_toy_dataset_is_safe_with_concurrent_callers(tmp_path):
     (tmp_path / "junk" / "toy.json").write_text('{"version": 0}')
     with pytest.raises(data.DataError, match="another version of data.py"):
         data.ensure_toy_dataset(tmp_path / "junk")
+
+
+def test_resolve_norm_stats_options():
+    assert data.resolve_norm_stats("auto") == (None, None)            # stats.json lookup
+    assert data.resolve_norm_stats("auto", [-3.0, 2.5]) == (-3.0, 2.5)   # a checkpoint's stats
+    assert data.resolve_norm_stats("AudioSet") == data.KNOWN_STATS["audioset"]
+    assert data.resolve_norm_stats(" -4.5, 3 ") == (-4.5, 3.0)
+    with pytest.raises(ValueError, match="--norm_stats must be auto, audioset, vggsound or MEAN,STD"):
+        data.resolve_norm_stats("imagenet")
