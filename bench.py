@@ -47,6 +47,7 @@ import torch.nn.functional as F
 
 import augment
 import data
+import pretrain
 import retrieval
 import utils
 from utils import option
@@ -316,20 +317,10 @@ class StepSetup:
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
     def inputs(self):
-        """The input pipeline of pretrain.train_one_epoch: to device, SPEC 12 time roll,
-        SPEC 8 augmentation, ImageNet normalization, SPEC 6 centroid vectors."""
-        c, dev, n = self.cfg, self.device, self.B
-        x_a = self.batch["audio"].to(dev, non_blocking=True)          # (B, T, F)
-        x_v = self.batch["frame"].to(dev, non_blocking=True)          # (B, 3, H, W) in [0, 1]
-        x_a = augment.random_time_roll(x_a, self.aug_gen)
-        x_a_aug, t_a = augment.augment_audio(x_a, self.aug_gen)       # (B, T, F), (B, 24)
-        x_v_aug, t_v = augment.augment_visual(x_v, self.aug_gen)      # (B, 3, H, W), (B, 18)
-        x_v, x_v_aug = augment.normalize_image(x_v), augment.normalize_image(x_v_aug)
-        T_a = _to_device(augment.sample_audio_vectors(n, self.S, self.aug_gen, T=c.audio_length,
-                                                      F=c.mel_bins), dev)       # (B, S, 24)
-        T_v = _to_device(augment.sample_visual_vectors(n, self.S, self.aug_gen, H=c.image_size,
-                                                       W=c.image_size), dev)    # (B, S, 18)
-        return x_a, x_v, x_a_aug, x_v_aug, t_a, t_v, T_a, T_v
+        """The input pipeline of pretrain.train_one_epoch (pretrain.prepare_inputs):
+        to device, SPEC 12 time roll, SPEC 8 augmentation, ImageNet normalization,
+        SPEC 6 centroid vectors."""
+        return pretrain.prepare_inputs(self.batch, self.aug_gen, self.cfg, self.S, self.device)
 
     def step(self):
         """One optimizer step, as in pretrain.train_one_epoch (no host-device sync)."""
@@ -344,12 +335,6 @@ class StepSetup:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         return terms
-
-
-def _to_device(x, device):
-    if device.type == "cuda":
-        x = x.pin_memory()
-    return x.to(device, non_blocking=True)
 
 
 def bench_step(cfg, device, notes):

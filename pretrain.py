@@ -286,6 +286,37 @@ LOG_KEYS = ("loss", "inter", "intra_a", "intra_v",
             "acc_a2v", "acc_v2a", "acc_intra_a", "acc_intra_v")
 
 
+def prepare_inputs(batch, aug_gen, mcfg, S, device, time_roll=True):
+    """A loader batch -> the eight inputs of EquiAV.forward, on `device` (SPEC 6, 8, 12).
+
+    The originals get the random time roll (SPEC 12 input noise), then one
+    augmented view per modality with its parameter vector t (SPEC 8), ImageNet
+    normalisation last (after the colour augmentations), and S sampled vectors
+    per sample for the centroids (SPEC 6; sampled, never applied). All random
+    draws come from `aug_gen`, a CPU generator, so no step waits for the GPU.
+    """
+    x_a = batch["audio"].to(device, non_blocking=True)   # (B, T, F) normalised fbank
+    x_v = batch["frame"].to(device, non_blocking=True)   # (B, 3, H, W) in [0, 1]
+    n = x_a.shape[0]
+    if time_roll:
+        x_a = augment.random_time_roll(x_a, aug_gen)
+    x_a_aug, t_a = augment.augment_audio(x_a, aug_gen)      # (B, T, F), (B, 24)
+    x_v_aug, t_v = augment.augment_visual(x_v, aug_gen)     # (B, 3, H, W), (B, 18)
+    x_v, x_v_aug = augment.normalize_image(x_v), augment.normalize_image(x_v_aug)
+    T_a = _to_device(augment.sample_audio_vectors(
+        n, S, aug_gen, T=mcfg.audio_length, F=mcfg.mel_bins), device)  # (B, S, 24)
+    T_v = _to_device(augment.sample_visual_vectors(
+        n, S, aug_gen, H=mcfg.image_size, W=mcfg.image_size), device)  # (B, S, 18)
+    return x_a, x_v, x_a_aug, x_v_aug, t_a, t_v, T_a, T_v
+
+
+def _to_device(x, device):
+    """CPU tensor -> device without waiting for the GPU (pinned, non-blocking copy)."""
+    if device.type == "cuda":
+        x = x.pin_memory()
+    return x.to(device, non_blocking=True)
+
+
 def train_one_epoch(model, criterion, optimizer, scaler, loader, aug_gen, epoch, step,
                     cfg, mcfg, device, logger, bad_data=None):
     """One pass over `loader`; returns (global step, epoch means of LOG_KEYS).
@@ -318,24 +349,10 @@ def train_one_epoch(model, criterion, optimizer, scaler, loader, aug_gen, epoch,
         for group in optimizer.param_groups:
             group["lr"] = lr
 
-        x_a = batch["audio"].to(device, non_blocking=True)   # (B, T, F) normalised fbank
-        x_v = batch["frame"].to(device, non_blocking=True)   # (B, 3, H, W) in [0, 1]
-        n = x_a.shape[0]
-        if cfg.time_roll:  # SPEC 12 input noise, on the originals before augmenting
-            x_a = augment.random_time_roll(x_a, aug_gen)
-        # SPEC 8: one augmented view per modality and its parameter vector t
-        x_a_aug, t_a = augment.augment_audio(x_a, aug_gen)      # (B, T, F), (B, 24)
-        x_v_aug, t_v = augment.augment_visual(x_v, aug_gen)     # (B, 3, H, W), (B, 18)
-        # ImageNet normalisation comes last, after the colour augmentations (SPEC 1)
-        x_v, x_v_aug = augment.normalize_image(x_v), augment.normalize_image(x_v_aug)
-        # SPEC 6: S vectors per sample, only sampled (never applied), for the centroids
-        T_a = _to_device(augment.sample_audio_vectors(
-            n, cfg.S, aug_gen, T=mcfg.audio_length, F=mcfg.mel_bins), device)  # (B, S, 24)
-        T_v = _to_device(augment.sample_visual_vectors(
-            n, cfg.S, aug_gen, H=mcfg.image_size, W=mcfg.image_size), device)  # (B, S, 18)
-
+        inputs = prepare_inputs(batch, aug_gen, mcfg, cfg.S, device, cfg.time_roll)
+        n = inputs[0].shape[0]
         with utils.autocast_context(device, cfg.amp):
-            out = model(x_a, x_v, x_a_aug, x_v_aug, t_a, t_v, T_a, T_v)
+            out = model(*inputs)
         terms = criterion(out)  # float32 inside: logits are cosines divided by tau = 0.07
         loss = terms["loss"]
 
@@ -371,13 +388,6 @@ def train_one_epoch(model, criterion, optimizer, scaler, loader, aug_gen, epoch,
     _raise_if_nonfinite(first_bad, epoch)
     means = (_mean_over_ranks(sums) / max(done, 1)).tolist()
     return step, dict(zip(LOG_KEYS, means))
-
-
-def _to_device(x, device):
-    """CPU tensor -> device without waiting for the GPU (pinned, non-blocking copy)."""
-    if device.type == "cuda":
-        x = x.pin_memory()
-    return x.to(device, non_blocking=True)
 
 
 class BadDataPolicy:
