@@ -256,3 +256,21 @@ def test_torchrun_two_processes_writes_one_checkpoint(toy, tmp_path):
     assert [r["step"] for r in records if r["type"] == "step"] == list(range(1, n_steps + 1))
     epoch = [r for r in records if r["type"] == "epoch"][0]
     assert epoch["n_eval"] == N_EVAL  # both ranks' embeddings gathered, padding removed
+
+
+# ---------------------------------------------------------------------------
+# torch.compile (off by default; inductor on CPU needs a C compiler, as CI has)
+# ---------------------------------------------------------------------------
+
+def test_compile_gives_the_eager_losses(toy, tmp_path):
+    eager = _cfg(toy, tmp_path / "eager")
+    compiled = _cfg(toy, tmp_path / "compiled", compile=True)
+    pretrain.main(eager)
+    pretrain.main(compiled)
+    a, b = _step_losses(_log(eager.run_dir)), _step_losses(_log(compiled.run_dir))
+    assert sorted(a) == sorted(b) == [1, 2]
+    for step in a:
+        assert b[step][0] == pytest.approx(a[step][0], rel=1e-4), step
+    # the checkpoint holds plain EquiAV keys, not the compiled wrapper's
+    ckpt = torch.load(os.path.join(compiled.run_dir, "checkpoint.pt"), weights_only=True)
+    assert not any("_orig_mod" in k for k in ckpt["model"])
