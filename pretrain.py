@@ -160,15 +160,15 @@ def load_equiav(path, preset="base"):
     """An EquiAV from our checkpoint (rebuilt exactly) or an authors' state dict.
 
     Our checkpoints carry "model_config" and "model_flags"; anything else is
-    taken as an authors' EquiAV state dict and loaded into
-    EquiAV(get_config(preset)) through the SPEC 10 conversion.
+    taken as an authors' EquiAV state dict and loaded through the SPEC 10
+    conversion into an EquiAV of `preset` (a preset name or a ModelConfig).
     """
     state = utils.load_checkpoint(path)
     if "model_config" in state:
         net = EquiAV(ModelConfig(**state["model_config"]), **state.get("model_flags", {}))
         net.load_state_dict(state["model"])
         return net
-    net = EquiAV(get_config(preset))
+    net = EquiAV(preset if isinstance(preset, ModelConfig) else get_config(preset))
     report = load_official_checkpoint(net, state)
     _print_report(f"authors' EquiAV checkpoint {path}", report)
     return net

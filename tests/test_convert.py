@@ -303,3 +303,20 @@ def test_mae_checkpoint_into_classifier_and_shape_error():
     bad["blocks.0.attn.qkv.weight"] = torch.zeros(3 * D, D + 1, dtype=torch.float64)
     with pytest.raises(ValueError, match=r"audio_encoder\.blocks\.0\.attn\.qkv\.weight.*\(192, 65\).*\(192, 64\)"):
         load_mae_checkpoint(clf, bad)
+
+
+def test_scripts_load_an_authors_checkpoint_through_the_conversion(tmp_path):
+    """pretrain.load_equiav (used by retrieval.py and finetune.py) tells an authors'
+    file from ours and converts it: the float32 model matches the reference forward."""
+    import pretrain
+    raw_sd, clean_sd = authors_state_dict()
+    path = tmp_path / "equiav_official.pth"
+    torch.save({"model": raw_sd}, path)
+    model = pretrain.load_equiav(str(path), CFG).eval()
+    assert next(model.parameters()).dtype == torch.float32
+    x = inputs()
+    with torch.no_grad():
+        ours = model(**{k: v.float() for k, v in x.items()})
+        ref = ref_forward(clean_sd, **x)
+    for name in EquiAVOutput._fields:
+        torch.testing.assert_close(getattr(ours, name).double(), ref[name], atol=1e-4, rtol=1e-4)
