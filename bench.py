@@ -80,6 +80,9 @@ class BenchConfig:
     batch_base: Optional[int] = option(None, "step batch size of base (CUDA 16 = the paper's "
                                              "per-GPU batch, CPU 2)")
     S: int = option(16, "centroid vectors per sample (SPEC 6)")
+    isolate: bool = option(True, "on CPU, measure each step row in a fresh process, so that its "
+                                 "peak resident memory is its own (freed memory stays mapped "
+                                 "in a process and would hide later rows' peaks)")
     warmup: Optional[int] = option(None, "warm-up iterations per measurement (full 2, quick 1)")
     repeats: Optional[int] = option(None, "timed iterations per measurement (full 5, quick 2)")
     budget_s: float = option(60.0, "time budget per step measurement: fewer repeats (at least "
@@ -361,11 +364,20 @@ def bench_step(cfg, device, notes):
                 row = {"preset": preset, "precision": precision, "mode": mode, "batch": B,
                        "S": cfg.S, "device": device.type}
                 try:
-                    row.update(_measure_step(cfg, preset, B, device, precision, mode == "compile"))
+                    args = (cfg, preset, B, device, precision, mode == "compile")
+                    if device.type == "cpu" and cfg.isolate:
+                        row.update(_in_fresh_process(_measure_step, args))
+                    else:
+                        row.update(_measure_step(*args))
                     key = "bfloat16" if precision == "bf16" else "float32"
-                    if key not in peaks:
-                        peaks[key] = matmul_peak(device, getattr(torch, key), cfg.quick)
-                    row["mfu"] = row["flops_per_s"] / peaks[key]["flops_per_s"]
+                    if key == "bfloat16" and not native_bf16:
+                        row["mfu"] = None  # against an emulated bf16 matmul: meaningless
+                        _note_once(notes, "step bf16: no MFU on a CPU without native bf16 "
+                                          "(the bf16 matmul peak there is emulated)")
+                    else:
+                        if key not in peaks:
+                            peaks[key] = matmul_peak(device, getattr(torch, key), cfg.quick)
+                        row["mfu"] = row["flops_per_s"] / peaks[key]["flops_per_s"]
                 except Exception as err:  # compile failures etc.: recorded, the run goes on
                     row["error"] = f"{type(err).__name__}: {str(err).strip().splitlines()[0][:300]}"
                     notes.append(f"step {preset} {precision} {mode} failed: {row['error']}")
@@ -376,6 +388,18 @@ def bench_step(cfg, device, notes):
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
     return rows, peaks
+
+
+def _note_once(notes, text):
+    if text not in notes:
+        notes.append(text)
+
+
+def _in_fresh_process(fn, args):
+    """fn(*args) in a new Python process (spawned, so nothing is inherited) -> its result."""
+    import multiprocessing
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(fn, args)
 
 
 def _batch(cfg, preset, device):
@@ -525,6 +549,8 @@ def bench_retrieval(cfg, devices):
 # =============================================================================
 
 def _fmt(v):
+    if v is None:
+        return "-"
     if isinstance(v, float):
         if v == 0 or 0.01 <= abs(v) < 1e5:
             return f"{v:.3g}" if abs(v) < 100 else f"{v:.0f}"
