@@ -27,3 +27,51 @@ def test_python_example_runs():
     assert heat.shape == (8, side, side) and heat.abs().max() <= 1.0 + 1e-5
     # backward() in the example reached the encoders
     assert scope["model"].audio_encoder.blocks[0].attn.qkv.weight.grad.abs().sum() > 0
+
+
+def _commands():
+    """Every command line in the README's bash and plain code blocks, continuations joined."""
+    lines, inside, keep = [], False, False
+    for line in README.splitlines():
+        if line.startswith("```"):
+            inside, keep = not inside, line.strip() in ("```bash", "```")
+            continue
+        if inside and keep:
+            lines.append(line)
+    text = "\n".join(lines).replace("\\\n", " ")
+    return [line.split("#")[0].strip() for line in text.splitlines() if line.strip()]
+
+
+def test_every_flag_in_the_readme_exists():
+    """`python X.py ... --flag` and `torchrun ... X.py --flag` in the README name real options."""
+    import dataclasses
+    import subprocess
+    import sys
+
+    import bench
+    import finetune
+    import pretrain
+    import retrieval
+    configs = {"pretrain.py": pretrain.PretrainConfig, "finetune.py": finetune.FinetuneConfig,
+               "retrieval.py": retrieval.RetrievalConfig, "bench.py": bench.BenchConfig}
+    checked = 0
+    for line in _commands():
+        words = line.split()
+        scripts = [i for i, w in enumerate(words) if w.endswith(".py") and w != "-m"]
+        if not scripts or not ("python" in words[0] or words[0] == "torchrun" or
+                               "&&" in words):
+            continue
+        script, args = words[scripts[0]], words[scripts[0] + 1:]
+        flags = [w.split("=")[0] for w in args if w.startswith("--")]
+        if script in configs:
+            known = {f"--{f.name}" for f in dataclasses.fields(configs[script])} | {"--help"}
+            assert set(flags) <= known, (line, set(flags) - known)
+        elif script == "data.py":
+            usage = subprocess.run([sys.executable, "data.py", args[0], "--help"], cwd=ROOT,
+                                   capture_output=True, text=True).stdout
+            for flag in flags:
+                assert flag in usage, (line, flag)
+        else:
+            raise AssertionError(f"README runs an unknown script: {line}")
+        checked += 1
+    assert checked >= 3
