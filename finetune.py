@@ -122,11 +122,7 @@ MODES = EquiAVClassifier.MODES
 def resolve_config(cfg):
     """Fill the None fields from the profile, check the rest; returns a new config."""
     toy = cfg.train is None
-    profile = cfg.profile or ("toy" if toy else "paper")
-    if profile not in PROFILES:
-        raise ValueError(f"unknown profile {profile!r}; choose from {sorted(PROFILES)}")
-    filled = {k: v for k, v in PROFILES[profile].items() if getattr(cfg, k) is None}
-    cfg = dataclasses.replace(cfg, profile=profile, **filled)
+    cfg = utils.apply_profile(cfg, PROFILES, cfg.profile or ("toy" if toy else "paper"))
     if cfg.run_dir is None:
         name = "finetune_toy" if toy else "finetune"
         name += "_multilabel" if toy and cfg.toy_multilabel else ""

@@ -123,11 +123,8 @@ PROFILES = {
 
 def resolve_config(cfg):
     """Fill the None fields from the profile and check the rest; returns a new config."""
-    profile = cfg.profile or ("toy" if cfg.data is None else "paper")
-    if profile not in PROFILES:
-        raise ValueError(f"unknown profile {profile!r}; choose from {sorted(PROFILES)}")
-    filled = {k: v for k, v in PROFILES[profile].items() if getattr(cfg, k) is None}
-    cfg = dataclasses.replace(cfg, profile=profile, **filled)
+    default_profile = "toy" if cfg.data is None else "paper"
+    cfg = utils.apply_profile(cfg, PROFILES, cfg.profile or default_profile)
     cfg = dataclasses.replace(cfg, w_a=cfg.w_intra if cfg.w_a is None else cfg.w_a,
                               w_v=cfg.w_intra if cfg.w_v is None else cfg.w_v)
     if cfg.init_mae and cfg.init_official:

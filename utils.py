@@ -26,6 +26,15 @@ def option(default, help):
     return dataclasses.field(default=default, metadata={"help": help})
 
 
+def apply_profile(cfg, profiles, name):
+    """cfg with its None fields taken from profiles[name] (and cfg.profile = name):
+    a profile supplies defaults, never overrides an option that was given."""
+    if name not in profiles:
+        raise ValueError(f"unknown profile {name!r}; choose from {sorted(profiles)}")
+    filled = {k: v for k, v in profiles[name].items() if getattr(cfg, k) is None}
+    return dataclasses.replace(cfg, profile=name, **filled)
+
+
 def _parse_bool(text):
     value = text.strip().lower()
     if value in ("1", "true", "yes", "on"):

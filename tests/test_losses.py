@@ -385,6 +385,7 @@ def _worker(rank, init_file, out_dir):
             crit(ddp(xs[rank * b:(rank + 1) * b]))["loss"].backward()
             results[mutant] = [p.grad.clone() for p in model.parameters()]
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+        dist.barrier()  # neither rank closes its connections while the other still reads
     finally:
         dist.destroy_process_group()
 
