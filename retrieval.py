@@ -392,6 +392,8 @@ def _run(cfg, device):
     # imported here, not at the top: pretrain.py imports this module
     from pretrain import load_equiav
 
+    utils.print0(f"EquiAV retrieval on {device}; config: "
+                 + ", ".join(f"{f.name}={getattr(cfg, f.name)}" for f in dataclasses.fields(cfg)))
     manifest = cfg.manifest
     if not manifest:
         if utils.is_main():
