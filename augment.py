@@ -299,7 +299,7 @@ def _host(t):
     return t.detach().to("cpu", torch.float32)
 
 
-def _to_device(x, device):
+def to_device(x, device):
     """Small CPU tensor -> device without waiting for queued GPU work (pinned, non-blocking)."""
     if device.type == "cuda":
         return x.pin_memory().to(device, non_blocking=True)
@@ -310,7 +310,7 @@ def _apply_to_(x, on, fn):
     """Apply fn in place to the samples of x where on (B,) CPU bool is set (computed on that subset only)."""
     idx = on.nonzero().squeeze(1)
     if idx.numel() > 0:
-        idx = _to_device(idx, x.device)
+        idx = to_device(idx, x.device)
         x.index_copy_(0, idx, fn(x[idx]))
     return x
 
@@ -455,8 +455,8 @@ def _gaussian_blur_(x, on, sigma, radius):
         idx = (on & (radius == R)).nonzero().squeeze(1)
         d = torch.arange(-R, R + 1, dtype=torch.float32)
         k = torch.exp(-0.5 * (d / sigma[idx, None]) ** 2)
-        k = _to_device(k / k.sum(dim=1, keepdim=True), x.device).to(x.dtype)   # (n, 2R+1)
-        idx = _to_device(idx, x.device)
+        k = to_device(k / k.sum(dim=1, keepdim=True), x.device).to(x.dtype)   # (n, 2R+1)
+        idx = to_device(idx, x.device)
         x.index_copy_(0, idx, _blur_axis(_blur_axis(x[idx], k, 2), k, 3))
     return x
 
@@ -521,7 +521,7 @@ def _color_jitter_(x, order, factors):
             f = torch.where(blend, factors[rows, op.clamp(min=0)], 1.0).to(x.dtype)
             a = torch.where(op == SATURATION, 1.0 - f, 0.0)
             c = torch.where(op == CONTRAST, 1.0 - f, 0.0)
-            f, a, c = (_to_device(v.view(B, 1, 1, 1), x.device) for v in (f, a, c))
+            f, a, c = (to_device(v.view(B, 1, 1, 1), x.device) for v in (f, a, c))
             if bool((op == SATURATION).any() or (op == CONTRAST).any()):
                 grey = _luma(x)                                              # (B, 1, H, W)
                 g = grey.mean(dim=(1, 2, 3), keepdim=True).mul_(c)           # (B, 1, 1, 1)
@@ -531,8 +531,8 @@ def _color_jitter_(x, order, factors):
             x.clamp_(0, 1)
         hue = (op == HUE).nonzero().squeeze(1)
         if hue.numel() > 0:
-            shift = _to_device(factors[hue, HUE], x.device)
-            idx = _to_device(hue, x.device)
+            shift = to_device(factors[hue, HUE], x.device)
+            idx = to_device(hue, x.device)
             x.index_copy_(0, idx, _rotate_hue(x[idx], shift))
     return x
 
@@ -549,7 +549,7 @@ def _jitter_spectrogram_(x, order, factors):
         return x
     b = torch.where(on, factors[:, BRIGHTNESS], 1.0).to(x.dtype).view(-1, 1, 1)
     c = torch.where(on, factors[:, CONTRAST], 1.0).to(x.dtype).view(-1, 1, 1)
-    scale, offset = _to_device(b * c, x.device), _to_device(b * (1 - c), x.device)
+    scale, offset = to_device(b * c, x.device), to_device(b * (1 - c), x.device)
     mean = x.mean(dim=(1, 2), keepdim=True)                     # (B, 1, 1) over time and frequency
     return x.mul_(scale).add_(offset * mean)
 
@@ -617,14 +617,14 @@ def augment_visual(img, generator):
     """Sample per-sample visual augmentations on CPU and apply them on img.device.
     img (B, 3, H, W) in [0, 1] -> (img_aug (B, 3, H, W) in [0, 1], t (B, 18) on img.device)."""
     t = sample_visual_params(img.shape[0], generator, img.shape[2], img.shape[3])
-    return apply_visual(img, t), _to_device(t, img.device)
+    return apply_visual(img, t), to_device(t, img.device)
 
 
 def augment_audio(spec, generator):
     """Sample per-sample audio augmentations on CPU and apply them on spec.device.
     spec (B, T, F) -> (spec_aug (B, T, F), t (B, 24) on spec.device)."""
     t = sample_audio_params(spec.shape[0], generator, spec.shape[1], spec.shape[2])
-    return apply_audio(spec, t), _to_device(t, spec.device)
+    return apply_audio(spec, t), to_device(t, spec.device)
 
 
 def random_time_roll(spec, generator):
@@ -635,7 +635,7 @@ def random_time_roll(spec, generator):
     shift = torch.randint(0, T, (B,), generator=generator)
     # out[b, i] = spec[b, (i - shift_b) mod T]: whole frames, so one row gather of (B*T, F)
     src = torch.remainder(torch.arange(T) - shift[:, None], T) + T * torch.arange(B)[:, None]
-    rows = spec.reshape(B * T, -1).index_select(0, _to_device(src.view(-1), spec.device))
+    rows = spec.reshape(B * T, -1).index_select(0, to_device(src.view(-1), spec.device))
     return rows.view(spec.shape)
 
 

@@ -6,14 +6,15 @@
 
 Four parts (--parts), each printed as a table and written to one JSON file (--out):
 
-step       one pretraining step (SPEC 6-8, 12), the same step pretrain.py runs:
-           random time roll -> batched augmentation on the device (SPEC 8) -> centroid
-           vectors (SPEC 6) -> EquiAV forward -> EquiAVLoss (SPEC 7) -> backward ->
-           gradient clipping -> AdamW. Samples/s and peak memory per preset, precision
-           (fp32, bf16 autocast) and mode (eager, torch.compile); also the time of the
-           input pipeline alone (roll + augmentation + vectors) as a share of the step,
-           and the analytic FLOP count of the step (`step_flops`) over the time, against
-           the measured peak of a large matmul of the same dtype (MFU).
+step       pretrain.train_step itself, built by pretrain.build_model for the paper
+           profile (SPEC 12): random time roll -> batched augmentation on the device
+           (SPEC 8) -> centroid vectors (SPEC 6) -> EquiAV forward -> EquiAVLoss
+           (SPEC 7) -> backward -> gradient clipping -> AdamW. Samples/s and peak memory
+           per preset, precision (fp32 = --amp false; bf16 = --amp true, CUDA only, as
+           in pretrain.py) and mode (eager, torch.compile); also the time of the input
+           pipeline alone (pretrain.prepare_inputs) as a share of the step, and the
+           analytic FLOP count of the step (`step_flops`) over the time, against the
+           measured peak of a large matmul of the same dtype (MFU).
 augment    batched augmentation (augment.augment_audio / augment_visual) at the base
            sizes, next to augment.py's per-sample loop of the same ops, on CPU and CUDA.
 data       data loading from the toy dataset files (tiny sizes), 0 and 2 workers:
@@ -31,9 +32,11 @@ import datetime
 import gc
 import json
 import math
+import multiprocessing
 import os
 import platform
 import re
+import resource
 import statistics
 import sys
 import tempfile
@@ -49,10 +52,10 @@ import augment
 import data
 import pretrain
 import retrieval
+import toy
 import utils
+from model import get_config
 from utils import option
-from losses import EquiAVLoss
-from model import EquiAV, get_config
 
 
 # =============================================================================
@@ -68,14 +71,12 @@ class BenchConfig:
     parts: str = option("step,augment,data,retrieval", "comma-separated parts to run")
     presets: Optional[str] = option(None, "model presets of the step part (full: tiny,base; "
                                           "quick: tiny)")
-    precisions: Optional[str] = option(None, "fp32 and/or bf16 autocast (full: fp32,bf16; "
-                                             "quick: fp32)")
+    precisions: Optional[str] = option(None, "fp32 and/or bf16 autocast, which pretrain.py "
+                                             "uses on CUDA only (full: fp32,bf16; quick: fp32)")
     compile: Optional[bool] = option(None, "also measure torch.compile (full: true, quick: false)")
     compile_presets: Optional[str] = option(None, "presets measured compiled (none: tiny on CPU, "
                                                   "all on CUDA; compiling base on 2 cores takes "
                                                   "minutes)")
-    cpu_bf16_presets: str = option("tiny", "presets whose bf16 step runs on a CPU without native "
-                                           "bf16 matmul (emulated bf16 is many times slower)")
     batch_tiny: Optional[int] = option(None, "step batch size of tiny (CUDA 64, CPU 32, quick 8)")
     batch_base: Optional[int] = option(None, "step batch size of base (CUDA 16 = the paper's "
                                              "per-GPU batch, CPU 2)")
@@ -205,7 +206,6 @@ class PeakMemory:
                 f.write("5")  # VmHWM := VmRSS
             self.base = _rss_kib("VmRSS")
         else:
-            import resource
             self.base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
     def stop(self):
@@ -213,7 +213,6 @@ class PeakMemory:
             return torch.cuda.max_memory_allocated(self.device) / 2**20
         if self.kind == "cpu_peak_rss_delta":
             return (_rss_kib("VmHWM") - self.base) / 1024
-        import resource
         return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - self.base) / 1024
 
 
@@ -275,77 +274,48 @@ def matmul_peak(device, dtype, quick):
     return {"dtype": str(dtype).replace("torch.", ""), "n": n, "flops_per_s": 2 * n ** 3 / min(times)}
 
 
-def cpu_has_native_bf16():
-    """True when the CPU has a bf16 matmul instruction set (AVX512-BF16 or AMX)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = f.read()
-    except OSError:
-        return False
-    return any(flag in flags for flag in (" avx512_bf16", " amx_bf16"))
-
-
 # =============================================================================
 # Part 1: the pretraining step
 # =============================================================================
 
 class StepSetup:
-    """Everything one pretraining step needs, built as pretrain.py builds it
-    (paper profile: AdamW beta 0.9/0.95, weight decay 1e-5, clipping 0.01)."""
+    """One pretraining step exactly as pretrain.py runs it: model, loss, AdamW and
+    scaler from pretrain.build_model for the paper profile (SPEC 12: AdamW beta
+    0.9/0.95, weight decay 1e-5, clipping 0.01) at the given preset and batch, and
+    the step pretrain.train_step, on a fixed loader-like batch of CPU tensors (pinned
+    on CUDA) that every step copies to the device."""
 
     def __init__(self, preset, B, S, device, precision, compiled, seed):
-        self.cfg = get_config(preset)
-        self.B, self.S, self.device = B, S, device
-        torch.manual_seed(seed)
-        self.net = EquiAV(self.cfg).to(device)
-        self.criterion = EquiAVLoss().to(device)
-        self.params = list(self.net.parameters()) + list(self.criterion.parameters())
-        self.optimizer = torch.optim.AdamW(self.params, lr=1e-4, betas=(0.9, 0.95),
-                                           weight_decay=1e-5)
-        self.model = torch.compile(self.net) if compiled else self.net
-        self.clip_grad = 0.01
-        self.autocast_dtype = torch.bfloat16 if precision == "bf16" else None
-        # pretrain.py's make_grad_scaler: only enabled for fp16 autocast, so a no-op here
-        self.scaler = torch.amp.GradScaler(device.type, enabled=False)
-        self.aug_gen = torch.Generator().manual_seed(seed)
-        # A loader batch: CPU tensors (pinned on CUDA) copied to the device every step.
+        self.cfg = pretrain.resolve_config(pretrain.PretrainConfig(
+            data="(bench)", profile="paper", preset=preset, batch_size=B, S=S, seed=seed,
+            amp=precision == "bf16", compile=compiled, device=device.type))
+        self.mcfg = pretrain.model_config(self.cfg)
+        self.device = device
+        self.net, self.criterion, self.optimizer, self.scaler = pretrain.build_model(
+            self.cfg, self.mcfg, device)
+        self.model = pretrain.wrap(self.net, self.cfg, device, local_rank=0)
+        self.gen = torch.Generator().manual_seed(seed)
         cpu_gen = torch.Generator().manual_seed(seed)
-        c = self.cfg
+        c = self.mcfg
         self.batch = {"audio": torch.randn(B, c.audio_length, c.mel_bins, generator=cpu_gen),
-                      "frame": torch.rand(B, 3, c.image_size, c.image_size, generator=cpu_gen)}
+                      "frame": torch.rand(B, 3, c.image_size, c.image_size, generator=cpu_gen),
+                      "index": torch.arange(B)}
         if device.type == "cuda":
             self.batch = {k: v.pin_memory() for k, v in self.batch.items()}
 
-    def autocast(self):
-        if self.autocast_dtype is None:
-            return torch.autocast(self.device.type, enabled=False)
-        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
-
     def inputs(self):
-        """The input pipeline of pretrain.train_one_epoch (pretrain.prepare_inputs):
-        to device, SPEC 12 time roll, SPEC 8 augmentation, ImageNet normalization,
-        SPEC 6 centroid vectors."""
-        return pretrain.prepare_inputs(self.batch, self.aug_gen, self.cfg, self.S, self.device)
+        """The step's input pipeline alone (pretrain.prepare_inputs)."""
+        return pretrain.prepare_inputs(self.batch, self.gen, self.mcfg, self.cfg.S, self.device,
+                                       self.cfg.time_roll)
 
     def step(self):
-        """One optimizer step, as in pretrain.train_one_epoch (no host-device sync)."""
-        inputs = self.inputs()
-        with self.autocast():
-            out = self.model(*inputs)
-        terms = self.criterion(out)
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(terms["loss"]).backward()
-        self.scaler.unscale_(self.optimizer)
-        torch.nn.utils.clip_grad_norm_(self.params, self.clip_grad)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        return terms
+        return pretrain.train_step(self.model, self.criterion, self.optimizer, self.scaler,
+                                   self.batch, self.gen, self.cfg, self.mcfg, self.device)
 
 
 def bench_step(cfg, device, notes):
     rows = []
     peaks = {}
-    native_bf16 = device.type == "cuda" or cpu_has_native_bf16()
     compile_presets = (_items(cfg.compile_presets) if cfg.compile_presets is not None
                        else (_items(cfg.presets) if device.type == "cuda" else ["tiny"]))
     for preset in _items(cfg.presets):
@@ -354,10 +324,9 @@ def bench_step(cfg, device, notes):
             if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
                 notes.append(f"step {preset} bf16: skipped, this GPU has no bf16")
                 continue
-            if precision == "bf16" and not native_bf16 and preset not in _items(cfg.cpu_bf16_presets):
-                notes.append(f"step {preset} bf16: skipped on this CPU (no native bf16 matmul; "
-                             f"emulated bf16 is many times slower than fp32; --cpu_bf16_presets "
-                             f"{preset} runs it)")
+            if precision == "bf16" and device.type != "cuda":
+                _note_once(notes, "step bf16: not measured on the CPU, where pretrain.py "
+                                  "ignores --amp and trains in fp32")
                 continue
             modes = ["eager"] + (["compile"] if cfg.compile and preset in compile_presets else [])
             if cfg.compile and preset not in compile_presets:
@@ -372,14 +341,9 @@ def bench_step(cfg, device, notes):
                     else:
                         row.update(_measure_step(*args))
                     key = "bfloat16" if precision == "bf16" else "float32"
-                    if key == "bfloat16" and not native_bf16:
-                        row["mfu"] = None  # against an emulated bf16 matmul: meaningless
-                        _note_once(notes, "step bf16: no MFU on a CPU without native bf16 "
-                                          "(the bf16 matmul peak there is emulated)")
-                    else:
-                        if key not in peaks:
-                            peaks[key] = matmul_peak(device, getattr(torch, key), cfg.quick)
-                        row["mfu"] = row["flops_per_s"] / peaks[key]["flops_per_s"]
+                    if key not in peaks:
+                        peaks[key] = matmul_peak(device, getattr(torch, key), cfg.quick)
+                    row["mfu"] = row["flops_per_s"] / peaks[key]["flops_per_s"]
                 except Exception as err:  # compile failures etc.: recorded, the run goes on
                     row["error"] = f"{type(err).__name__}: {str(err).strip().splitlines()[0][:300]}"
                     notes.append(f"step {preset} {precision} {mode} failed: {row['error']}")
@@ -399,7 +363,6 @@ def _note_once(notes, text):
 
 def _in_fresh_process(fn, args):
     """fn(*args) in a new Python process (spawned, so nothing is inherited) -> its result."""
-    import multiprocessing
     pool = multiprocessing.get_context("spawn").Pool(1)
     try:
         return pool.apply(fn, args)
@@ -437,7 +400,7 @@ def _measure_step(cfg, preset, B, device, precision, compiled):
     peak = mem.stop()
     # The input pipeline alone (roll, augmentation, centroid vectors), same batch.
     inputs_s, _ = timed(setup.inputs, device, warmup=1, repeats=max(3, cfg.repeats))
-    flops = step_flops(setup.cfg, B, cfg.S)
+    flops = step_flops(setup.mcfg, B, cfg.S)
     n_params = sum(p.numel() for p in setup.net.parameters())
     del setup
     return {"step_ms": 1e3 * median, "samples_per_s": B / median, "first_step_s": first_s,
@@ -485,12 +448,12 @@ def _toy_manifest(cfg, notes):
     marker = os.path.join(cfg.toy_root, "toy.json")
     if cfg.quick and not os.path.exists(marker):
         root = os.path.join(tempfile.mkdtemp(prefix="equiav_bench_"), "toy")
-        data.make_toy_dataset(root, n_train=64, n_test=4, n_retrieval=0, n_train_multilabel=0,
+        toy.make_toy_dataset(root, n_train=64, n_test=4, n_retrieval=0, n_train_multilabel=0,
                               n_test_multilabel=0, num_workers=0)
         notes.append(f"data: {cfg.toy_root} absent, used a 64-clip toy dataset in {root}")
-        return data.toy_paths(root)["train"]
+        return toy.toy_paths(root)["train"]
     t0 = time.perf_counter()
-    paths = data.ensure_toy_dataset(cfg.toy_root)
+    paths = toy.ensure_toy_dataset(cfg.toy_root)
     if time.perf_counter() - t0 > 5:
         notes.append(f"data: generated the toy dataset in {time.perf_counter() - t0:.0f} s")
     return paths["train"]

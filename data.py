@@ -1,4 +1,4 @@
-"""Audio-visual data for EquiAV (SPEC 1, 11): manifests, decoding, loader, toy dataset.
+"""Audio-visual data for EquiAV (SPEC 1, 11): manifests, decoding, datasets, loaders.
 
 Implements the paper's inputs (SPEC 1: 10 s of audio as a 128-bin Kaldi
 log-mel spectrogram; one RGB frame of a clip stored as 10 frames at 1 fps) and
@@ -17,38 +17,33 @@ Bad input policy (no silent zero-filled samples, STYLE 9): every decoding
 failure raises DataError naming the manifest, the entry index (and its line in
 the JSON file when it can be found), the file and the reason. With
 skip_bad=True the dataset instead returns a BadSample that `collate` drops and
-counts in the batch's "skipped"; the training script feeds batches to a
-SkipCounter, which fails once more than a set fraction of samples was bad.
-`python data.py check MANIFEST` validates every entry up front.
+counts in the batch's "skipped"; the training scripts pass batches through a
+BadDataPolicy, which counts them (SkipCounter) and fails once more than a set
+fraction of samples was bad. `python data.py check MANIFEST` validates every
+entry up front.
 
-The built-in toy dataset (`python data.py toy --out DIR`) is a synthetic
-audio-visual world written as real files in the same layout; see
-make_toy_dataset.
+The built-in toy dataset, a synthetic world in this layout, is toy.py's.
 
-CLI:  python data.py toy --out DIR | stats MANIFEST | check MANIFEST [--label_csv CSV]
+CLI:  python data.py stats MANIFEST | check MANIFEST [--label_csv CSV]
       | weights MANIFEST --label_csv CSV --out FILE
 """
 
 import argparse
-import colorsys
 import csv
 import functools
 import json
 import math
 import os
 import re
-import shutil
 import struct
 import sys
-import time
-import uuid
 import warnings
-import wave
 from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 import torchaudio
 from PIL import Image
@@ -63,6 +58,7 @@ NUM_FRAMES = 10              # frames stored per clip (1 fps)
 EVAL_FRAME = 5               # SPEC 1: evaluation takes the middle frame
 MIXUP_ALPHA = 10.0           # SPEC 11: lambda ~ Beta(10, 10)
 _MIN_SAMPLES = 400           # one 25 ms Kaldi window at 16 kHz
+LABEL_CSV_NAME = "class_labels_indices.csv"
 
 
 class DataError(Exception):
@@ -79,27 +75,6 @@ class DataError(Exception):
 # ===========================================================================
 
 _ENTRY_KEYS = ("video_id", "wav", "video_path")
-
-
-def resolve_norm_stats(spec, checkpoint_stats=None):
-    """A --norm_stats option -> (mean, std), or (None, None) for the stats.json lookup.
-
-    auto: the statistics stored in our pretraining checkpoint (the ones the
-    model was trained with) when given, else stats.json next to the manifest;
-    audioset / vggsound: KNOWN_STATS; "MEAN,STD": those numbers.
-    """
-    text = spec.strip().lower()
-    if text == "auto":
-        return (float(checkpoint_stats[0]), float(checkpoint_stats[1])) if checkpoint_stats \
-            else (None, None)
-    if text in KNOWN_STATS:
-        return KNOWN_STATS[text]
-    try:
-        mean, std = (float(v) for v in text.split(","))
-    except ValueError:
-        raise ValueError(f"--norm_stats must be auto, {', '.join(KNOWN_STATS)} or MEAN,STD; "
-                         f"got {spec!r}") from None
-    return mean, std
 
 
 def read_manifest(path):
@@ -132,6 +107,12 @@ def read_manifest(path):
     if not data:
         raise DataError(f"{path}: manifest has no entries")
     return data
+
+
+def write_manifest(path, entries):
+    """Write {"data": [...]} with one entry per line (so errors can cite lines)."""
+    body = ",\n".join("  " + json.dumps(e, separators=(", ", ": ")) for e in entries)
+    Path(path).write_text('{"data": [\n' + body + "\n]}\n", encoding="utf-8")
 
 
 def _entry_lines(path, n_entries):
@@ -501,13 +482,28 @@ class BadSample(NamedTuple):
     num_classes: int
 
 
-def resolve_stats(manifest, norm_mean=None, norm_std=None, audio_length=None, mel_bins=None):
-    """(mean, std) for fbank normalization: the given values, else stats.json next to
-    the manifest (written by `python data.py stats MANIFEST --write` or the toy)."""
-    if norm_mean is not None and norm_std is not None:
-        return float(norm_mean), float(norm_std)
-    if (norm_mean is None) != (norm_std is None):
-        raise DataError("give both norm_mean and norm_std, or neither")
+def resolve_norm_stats(option="auto", manifest=None, checkpoint_stats=None, audio_length=None,
+                       mel_bins=None):
+    """(mean, std) of the fbank normalization for a --norm_stats option (SPEC 1).
+
+    "auto": the statistics stored in our pretraining checkpoint (the ones the
+    model was trained with) when `checkpoint_stats` is given, else stats.json
+    next to `manifest` (written by `python data.py stats MANIFEST --write`, or by
+    toy.py); "audioset" / "vggsound": KNOWN_STATS; "MEAN,STD": those numbers.
+    audio_length / mel_bins: the dataset's sizes, compared with stats.json's.
+    """
+    text = option.strip().lower()
+    if text in KNOWN_STATS:
+        return KNOWN_STATS[text]
+    if text != "auto":
+        try:
+            mean, std = (float(v) for v in text.split(","))
+        except ValueError:
+            raise ValueError(f"--norm_stats must be auto, {', '.join(KNOWN_STATS)} or MEAN,STD; "
+                             f"got {option!r}") from None
+        return mean, std
+    if checkpoint_stats:
+        return float(checkpoint_stats[0]), float(checkpoint_stats[1])
     stats_path = Path(manifest).resolve().parent / "stats.json"
     if not stats_path.exists():
         raise DataError(
@@ -560,8 +556,12 @@ class AudioVisualDataset(Dataset):
             raise ValueError(f"mixup must be in [0, 1] and label_smoothing in [0, 1), got "
                              f"{mixup}, {label_smoothing}")
         self.mixup, self.label_smoothing = float(mixup), float(label_smoothing)
-        self.norm_mean, self.norm_std = resolve_stats(self.manifest, norm_mean, norm_std,
-                                                      audio_length, mel_bins)
+        if (norm_mean is None) != (norm_std is None):
+            raise DataError("give both norm_mean and norm_std, or neither")
+        if norm_mean is None:  # stats.json next to the manifest
+            norm_mean, norm_std = resolve_norm_stats("auto", self.manifest, None, audio_length,
+                                                     mel_bins)
+        self.norm_mean, self.norm_std = float(norm_mean), float(norm_std)
 
         if self.label_csv is not None:
             self.class_mids, self.class_names = read_label_csv(self.label_csv)
@@ -758,11 +758,13 @@ class SkipCounter:
         return self.skipped / max(self.seen, 1)
 
     def update(self, batch):
-        self.seen += int(batch["index"].numel()) + int(batch["skipped"])
-        self.skipped += int(batch["skipped"])
-        room = self.keep_errors - len(self.errors)
-        if room > 0:
-            self.errors.extend(batch.get("errors", [])[:room])
+        self.add(int(batch["index"].numel()), int(batch["skipped"]), batch.get("errors", []))
+
+    def add(self, good, bad, errors=()):
+        """Count `good` loaded and `bad` dropped samples (their messages: `errors`)."""
+        self.seen += good + bad
+        self.skipped += bad
+        self.errors.extend(list(errors)[:max(0, self.keep_errors - len(self.errors))])
         if self.seen >= self.min_samples:
             self.check()
 
@@ -775,6 +777,52 @@ class SkipCounter:
 
     def summary(self):
         return f"skipped {self.skipped} of {self.seen} samples as bad"
+
+
+class BadDataPolicy:
+    """--skip_bad in the training loops: count the samples collate dropped over all
+    ranks (failing past a fraction on every rank at once, see SkipCounter) and trim
+    every rank's batch to the smallest one, so that all ranks take the same steps
+    (DDP) with equal local batches (the gathered contrastive losses need them,
+    losses.py header). Counts are exchanged over a CPU (gloo) group, so no GPU sync
+    is added.
+
+        policy = BadDataPolicy(max_fraction)
+        for batch in loader:
+            batch = policy.filter(batch)   # None: no sample left on some rank; skip the step
+            ...
+        policy.check()                     # end of epoch
+    """
+
+    def __init__(self, max_fraction):
+        self.counter = SkipCounter(max_fraction=max_fraction)
+        self.group = None
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            self.group = dist.new_group(backend="gloo")
+
+    def filter(self, batch):
+        """The batch cut to the smallest one over the ranks, or None when that is empty
+        (collective under torchrun: every rank calls it for every batch)."""
+        good, bad = int(batch["index"].numel()), int(batch["skipped"])
+        n = good
+        if self.group is not None:
+            counts = torch.tensor([good, bad])
+            size = torch.tensor([good])
+            dist.all_reduce(counts, group=self.group)
+            dist.all_reduce(size, op=dist.ReduceOp.MIN, group=self.group)
+            (good, bad), n = counts.tolist(), int(size)
+        self.counter.add(good, bad, batch["errors"])
+        if n == 0:
+            return None
+        return {k: v[:n] if torch.is_tensor(v) else v for k, v in batch.items()}
+
+    def check(self):
+        """End of an epoch: the fraction test even before SkipCounter's min_samples."""
+        self.counter.check()
+
+    def skipped(self):
+        """Samples skipped so far, over all ranks."""
+        return self.counter.skipped
 
 
 # ===========================================================================
@@ -856,9 +904,9 @@ def make_loader(dataset, batch_size, train, num_workers=None, distributed=None, 
     CUDA, persistent workers.
     """
     if distributed is None:
-        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-    rank = torch.distributed.get_rank() if distributed else 0
-    world = torch.distributed.get_world_size() if distributed else 1
+        distributed = dist.is_available() and dist.is_initialized()
+    rank = dist.get_rank() if distributed else 0
+    world = dist.get_world_size() if distributed else 1
     if weights is not None:
         if len(weights) != len(dataset):
             raise DataError(f"{len(weights)} sampling weights for {len(dataset)} clips")
@@ -972,13 +1020,23 @@ class _EntryCheck(Dataset):
         return i, reasons
 
 
+def find_label_csv(manifest):
+    """The class_labels_indices.csv next to a manifest (where toy.py and CAV-MAE put
+    it, as stats.json is found), or None."""
+    path = Path(manifest).resolve().parent / LABEL_CSV_NAME
+    return str(path) if path.is_file() else None
+
+
 def check_manifest(manifest, label_csv=None, num_workers=0):
     """Validate every entry: keys, labels known, audio decodes and is not empty,
     all 10 frames present and decodable, video_ids unique.
 
-    Returns (number of entries, list of BadEntry). Whole-manifest problems
-    (missing, malformed, empty) raise DataError.
+    Labels are checked against `label_csv`, else against the class CSV next to
+    the manifest (find_label_csv); with neither they are not checked.
+    Returns (number of entries, list of BadEntry, the label CSV used or None).
+    Whole-manifest problems (missing, malformed, empty) raise DataError.
     """
+    label_csv = label_csv or find_label_csv(manifest)
     ds = AudioVisualDataset(manifest, label_csv=label_csv, train=False, norm_mean=0.0,
                             norm_std=1.0, skip_bad=True)
     found = {}
@@ -995,489 +1053,7 @@ def check_manifest(manifest, label_csv=None, num_workers=0):
                 f"duplicate video_id {vid!r} (also entry {first_seen[vid]})")
         first_seen.setdefault(vid, i)
     bad = [BadEntry(i, ds._where(i), found[i]) for i in sorted(found)]
-    return len(ds), bad
-
-
-# ===========================================================================
-# Toy dataset: a synthetic audio-visual world in the real layout
-# ===========================================================================
-#
-# Every clip shows and sounds one object (two in the multi-label variant).
-# The class sets both the timbre and the shape; two continuous attributes
-# are shared across modalities, so that audio->visual retrieval can be right
-# at the instance level, not only the class level:
-#   pitch p in [0, 1]:  f0 = 220 * 2^(2p) Hz (two octaves)  <->  hue = 0.83 p
-#   rate  r in [0, 1]:  1 + 4r pulses/s                      <->  radius 10 + 12r px
-# Nuisances that augmentations should not destroy: coloured background noise,
-# mains hum and clicks in the audio; a low-saturation gradient background,
-# grey clutter, sensor noise, object position, small rotation, brightness
-# flicker and a slow drift across the 10 frames in the image.
-# Each manifest entry also carries "objects" (label, pitch, rate), "boxes"
-# (per frame, per object, [x0, y0, x1, y1] as fractions of the stored frame)
-# and "frame_size" [W, H]; box_in_crop maps a box into the model's crop.
-
-class _Timbre(NamedTuple):
-    partials: tuple          # (frequency ratio, amplitude)
-    vibrato: float = 0.0     # relative depth
-    sweep: float = 0.0       # pitch drop at each onset (drums)
-    noise: float = 0.0       # breath / skin noise, relative
-    attack: float = 0.02     # s, for sustained tones
-    decay: float = 0.0       # s, > 0 for struck (percussive) sounds
-
-
-TOY_CLASSES = (  # (mid, display name, timbre, shape)
-    ("/toy/flute", "flute (circle)",
-     _Timbre(((1, 1.0), (2, 0.2), (3, 0.05)), vibrato=0.004, noise=0.08, attack=0.03), "circle"),
-    ("/toy/clarinet", "clarinet (square)",
-     _Timbre(tuple((n, 1.0 / n) for n in (1, 3, 5, 7, 9, 11)), vibrato=0.002), "square"),
-    ("/toy/violin", "violin (triangle)",
-     _Timbre(tuple((n, 1.0 / n) for n in range(1, 13)), vibrato=0.012, attack=0.04), "triangle"),
-    ("/toy/bell", "bell (star)",
-     _Timbre(((1, 1.0), (2.76, 0.5), (5.40, 0.35), (8.93, 0.2)), decay=0.35), "star"),
-    ("/toy/drum", "drum (hexagon)",
-     _Timbre(((1, 1.0), (1.5, 0.3)), sweep=1.0, noise=0.5, decay=0.07), "hexagon"),
-    ("/toy/horn", "horn (diamond)",
-     _Timbre(((1, 0.5), (2, 1.0), (3, 0.8), (4, 0.55), (5, 0.35), (6, 0.2), (7, 0.1)),
-             attack=0.08), "diamond"),
-    ("/toy/whistle", "whistle (ring)", _Timbre(((1, 1.0),), vibrato=0.03, attack=0.01), "ring"),
-    ("/toy/buzzer", "buzzer (cross)",
-     _Timbre(tuple((n, 1.0) for n in range(1, 21)), attack=0.005), "cross"),
-)
-TOY_DURATION = 2.6            # s: 258 fbank frames, the tiny preset keeps 256
-TOY_FRAME_SIZE = (128, 112)   # (W, H): the tiny preset resizes to 109 x 96 and crops 96
-TOY_VERSION = 1
-_TOY_SPLITS = {"train": 0, "test": 1, "train_multilabel": 2, "test_multilabel": 3}
-_TOY_ID_PREFIX = {"train": "toy_train", "test": "toy_test", "train_multilabel": "toy_trainml",
-                  "test_multilabel": "toy_testml"}
-
-
-def toy_pitch_to_f0(pitch):
-    return 220.0 * 2.0 ** (2.0 * pitch)
-
-
-def toy_pitch_to_hue(pitch):
-    return 0.83 * pitch
-
-
-def toy_rate_to_pulses(rate):
-    return 1.0 + 4.0 * rate
-
-
-def toy_rate_to_radius(rate, multi=False):
-    """Object radius in stored-frame pixels (smaller when two objects share a frame)."""
-    return (8.0 + 9.0 * rate) if multi else (10.0 + 12.0 * rate)
-
-
-def _unit_rms(x):
-    return x / (np.sqrt(np.mean(x * x)) + np.float32(1e-12))
-
-
-def _coloured_noise(rng, n, tilt):
-    """Unit-RMS noise from white (tilt 0) to high-passed brown (tilt 1), (n,) float32."""
-    white = rng.standard_normal(n, dtype=np.float32)
-    walk = np.cumsum(white, dtype=np.float64)
-    c = np.concatenate([[0.0], np.cumsum(walk)])
-    w = 400  # subtract a 25 ms moving average: removes the random walk's drift
-    lo = np.clip(np.arange(n) - w, 0, n)
-    hi = np.clip(np.arange(n) + w + 1, 0, n)
-    brown = (walk - (c[hi] - c[lo]) / (hi - lo)).astype(np.float32)
-    return _unit_rms(np.float32(1 - tilt) * _unit_rms(white) + np.float32(tilt) * _unit_rms(brown))
-
-
-_TABLE_SIZE = 4096
-
-
-def _lookup(table, cycles):
-    """Periodic wavetable read at phase `cycles` (in periods), linear interpolation."""
-    pos = (cycles - np.floor(cycles)) * _TABLE_SIZE  # np.mod is several times slower
-    i = np.minimum(pos.astype(np.int32), _TABLE_SIZE - 1)
-    return table[i] + (pos - i).astype(np.float32) * (table[i + 1] - table[i])
-
-
-def _harmonic_table(partials, rng):
-    """One period (plus a wrap-around sample) of a sum of harmonics with random phases."""
-    pos = np.arange(_TABLE_SIZE + 1) / _TABLE_SIZE
-    table = np.zeros(_TABLE_SIZE + 1)
-    for ratio, amp in partials:
-        table += amp * np.sin(2 * np.pi * ratio * pos + rng.uniform(0, 2 * np.pi))
-    return table.astype(np.float32)
-
-
-def _toy_source(rng, cls, pitch, rate, t):
-    """One sounding object: (N,) float32 with unit RMS. t: (N,) float32 seconds."""
-    timbre = TOY_CLASSES[cls][2]
-    f0 = toy_pitch_to_f0(pitch)
-    period = 1.0 / toy_rate_to_pulses(rate)
-    beats = (t - np.float32(rng.uniform(0.0, period))) * np.float32(1 / period)
-    since = (beats - np.floor(beats)) * np.float32(period)  # time since the last onset
-    vib_rate, vib_phase = rng.uniform(4.5, 6.5), rng.uniform(0, 2 * np.pi)
-    vib = np.sin(np.float32(2 * np.pi * vib_rate) * t + np.float32(vib_phase))
-    freq = np.float32(f0) * (np.float32(1.0) + np.float32(timbre.vibrato) * vib)
-    if timbre.sweep:
-        drop = np.exp(since * np.float32(-50.0))  # 20 ms pitch drop after each onset
-        freq = freq * (np.float32(1.0) + np.float32(timbre.sweep) * drop)
-    cycles = np.cumsum(freq, dtype=np.float64) / SAMPLE_RATE  # phase in periods of f0
-    audible = [(r, a) for r, a in timbre.partials if r * f0 < 7000.0]  # stay below Nyquist
-    harmonic = [(r, a) for r, a in audible if float(r).is_integer()]
-    sig = _lookup(_harmonic_table(harmonic, rng), cycles)  # all harmonics in one table
-    for ratio, amp in audible:
-        if not float(ratio).is_integer():
-            sig += np.float32(amp) * _lookup(_harmonic_table([(1, 1.0)], rng), ratio * cycles)
-    if timbre.noise:
-        level = np.float32(timbre.noise) * np.sqrt(np.mean(sig * sig))
-        sig += level * _coloured_noise(rng, t.size, 0.0)
-    if timbre.decay:
-        env = ((1 - np.exp(since * np.float32(-1 / 0.003)))  # 3 ms attack, then decay
-               * np.exp(since * np.float32(-1 / timbre.decay)))
-    else:  # sustained note, on for 60% of each period
-        env = np.clip(since * np.float32(1 / timbre.attack), 0, 1) * np.clip(
-            (np.float32(0.6 * period) - since) * np.float32(50.0), 0, 1)
-    return _unit_rms(sig * env)
-
-
-def _toy_audio(rng, objects):
-    """Mix of the objects plus background; returns (N,) int16 at 16 kHz."""
-    n = int(round(TOY_DURATION * SAMPLE_RATE))
-    t = np.arange(n, dtype=np.float32) / np.float32(SAMPLE_RATE)
-    mix = np.zeros(n, dtype=np.float32)
-    for obj in objects:
-        mix += np.float32(rng.uniform(0.6, 1.0)) * _toy_source(rng, obj["cls"], obj["pitch"],
-                                                               obj["rate"], t)
-    mix = _unit_rms(mix)
-    snr_db = rng.uniform(6.0, 20.0)
-    background = _coloured_noise(rng, n, rng.uniform(0.0, 1.0))
-    if rng.random() < 0.5:  # mains hum with two overtones
-        mains = rng.choice([50.0, 60.0])
-        hum = [(h, rng.uniform(0, 1.5) / h) for h in (1, 2, 3)]
-        background += _lookup(_harmonic_table(hum, rng), mains * np.arange(n) / SAMPLE_RATE)
-    for _ in range(rng.integers(0, 4)):  # clicks
-        start = rng.integers(0, n - 80)
-        background[start:start + 80] += (rng.uniform(2, 6) * rng.standard_normal(80)
-                                         * np.exp(-np.arange(80) / 15.0)).astype(np.float32)
-    x = mix + np.float32(10.0 ** (-snr_db / 20.0)) * _unit_rms(background)
-    x *= np.float32(rng.uniform(0.3, 0.9) / (np.max(np.abs(x)) + 1e-12))
-    return np.round(x * np.float32(32767.0)).astype(np.int16)
-
-
-def _shape_sdf(shape, u, v):
-    """Signed distance-like field of a unit shape (positive inside), radius units."""
-    r = np.hypot(u, v)
-    phi = np.arctan2(v, u) + np.pi / 2  # 0 at the top (image y points down)
-    if shape == "circle":
-        return 1.0 - r
-    if shape == "square":
-        return 0.8 - np.maximum(np.abs(u), np.abs(v))
-    if shape in ("triangle", "hexagon"):
-        n = 3 if shape == "triangle" else 6
-        sector = 2 * np.pi / n
-        rho = np.cos(np.pi / n) / np.cos(np.mod(phi, sector) - np.pi / n)
-        return rho - r
-    if shape == "star":
-        a = np.mod(phi, 2 * np.pi / 5) / (2 * np.pi / 5)
-        return 0.42 + 0.58 * np.abs(2 * a - 1) - r
-    if shape == "diamond":
-        return (1.0 - (np.abs(u) / 0.6 + np.abs(v))) * 0.5
-    if shape == "ring":
-        return 0.28 - np.abs(r - 0.7)
-    if shape == "cross":
-        return np.maximum(np.minimum(0.28 - np.abs(u), 1.0 - np.abs(v)),
-                          np.minimum(0.28 - np.abs(v), 1.0 - np.abs(u)))
-    raise ValueError(shape)
-
-
-def _toy_background(rng, width, height):
-    """Static scene: low-saturation gradient and grey clutter, (H, W, 3) float32."""
-    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
-    c1, c2 = (np.array(colorsys.hsv_to_rgb(rng.random(), rng.uniform(0, 0.3),
-                                           rng.uniform(0.25, 0.75)),
-                       dtype=np.float32) for _ in range(2))
-    angle = rng.uniform(0, 2 * np.pi)
-    g = np.cos(angle) * xx / width + np.sin(angle) * yy / height
-    g = (g - g.min()) / (g.max() - g.min() + 1e-6)
-    img = c1 + g[..., None] * (c2 - c1)
-    for _ in range(rng.integers(3, 8)):
-        w, h = rng.integers(3, 18, size=2)
-        if rng.random() < 0.3:  # thin line
-            w, h = (w * 3, 1) if rng.random() < 0.5 else (1, h * 3)
-        x0, y0 = rng.integers(0, width - 1), rng.integers(0, height - 1)
-        grey = np.array(colorsys.hsv_to_rgb(rng.random(), rng.uniform(0, 0.25),
-                                            rng.uniform(0.1, 0.9)),
-                        dtype=np.float32)
-        img[y0:y0 + h, x0:x0 + w] = grey
-    return img
-
-
-def _toy_frames(rng, objects):
-    """10 frames (10, H, W, 3) uint8 and boxes [frame][object] = [x0, y0, x1, y1] fractions."""
-    width, height = TOY_FRAME_SIZE
-    margin_x = (width - height) // 2  # keep objects inside the centre square the crop keeps
-    multi = len(objects) > 1
-    bg = _toy_background(rng, width, height)
-    sides = rng.permutation(len(objects))
-    sprites = []
-    for o, obj in enumerate(objects):
-        radius = toy_rate_to_radius(obj["rate"], multi)
-        reach = int(math.ceil(1.15 * radius + 2))  # every shape lies within 1.15 radii
-        lo_x, hi_x = margin_x + reach + 1, width - margin_x - reach - 1
-        if multi:  # one object per half so they do not overlap
-            mid = width / 2
-            lo_x, hi_x = (lo_x, mid - reach - 1) if sides[o] == 0 else (mid + reach + 1, hi_x)
-        lo_y, hi_y = reach + 1, height - reach - 1
-        start = np.array([rng.uniform(lo_x, hi_x), rng.uniform(lo_y, hi_y)])
-        end = np.clip(start + rng.uniform(-10, 10, size=2), [lo_x, lo_y], [hi_x, hi_y])
-        hsv = (toy_pitch_to_hue(obj["pitch"]), rng.uniform(0.75, 1.0), rng.uniform(0.75, 1.0))
-        color = np.array(colorsys.hsv_to_rgb(*hsv), dtype=np.float32)
-        angle = rng.uniform(-0.25, 0.25)
-        # render the object once (a sprite with alpha, with the start's sub-pixel offset) and
-        # move it by whole pixels across the frames: the slow drift of a real clip
-        grid = np.arange(-reach, reach + 1, dtype=np.float32)
-        fx, fy = start - np.floor(start)
-        dx = (grid[None, :] + np.float32(0.5 - fx)) / np.float32(radius)
-        dy = (grid[:, None] + np.float32(0.5 - fy)) / np.float32(radius)
-        u = np.float32(math.cos(angle)) * dx + np.float32(math.sin(angle)) * dy
-        v = np.float32(-math.sin(angle)) * dx + np.float32(math.cos(angle)) * dy
-        alpha = np.clip(_shape_sdf(TOY_CLASSES[obj["cls"]][3], u, v) * np.float32(radius)
-                        + np.float32(0.5), 0, 1)[..., None]
-        shade = np.float32(1.0) - np.float32(0.2) * np.minimum(np.hypot(u, v), np.float32(1.0))
-        ys, xs = np.nonzero(alpha[..., 0] > 0.5)
-        sprite_box = (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1)
-        sprites.append((start, end, reach, alpha, color * shade[..., None], sprite_box))
-    imgs = np.empty((NUM_FRAMES, height, width, 3), dtype=np.float32)
-    # sensor noise: each frame reads a random window of one buffer (cheaper than fresh draws)
-    pixels = height * width * 3
-    noise = rng.standard_normal(pixels + 4096, dtype=np.float32) * np.float32(0.02 * 255.0)
-    boxes = []
-    for k in range(NUM_FRAMES):
-        img = bg.copy()
-        frame_boxes = []
-        for start, end, reach, alpha, paint, (bx0, by0, bx1, by1) in sprites:
-            x, y = np.floor(start + (end - start) * k / (NUM_FRAMES - 1)).astype(int) - reach
-            window = img[y:y + alpha.shape[0], x:x + alpha.shape[1]]  # inside by construction
-            window += alpha * (paint - window)
-            frame_boxes.append([round((x + bx0) / width, 4), round((y + by0) / height, 4),
-                                round((x + bx1) / width, 4), round((y + by1) / height, 4)])
-        flicker = np.float32(255.0 * (1.0 + rng.uniform(-0.04, 0.04)))
-        np.multiply(img, flicker, out=imgs[k])
-        offset = int(rng.integers(4096))
-        imgs[k] += noise[offset:offset + pixels].reshape(height, width, 3)
-        boxes.append(frame_boxes)
-    imgs += np.float32(0.5)
-    np.clip(imgs, 0, 255, out=imgs)
-    frames = imgs.astype(np.uint8)
-    return frames, boxes
-
-
-class _ToyClips(Dataset):
-    """Generates and writes toy clip j (a DataLoader parallelizes it over workers).
-
-    Each clip's randomness comes from (seed, split, index) only, so the result
-    does not depend on the number of workers.
-    """
-
-    def __init__(self, out_dir, jobs, seed, audio_length, mel_bins):
-        self.out_dir, self.jobs, self.seed = str(out_dir), jobs, seed
-        self.audio_length, self.mel_bins = audio_length, mel_bins
-
-    def __len__(self):
-        return len(self.jobs)
-
-    def __getitem__(self, j):
-        split, i = self.jobs[j]
-        rng = np.random.default_rng((self.seed, _TOY_SPLITS[split], i))
-        if split.endswith("multilabel"):
-            c1 = int(rng.integers(len(TOY_CLASSES)))
-            classes = [c1, (c1 + int(rng.integers(1, len(TOY_CLASSES)))) % len(TOY_CLASSES)]
-        else:
-            classes = [i % len(TOY_CLASSES)]
-        objects = [{"cls": c, "pitch": round(float(rng.random()), 4),
-                    "rate": round(float(rng.random()), 4)} for c in classes]
-        vid = f"{_TOY_ID_PREFIX[split]}_{i:05d}"
-        pcm = _toy_audio(rng, objects)
-        frames, boxes = _toy_frames(rng, objects)
-        with wave.open(os.path.join(self.out_dir, "audio", f"{vid}.wav"), "wb") as w:
-            w.setnchannels(1)
-            w.setsampwidth(2)
-            w.setframerate(SAMPLE_RATE)
-            w.writeframes(pcm.astype("<i2").tobytes())
-        for k in range(NUM_FRAMES):
-            path = frame_path(os.path.join(self.out_dir, "frames"), vid, k)
-            Image.fromarray(frames[k]).save(path, format="JPEG", quality=90)
-        moments = None
-        if split == "train":  # fbank moments of exactly what the loader will read back
-            wav = torch.from_numpy(pcm.astype(np.float32) / 32768.0)
-            fbank = waveform_to_fbank(wav - wav.mean(), self.audio_length, self.mel_bins).double()
-            moments = (float(fbank.sum()), float((fbank * fbank).sum()), fbank.numel())
-        entry = {"video_id": vid, "wav": f"audio/{vid}.wav", "video_path": "frames",
-                 "labels": ",".join(TOY_CLASSES[c][0] for c in classes),
-                 "objects": [{"label": TOY_CLASSES[o["cls"]][0], "pitch": o["pitch"],
-                              "rate": o["rate"]} for o in objects],
-                 "boxes": boxes, "frame_size": list(TOY_FRAME_SIZE)}
-        return split, entry, moments
-
-
-def write_manifest(path, entries):
-    """Write {"data": [...]} with one entry per line (so errors can cite lines)."""
-    body = ",\n".join("  " + json.dumps(e, separators=(", ", ": ")) for e in entries)
-    Path(path).write_text('{"data": [\n' + body + "\n]}\n", encoding="utf-8")
-
-
-def toy_paths(root):
-    """Paths of a toy dataset's files (absolute strings)."""
-    root = Path(root).resolve()
-    out = {name: str(root / f"{name}.json") for name in
-           ("train", "test", "retrieval", "train_multilabel", "test_multilabel")}
-    out.update(label_csv=str(root / "class_labels_indices.csv"), stats=str(root / "stats.json"),
-               root=str(root))
-    return out
-
-
-def make_toy_dataset(out_dir, n_train=2000, n_test=400, n_retrieval=300, n_train_multilabel=400,
-                     n_test_multilabel=200, seed=0, num_workers=None, audio_length=256, mel_bins=64,
-                     progress=False):
-    """Write the toy dataset to out_dir (see the section comment above for its design).
-
-    Files: audio/{id}.wav (16 kHz, 16-bit, mono, 2.6 s), frames/frame_{k}/{id}.jpg
-    (128 x 112), train / test / retrieval (first n_retrieval test clips) /
-    train_multilabel / test_multilabel .json, class_labels_indices.csv,
-    stats.json (fbank mean/std of train at audio_length x mel_bins, the tiny
-    preset), toy.json (parameters; written last, marks completion).
-    The same seed gives byte-identical files whatever num_workers.
-    Generated in a temporary sibling folder and renamed into place, so
-    out_dir is either absent or complete; raises FileExistsError if out_dir
-    exists and is not empty.
-    """
-    out_dir = Path(out_dir).resolve()
-    if out_dir.exists() and any(out_dir.iterdir()):
-        raise FileExistsError(f"{out_dir} exists and is not empty")
-    if not 0 <= n_retrieval <= n_test:
-        raise ValueError(f"n_retrieval ({n_retrieval}) must be between 0 and n_test ({n_test})")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    try:
-        (tmp / "audio").mkdir(parents=True)
-        for k in range(NUM_FRAMES):
-            (tmp / "frames" / f"frame_{k}").mkdir(parents=True)
-        sizes = {"train": n_train, "test": n_test, "train_multilabel": n_train_multilabel,
-                 "test_multilabel": n_test_multilabel}
-        jobs = [(split, i) for split, n in sizes.items() for i in range(n)]
-        if num_workers is None:
-            num_workers = min(4, default_num_workers()) if len(jobs) > 64 else 0
-        loader = DataLoader(_ToyClips(tmp, jobs, seed, audio_length, mel_bins), batch_size=None,
-                            num_workers=num_workers, collate_fn=_identity)
-        if progress:
-            from tqdm import tqdm
-            loader = tqdm(loader, total=len(jobs), desc="toy dataset")
-        entries = {split: [] for split in sizes}
-        s = s2 = 0.0
-        count = 0
-        for split, entry, moments in loader:
-            entries[split].append(entry)
-            if moments is not None:
-                s, s2, count = s + moments[0], s2 + moments[1], count + moments[2]
-        for split, items in entries.items():
-            write_manifest(tmp / f"{split}.json", items)
-        write_manifest(tmp / "retrieval.json", entries["test"][:n_retrieval])
-        with open(tmp / "class_labels_indices.csv", "w", newline="", encoding="utf-8") as f:
-            writer = csv.writer(f, lineterminator="\n")
-            writer.writerow(["index", "mid", "display_name"])
-            for c, (mid, name, _, _) in enumerate(TOY_CLASSES):
-                writer.writerow([c, mid, name])
-        if count:
-            mean = s / count
-            stats = {"mean": mean, "std": math.sqrt(max(s2 / count - mean * mean, 0.0)),
-                     "num_clips": n_train, "audio_length": audio_length, "mel_bins": mel_bins,
-                     "manifest": "train.json"}
-            (tmp / "stats.json").write_text(json.dumps(stats, indent=1) + "\n")
-        params = {"version": TOY_VERSION, "seed": seed, **sizes, "n_retrieval": n_retrieval,
-                  "audio_length": audio_length, "mel_bins": mel_bins, "sample_rate": SAMPLE_RATE,
-                  "duration": TOY_DURATION, "frame_size": list(TOY_FRAME_SIZE),
-                  "classes": [c[0] for c in TOY_CLASSES]}
-        (tmp / "toy.json").write_text(json.dumps(params, indent=1) + "\n")
-        try:
-            os.rename(tmp, out_dir)  # atomic; replaces out_dir only if it is an empty folder
-        except OSError as err:
-            raise FileExistsError(f"{out_dir} appeared while generating ({err})") from err
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _pid_alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def ensure_toy_dataset(root="data/toy", timeout=900.0, **toy_kwargs):
-    """Return toy_paths(root), generating the toy dataset first if it is absent.
-
-    An existing dataset is returned as it is (toy_kwargs only size a new one).
-
-    Safe when several processes (torchrun ranks) call it at once: one takes
-    the lock file {root}.lock and generates, the others wait for toy.json; a
-    waiter whose lock holder died (or that waited `timeout` s) generates
-    itself. Generation renames a finished temporary folder into place, so a
-    half-written dataset is never seen. Does not use torch.distributed.
-    """
-    root = Path(root).resolve()
-    marker = root / "toy.json"
-    if not marker.exists():
-        if root.exists() and any(root.iterdir()):
-            raise DataError(f"{root} exists but is not a complete toy dataset (no toy.json); "
-                            f"delete it to regenerate")
-        root.parent.mkdir(parents=True, exist_ok=True)
-        lock = root.with_name(root.name + ".lock")
-        try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            os.write(fd, str(os.getpid()).encode())
-            os.close(fd)
-            owner = True
-        except FileExistsError:
-            owner = False
-        if owner:
-            try:
-                _generate_unless_present(root, toy_kwargs)
-            finally:
-                lock.unlink(missing_ok=True)
-        else:
-            deadline = time.monotonic() + timeout
-            while not marker.exists():
-                try:
-                    holder = int(lock.read_text() or "0")
-                except (FileNotFoundError, ValueError):
-                    holder = None
-                if holder is None and not marker.exists() and not lock.exists():
-                    break  # holder finished (or failed) without us seeing toy.json yet
-                if holder and not _pid_alive(holder):
-                    lock.unlink(missing_ok=True)  # stale: its owner died
-                    break
-                if time.monotonic() > deadline:
-                    break
-                time.sleep(0.2)
-            if not marker.exists():
-                _generate_unless_present(root, toy_kwargs)
-    try:
-        version = json.loads(marker.read_text()).get("version")
-    except ValueError as err:
-        raise DataError(f"{marker}: unreadable ({err}); delete {root} to regenerate") from err
-    if version != TOY_VERSION:
-        raise DataError(f"{root} was generated by another version of data.py (toy version "
-                        f"{version}, this is {TOY_VERSION}); delete it to regenerate")
-    return toy_paths(root)
-
-
-def _generate_unless_present(root, toy_kwargs):
-    if (root / "toy.json").exists():
-        return
-    try:
-        make_toy_dataset(root, **toy_kwargs)
-    except FileExistsError:
-        if not (root / "toy.json").exists():
-            raise
+    return len(ds), bad, label_csv
 
 
 # ===========================================================================
@@ -1485,19 +1061,10 @@ def _generate_unless_present(root, toy_kwargs):
 # ===========================================================================
 
 def main(argv=None):
-    """`python data.py toy|stats|check|weights ...`; returns the exit code."""
-    parser = argparse.ArgumentParser(prog="data.py", description=__doc__.split("\n")[0])
+    """`python data.py stats|check|weights ...`; returns the exit code."""
+    parser = argparse.ArgumentParser(prog="data.py", description=__doc__.split("\n")[0],
+                                     epilog="The toy dataset: python toy.py --out DIR")
     sub = parser.add_subparsers(dest="command", required=True)
-
-    p = sub.add_parser("toy", help="write the toy audio-visual dataset")
-    p.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
-    p.add_argument("--n_train", type=int, default=2000)
-    p.add_argument("--n_test", type=int, default=400)
-    p.add_argument("--n_retrieval", type=int, default=300, help="first N test clips")
-    p.add_argument("--n_train_multilabel", type=int, default=400)
-    p.add_argument("--n_test_multilabel", type=int, default=200)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--workers", type=int, default=None, help="generation processes")
 
     p = sub.add_parser("stats", help="fbank mean/std of a split (SPEC 1)")
     p.add_argument("manifest")
@@ -1510,7 +1077,9 @@ def main(argv=None):
 
     p = sub.add_parser("check", help="validate every entry of a manifest")
     p.add_argument("manifest")
-    p.add_argument("--label_csv", default=None)
+    p.add_argument("--label_csv", default=None,
+                   help=f"class list to check labels against (default: {LABEL_CSV_NAME} next to "
+                        f"the manifest, if there is one)")
     p.add_argument("--workers", type=int, default=0)
 
     p = sub.add_parser("weights", help="class-balanced per-clip sampling weights")
@@ -1520,15 +1089,7 @@ def main(argv=None):
 
     args = parser.parse_args(argv)
     try:
-        if args.command == "toy":
-            start = time.perf_counter()
-            make_toy_dataset(args.out, args.n_train, args.n_test, args.n_retrieval,
-                             args.n_train_multilabel, args.n_test_multilabel, seed=args.seed,
-                             num_workers=args.workers, progress=True)
-            print(f"wrote {args.out} in {time.perf_counter() - start:.1f} s")
-            for name, path in toy_paths(args.out).items():
-                print(f"  {name:17s} {path}")
-        elif args.command == "stats":
+        if args.command == "stats":
             stats = compute_stats(args.manifest, args.audio_length, args.mel_bins, args.max_clips,
                                   num_workers=args.workers)
             print(json.dumps(stats, indent=1))
@@ -1539,11 +1100,15 @@ def main(argv=None):
                 target.write_text(json.dumps(stats, indent=1) + "\n")
                 print(f"wrote {target}")
         elif args.command == "check":
-            n, bad = check_manifest(args.manifest, args.label_csv, num_workers=args.workers)
+            n, bad, label_csv = check_manifest(args.manifest, args.label_csv,
+                                               num_workers=args.workers)
             for b in bad:
                 print(f"BAD {b.where}:")
                 for reason in b.reasons:
                     print(f"    {reason}")
+            print(f"labels checked against {label_csv}" if label_csv else
+                  f"labels NOT checked: no --label_csv given and no {LABEL_CSV_NAME} next to "
+                  f"the manifest")
             print(f"{args.manifest}: {n} entries, {len(bad)} bad")
             return 1 if bad else 0
         elif args.command == "weights":
@@ -1551,7 +1116,7 @@ def main(argv=None):
                                     norm_std=1.0)
             np.savetxt(args.out, ds.class_balanced_weights(), fmt="%.6f")
             print(f"wrote {len(ds)} weights to {args.out}")
-    except (DataError, FileExistsError, ValueError) as err:
+    except (DataError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -25,18 +25,18 @@ import os
 import time
 from typing import Optional
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 import augment
+import convert
 import data
+import toy
 import utils
+from model import EquiAVClassifier, ModelConfig, get_config
 from utils import option
-from model import EquiAVClassifier, ModelConfig, get_config, load_mae_checkpoint
-from retrieval import gather_in_dataset_order, require_checkpoint
 
 
 # =============================================================================
@@ -64,7 +64,10 @@ class FinetuneConfig:
                                               "class balancing; `python data.py weights`)")
     samples_per_epoch: Optional[int] = option(None, "clips drawn per epoch with --weights_csv "
                                                     "(none: the training set size)")
-    skip_bad: bool = option(False, "skip unreadable clips (counted) instead of failing")
+    skip_bad: bool = option(False, "skip unreadable clips (counted in the log) instead of "
+                                   "failing on the first one")
+    max_bad_fraction: float = option(0.01, "with --skip_bad: fail once more than this fraction "
+                                           "of the samples seen was bad")
     num_workers: Optional[int] = option(None, "data-loader processes per rank (paper 8, toy 0)")
     profile: Optional[str] = option(None, "defaults for the fields left at none: paper (SPEC 11) "
                                           "or toy; none -> toy without --train, paper with it")
@@ -73,7 +76,7 @@ class FinetuneConfig:
     # -- model --
     init: Optional[str] = option(None, "weights to start from: our pretraining checkpoint, an "
                                        "authors' EquiAV checkpoint or an ImageNet MAE checkpoint; "
-                                       "none -> runs/pretrain_toy/checkpoint.pt on toy data")
+                                       f"none -> {convert.TOY_CHECKPOINT} on toy data")
     init_type: str = option("auto", "auto (detected from the file), equiav (ours or the authors'), "
                                     "mae, or scratch (random initialization, --init unused)")
     preset: Optional[str] = option(None, "model size for authors'/MAE/scratch initialization (ours "
@@ -115,7 +118,6 @@ PROFILES = {
     "toy": dict(preset="tiny", epochs=6, batch_size=32, lr=2e-4, warmup_epochs=1.0,
                 mixup=0.0, num_workers=0),
 }
-DEFAULT_INIT = "runs/pretrain_toy/checkpoint.pt"  # where `python pretrain.py` writes
 MODES = EquiAVClassifier.MODES
 
 
@@ -133,7 +135,7 @@ def resolve_config(cfg):
         if not toy:
             raise ValueError("give --init (our or the authors' EquiAV checkpoint, or an ImageNet "
                              "MAE checkpoint), or --init_type scratch")
-        cfg = dataclasses.replace(cfg, init=DEFAULT_INIT)
+        cfg = dataclasses.replace(cfg, init=convert.TOY_CHECKPOINT)
     if cfg.mode not in MODES:
         raise ValueError(f"--mode must be one of {MODES}, got {cfg.mode!r}")
     for name, choices in (("task", ("auto", "multilabel", "singlelabel")),
@@ -248,8 +250,129 @@ def evaluation_metrics(scores, targets, multilabel):
 
 
 # =============================================================================
-# Model, optimiser, fine-tuning SpecAugment
+# The recipe
 # =============================================================================
+
+def main(cfg):
+    """Fine-tune with config `cfg` (resolved here); returns the results dict."""
+    cfg = resolve_config(cfg)
+    _, _, local_rank, device = utils.init_distributed(cfg.device)
+    try:
+        return run(cfg, device, local_rank)
+    finally:
+        utils.cleanup_distributed()
+
+
+def run(cfg, device, local_rank=0):
+    """Build, resume or initialise, then train, evaluating and saving after every epoch."""
+    world = utils.get_world_size()
+    utils.print_config(f"EquiAV fine-tuning: {world} process(es) on {device}; resolved config "
+                       f"(profile {cfg.profile!r}):", cfg)
+    init_kind, mcfg = inspect_init(cfg)
+    train_loader, test_loader, multilabel = build_data(cfg, mcfg)
+    num_classes = train_loader.dataset.num_classes
+    main_metric = "mAP" if multilabel else "top1"
+    net, optimizer, scaler = build_model(cfg, init_kind, mcfg, num_classes, device)
+    logger = utils.JsonLogger(os.path.join(cfg.run_dir, "log.jsonl"))
+    meta = {"model_config": dataclasses.asdict(net.cfg), "mode": cfg.mode,
+            "num_classes": num_classes, "multilabel": multilabel,
+            "linear_probe": cfg.linear_probe, "config": dataclasses.asdict(cfg)}
+    start_epoch, step, best, history = resume(cfg.run_dir, meta, net, optimizer, scaler)
+    model = net
+    if world > 1:
+        model = DistributedDataParallel(net, device_ids=[local_rank] if device.type == "cuda" else None)
+    bad_data = data.BadDataPolicy(cfg.max_bad_fraction) if cfg.skip_bad else None
+    if start_epoch == 0:
+        logger.log({"type": "config", "world_size": world, "num_classes": num_classes,
+                    "multilabel": multilabel, "model_config": meta["model_config"],
+                    **dataclasses.asdict(cfg)})
+
+    for epoch in range(start_epoch, cfg.epochs):
+        t0 = time.time()
+        step, train = train_one_epoch(model, net, optimizer, scaler, train_loader, epoch, step,
+                                      cfg, multilabel, device, logger, bad_data)
+        train_s = time.time() - t0
+        metrics = evaluate(net, test_loader, device, cfg, multilabel)
+        record = {"type": "epoch", "epoch": epoch + 1, "step": step, **train,
+                  "train_time_s": train_s, "eval_time_s": time.time() - t0 - train_s, **metrics}
+        history.append(record)
+        logger.log(record)
+        improved = best is None or metrics[main_metric] > best["value"]
+        if improved:
+            best = {"metric": main_metric, "value": metrics[main_metric], "epoch": epoch + 1,
+                    "metrics": metrics}
+        shown = ", ".join(f"{k} {v:.2f}" for k, v in metrics.items()
+                          if k not in ("classes_evaluated", "test_skipped"))
+        utils.print0(f"epoch {epoch + 1}/{cfg.epochs}  train loss {train['train_loss']:.4f}  "
+                     f"test: {shown}  ({train_s:.0f} s)"
+                     + (f"  skipped {train['train_skipped']}" if train["train_skipped"] else "")
+                     + ("  best" if improved else ""))
+        save(cfg.run_dir, meta, net, optimizer, scaler, epoch + 1, step, best, history, improved)
+        utils.barrier()
+    return _results(cfg, multilabel, main_metric, best, history)
+
+
+def _results(cfg, multilabel, main_metric, best, history):
+    """The run's summary, printed and written to {run_dir}/results.json (rank 0)."""
+    results = {"task": "multilabel" if multilabel else "singlelabel", "main_metric": main_metric,
+               "best": best, "final": history[-1] if history else None,
+               "run_dir": cfg.run_dir, "config": dataclasses.asdict(cfg)}
+    if best is not None:
+        utils.print0(f"best {main_metric} {best['value']:.2f} at epoch {best['epoch']} "
+                     f"({os.path.join(cfg.run_dir, 'best.pt')}); final {main_metric} "
+                     f"{history[-1][main_metric]:.2f}")
+    if utils.is_main():
+        with open(os.path.join(cfg.run_dir, "results.json"), "w") as f:
+            json.dump(results, f, indent=1)
+    return results
+
+
+# =============================================================================
+# Building: data, model, optimiser
+# =============================================================================
+
+def build_data(cfg, mcfg):
+    """(train loader, test loader, multilabel) at the model's input sizes."""
+    train, test, label_csv = cfg.train, cfg.test, cfg.label_csv
+    if train is None:
+        paths = toy.ensure_toy_dataset(cfg.toy_root)  # generated on first use
+        suffix = "_multilabel" if cfg.toy_multilabel else ""
+        train, test = paths["train" + suffix], test or paths["test" + suffix]
+        label_csv = label_csv or paths["label_csv"]
+    if label_csv is None:
+        raise ValueError("give --label_csv (index,mid,display_name) with --train")
+    mean, std = data.resolve_norm_stats(cfg.norm_stats, train, None, mcfg.audio_length,
+                                        mcfg.mel_bins)
+    sizes = dict(audio_length=mcfg.audio_length, mel_bins=mcfg.mel_bins, norm_mean=mean,
+                 norm_std=std, image_size=mcfg.image_size, label_csv=label_csv,
+                 skip_bad=cfg.skip_bad)
+    train_set = data.AudioVisualDataset(train, train=True, mixup=cfg.mixup,
+                                        label_smoothing=cfg.label_smoothing, **sizes)
+    # the test split is normalised like the training split it is scored against
+    test_set = data.AudioVisualDataset(test, train=False, **sizes)
+    if cfg.task != "auto":
+        multilabel = cfg.task == "multilabel"
+    else:
+        multilabel = any(len(train_set.label_indices(i)) > 1 for i in range(len(train_set)))
+    weights = None
+    if cfg.weights_csv:
+        weights = data.load_sample_weights(cfg.weights_csv, len(train_set))
+    train_loader = data.make_loader(train_set, cfg.batch_size, train=True,
+                                    num_workers=cfg.num_workers, seed=cfg.seed, weights=weights,
+                                    num_samples=cfg.samples_per_epoch)
+    test_loader = data.make_loader(test_set, cfg.eval_batch_size, train=False,
+                                   num_workers=cfg.num_workers, seed=cfg.seed)
+    world = utils.get_world_size()
+    if len(train_loader) == 0:
+        raise ValueError(f"{len(train_set)} training clips is less than one batch of "
+                         f"{cfg.batch_size} x {world} processes")
+    utils.print0(f"data: {len(train_set)} training clips, {len(test_set)} test clips, "
+                 f"{train_set.num_classes} classes, {'multi' if multilabel else 'single'}-label "
+                 f"({'BCE; mAP, mAUC, d' + chr(39) if multilabel else 'CE; top-1, top-5'}), "
+                 f"{len(train_loader)} steps/epoch of {cfg.batch_size} x {world}"
+                 + (f", class-balanced sampling from {cfg.weights_csv}" if weights is not None else ""))
+    return train_loader, test_loader, multilabel
+
 
 def inspect_init(cfg):
     """(kind, ModelConfig) of the initialization: kind "equiav" (ours or the
@@ -258,44 +381,43 @@ def inspect_init(cfg):
     checkpoint is not loaded twice."""
     if cfg.init_type == "scratch":
         return "scratch", get_config(cfg.preset)
-    require_checkpoint(cfg.init, DEFAULT_INIT, "init")
-    try:
-        state = torch.load(cfg.init, map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError:  # not a zip-format file
-        state = utils.load_checkpoint(cfg.init)
-    if "model_config" in state:  # ours: rebuilt with its own sizes
+    convert.require_checkpoint(cfg.init, "init")
+    state = convert.peek_checkpoint(cfg.init)
+    found = convert.detect_format(state)
+    if found == "ours":  # rebuilt with its own sizes
         return "equiav", ModelConfig(**state["model_config"])
-    kind = cfg.init_type
-    if kind == "auto":
-        sd = state.get("model", state.get("state_dict", state))
-        keys = {k.removeprefix("module.") for k in sd}
-        # MAE's single ViT: cls_token and blocks.{i}; the authors' EquiAV: blocks_a / blocks_v
-        kind = "mae" if "cls_token" in keys or any(k.startswith("blocks.") for k in keys) else "equiav"
+    kind = cfg.init_type if cfg.init_type != "auto" else ("mae" if found == "mae" else "equiav")
     return kind, get_config(cfg.preset)
 
 
-def build_classifier(cfg, kind, mcfg, num_classes):
-    """EquiAVClassifier initialised from cfg.init as `kind` says (on CPU)."""
+def build_model(cfg, kind, mcfg, num_classes, device):
+    """(EquiAVClassifier initialised from cfg.init as `kind` says, AdamW, GradScaler),
+    with the same new head on every rank; a linear probe freezes the encoders."""
+    utils.seed_everything(cfg.seed)
     if kind == "equiav":
-        from pretrain import load_equiav  # pretrain.py is only needed here
-        equiav = load_equiav(cfg.init, cfg.preset)
+        equiav = convert.load_equiav(cfg.init, cfg.preset)
         net = EquiAVClassifier.from_pretrained(equiav, num_classes, cfg.mode, cfg.drop_path)
         utils.print0(f"initialised from EquiAV checkpoint {cfg.init}")
-        return net
-    net = EquiAVClassifier(mcfg, num_classes, cfg.mode, cfg.drop_path)
-    if kind == "mae":
-        report = load_mae_checkpoint(net, cfg.init)
-        missing = ", ".join(report.missing[:6]) + (", ..." if len(report.missing) > 6 else "")
-        utils.print0(f"initialised from MAE checkpoint {cfg.init}: {len(report.missing)} missing "
-                     f"keys ({missing}), {len(report.unexpected)} unexpected")
     else:
-        utils.print0(f"random initialization (preset {cfg.preset!r})")
-    return net
+        net = EquiAVClassifier(mcfg, num_classes, cfg.mode, cfg.drop_path)
+        if kind == "mae":
+            convert.print_report(f"MAE checkpoint {cfg.init}",
+                                 convert.load_mae_checkpoint(net, cfg.init))
+        else:
+            utils.print0(f"random initialization (preset {cfg.preset!r})")
+    if cfg.linear_probe:
+        for p in net.encoder_parameters():
+            p.requires_grad_(False)
+    net = net.to(device)
+    n_train = sum(p.numel() for p in net.parameters() if p.requires_grad)
+    utils.print0(f"model: {cfg.mode}, {'linear probe' if cfg.linear_probe else 'full fine-tuning'}, "
+                 f"{n_train / 1e6:.2f}M trainable parameters; head lr x{cfg.head_lr_mult:g}")
+    return net, make_optimizer(net, cfg), utils.make_grad_scaler(device, cfg.amp)
 
 
 def make_optimizer(net, cfg):
     """AdamW with two parameter groups: the encoders at --lr and the head at
-    --lr x --head_lr_mult. Each group's "lr_scale" is applied by set_lr at
+    --lr x --head_lr_mult. Each group's "lr_scale" is applied by utils.set_lr at
     every step (the public code overwrote all groups with one rate; SPEC 9).
     A linear probe has only the head group."""
     groups = [{"params": net.head_parameters(), "lr_scale": cfg.head_lr_mult, "name": "head"}]
@@ -305,15 +427,50 @@ def make_optimizer(net, cfg):
                              weight_decay=cfg.weight_decay)
 
 
-def set_lr(optimizer, step, total_steps, warmup_steps, cfg):
-    """Warm-up + cosine (utils.cosine_lr) for the base rate, times each group's scale."""
-    # float(): cosine_lr gives a numpy scalar, which weights_only checkpoint loading rejects
-    lr = float(utils.cosine_lr(step, total_steps, warmup_steps, cfg.lr, cfg.warmup_start_lr,
-                               cfg.final_lr))
-    for group in optimizer.param_groups:
-        group["lr"] = lr * group["lr_scale"]
-    return lr
+# =============================================================================
+# Checkpoints: checkpoint.pt after every epoch (resumed), best.pt for the best epoch
+# =============================================================================
 
+_RUN_KEYS = ("mode", "num_classes", "multilabel", "linear_probe")
+
+
+def save(run_dir, meta, net, optimizer, scaler, epoch, step, best, history, improved):
+    """Write checkpoint.pt (and best.pt when the epoch improved) atomically, rank 0.
+    Resuming is epoch-granular and every epoch's randomness is a function of
+    (seed, epoch, rank), as in pretrain.py."""
+    if not utils.is_main():
+        return
+    if improved:
+        utils.save_checkpoint({"model": net.state_dict(), "epoch": epoch,
+                               "metrics": best["metrics"], **meta},
+                              os.path.join(run_dir, "best.pt"))
+    utils.save_checkpoint({"model": net.state_dict(), "optimizer": optimizer.state_dict(),
+                           "scaler": scaler.state_dict(), "epoch": epoch, "step": step,
+                           "best": best, "history": history, **meta},
+                          os.path.join(run_dir, "checkpoint.pt"))
+
+
+def resume(run_dir, meta, net, optimizer, scaler):
+    """Load {run_dir}/checkpoint.pt if present (refused when it holds another kind of
+    run); returns (epochs done, step, best, history)."""
+    path = os.path.join(run_dir, "checkpoint.pt")
+    if not os.path.exists(path):
+        return 0, 0, None, []
+    ckpt = utils.load_checkpoint(path)
+    found, expected = ({k: d[k] for k in _RUN_KEYS} for d in (ckpt, meta))
+    if found != expected:
+        raise ValueError(f"{path} holds a different run ({found}, this one {expected}); "
+                         f"pass another --run_dir")
+    net.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    scaler.load_state_dict(ckpt["scaler"])
+    utils.print0(f"resumed from {path}: {ckpt['epoch']} epoch(s) done")
+    return ckpt["epoch"], ckpt["step"], ckpt["best"], ckpt["history"]
+
+
+# =============================================================================
+# Fine-tuning SpecAugment, one epoch, evaluation
+# =============================================================================
 
 _MASK_SLOTS = [augment.AUDIO_SLOTS[k] for k in
                ("specaug_on", "tmask_start", "tmask_end", "fmask_start", "fmask_end")]
@@ -324,19 +481,13 @@ def finetune_specaugment(spec, generator):
     frequency masks (widths < 192 T/1024 frames and 48 F/128 bins, set to 0),
     and nothing else of the pretraining augmentations: the masks are copied
     into an identity vector. As in augment.py a clip is masked with p 0.8.
-    spec (B, T, F) -> (B, T, F)."""
+    spec (B, T, F) on any device -> (B, T, F). The vector stays on the CPU, where
+    apply_audio reads its decisions (a GPU copy would be read back: a sync)."""
     b, T, F_ = spec.shape
     sampled = augment.sample_audio_params(b, generator, T=T, F=F_)
     t = augment.audio_identity(b)
     t[:, _MASK_SLOTS] = sampled[:, _MASK_SLOTS]
-    return augment.apply_audio(spec, t.to(spec.device))
-
-
-def _epoch_generator(seed, epoch, rank):
-    """A CPU generator for (seed, epoch, rank); re-seeding every epoch makes a
-    resumed run draw exactly what the uninterrupted one would have."""
-    mixed = int(np.random.SeedSequence([seed, epoch, rank]).generate_state(1, dtype=np.uint64)[0])
-    return torch.Generator().manual_seed(mixed)
+    return augment.apply_audio(spec, t)
 
 
 def _set_train_mode(net, linear_probe):
@@ -363,26 +514,27 @@ def compute_loss(logits, targets, multilabel):
     return F.cross_entropy(logits, targets)
 
 
-# =============================================================================
-# One epoch, evaluation
-# =============================================================================
-
 def train_one_epoch(model, net, optimizer, scaler, loader, epoch, step, cfg, multilabel, device,
-                    logger):
-    """One pass over `loader`; returns (global step, mean training loss)."""
+                    logger, bad_data=None):
+    """One pass over `loader`; returns (global step, {"train_loss", "train_skipped"}).
+
+    `bad_data` (a data.BadDataPolicy, with --skip_bad) drops and counts bad samples;
+    a step whose batch lost every sample on some rank is skipped on all ranks."""
     _set_train_mode(net, cfg.linear_probe)
+    loader.sampler.set_epoch(epoch)
+    gen = utils.seed_epoch(cfg.seed, epoch, utils.get_rank())  # SpecAugment; drop path (global)
     steps_per_epoch = len(loader)
     total_steps, warmup_steps = cfg.epochs * steps_per_epoch, round(cfg.warmup_epochs * steps_per_epoch)
-    gen = _epoch_generator(cfg.seed, epoch, utils.get_rank())
-    torch.manual_seed(int(torch.randint(2**62, (1,), generator=gen)))  # drop path
-    params = [p for g in optimizer.param_groups for p in g["params"]]
-    loss_sum = torch.zeros((), device=device)
-    since = torch.zeros((), device=device)
-    n_since = 0
+    loss_sum, since = torch.zeros((), device=device), torch.zeros((), device=device)
+    done = n_since = 0
     bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not utils.is_main(),
                dynamic_ncols=True, leave=False)
     for i, batch in enumerate(bar):
-        lr = set_lr(optimizer, step, total_steps, warmup_steps, cfg)
+        if bad_data is not None:
+            batch = bad_data.filter(batch)
+            if batch is None:
+                continue
+        lr = utils.set_lr(optimizer, step, total_steps, warmup_steps, cfg)
         x_a, x_v = _inputs(batch, cfg.mode, device)
         if x_a is not None and cfg.specaug:
             x_a = finetune_specaugment(x_a, gen)
@@ -390,17 +542,10 @@ def train_one_epoch(model, net, optimizer, scaler, loader, epoch, step, cfg, mul
         with utils.autocast_context(device, cfg.amp):
             logits = model(x_a, x_v)
         loss = compute_loss(logits, y, multilabel)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        if cfg.clip_grad > 0:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad)
-        scaler.step(optimizer)
-        scaler.update()
-        step += 1
+        utils.optimizer_step(optimizer, scaler, loss, cfg.clip_grad)
+        step, done, n_since = step + 1, done + 1, n_since + 1
         loss_sum += loss.detach()
         since += loss.detach()
-        n_since += 1
         if (i + 1) % cfg.log_every == 0 or i + 1 == steps_per_epoch:
             value = since.item() / n_since  # the only host-device sync of the loop
             if not math.isfinite(value):
@@ -412,186 +557,44 @@ def train_one_epoch(model, net, optimizer, scaler, loader, epoch, step, cfg, mul
             since.zero_()
             n_since = 0
     bar.close()
-    mean = loss_sum / steps_per_epoch
-    if utils.get_world_size() > 1:
-        torch.distributed.all_reduce(mean)
-        mean /= utils.get_world_size()
-    return step, mean.item()
+    if bad_data is not None:
+        bad_data.check()
+    mean = utils.mean_over_ranks(loss_sum / max(done, 1)).item()
+    return step, {"train_loss": mean,
+                  "train_skipped": bad_data.skipped() if bad_data is not None else 0}
 
 
 @torch.no_grad()
 def evaluate(net, loader, device, cfg, multilabel):
     """Scores of every test clip (gathered over ranks in dataset order) -> metrics
-    dict (the same on every rank), with the mean loss under "loss"."""
+    dict (the same on every rank), with the mean loss under "loss". With
+    --skip_bad, bad test clips are left out and counted under "test_skipped"."""
     net.eval()
-    indices, scores, targets = [], [], []
+    indices, scores, targets, skipped = [], [], [], 0
     for batch in loader:
+        skipped += batch["skipped"]
+        if batch["index"].numel() == 0:
+            continue
         x_a, x_v = _inputs(batch, cfg.mode, device)
         with utils.autocast_context(device, cfg.amp):
             logits = net(x_a, x_v)
         indices.append(batch["index"].to(device))
         scores.append(logits.float())
         targets.append(batch["label"].to(device).float())
-    _, scores, targets = gather_in_dataset_order(torch.cat(indices), torch.cat(scores),
-                                                 torch.cat(targets))
+    if not indices:  # every clip of this rank was bad: an empty share of the gather
+        c = loader.dataset.num_classes
+        indices, scores, targets = ([torch.zeros(0, dtype=torch.long, device=device)],
+                                    [torch.zeros(0, c, device=device)],
+                                    [torch.zeros(0, c, device=device)])
+    _, scores, targets = utils.gather_in_dataset_order(torch.cat(indices), torch.cat(scores),
+                                                       torch.cat(targets))
+    if scores.shape[0] == 0:
+        raise data.DataError(f"{loader.dataset.manifest}: no test clip could be read")
     metrics = evaluation_metrics(scores.cpu(), targets.cpu(), multilabel)
     metrics["loss"] = compute_loss(scores, targets, multilabel).item()
+    if cfg.skip_bad:
+        metrics["test_skipped"] = int(utils.sum_over_ranks(torch.tensor(skipped, device=device)))
     return metrics
-
-
-# =============================================================================
-# The recipe
-# =============================================================================
-
-def main(cfg):
-    """Fine-tune with config `cfg` (resolved here); returns the results dict."""
-    cfg = resolve_config(cfg)
-    rank, world, local_rank, device = utils.init_distributed(cfg.device)
-    try:
-        return _run(cfg, rank, world, local_rank, device)
-    finally:
-        utils.cleanup_distributed()
-
-
-def _datasets(cfg, mcfg):
-    train, test, label_csv = cfg.train, cfg.test, cfg.label_csv
-    if train is None:
-        if utils.is_main():
-            data.ensure_toy_dataset(cfg.toy_root)  # generated on first use
-        utils.barrier()
-        toy = data.ensure_toy_dataset(cfg.toy_root)
-        suffix = "_multilabel" if cfg.toy_multilabel else ""
-        train, test = toy["train" + suffix], test or toy["test" + suffix]
-        label_csv = label_csv or toy["label_csv"]
-    if label_csv is None:
-        raise ValueError("give --label_csv (index,mid,display_name) with --train")
-    mean, std = data.resolve_norm_stats(cfg.norm_stats)
-    sizes = dict(audio_length=mcfg.audio_length, mel_bins=mcfg.mel_bins,
-                 image_size=mcfg.image_size, label_csv=label_csv, skip_bad=cfg.skip_bad)
-    train_set = data.AudioVisualDataset(train, train=True, norm_mean=mean, norm_std=std,
-                                        mixup=cfg.mixup, label_smoothing=cfg.label_smoothing,
-                                        **sizes)
-    # the test split is normalised like the training split it is scored against
-    test_set = data.AudioVisualDataset(test, train=False, norm_mean=train_set.norm_mean,
-                                       norm_std=train_set.norm_std, **sizes)
-    return train_set, test_set
-
-
-def _is_multilabel(cfg, train_set):
-    if cfg.task != "auto":
-        return cfg.task == "multilabel"
-    return any(len(train_set.label_indices(i)) > 1 for i in range(len(train_set)))
-
-
-def _run(cfg, rank, world, local_rank, device):
-    utils.print0(f"EquiAV fine-tuning: {world} process(es) on {device}; resolved config "
-                 f"(profile {cfg.profile!r}):")
-    for f in dataclasses.fields(cfg):
-        utils.print0(f"  {f.name:18s} {getattr(cfg, f.name)}")
-    ckpt_path = os.path.join(cfg.run_dir, "checkpoint.pt")
-    best_path = os.path.join(cfg.run_dir, "best.pt")
-    logger = utils.JsonLogger(os.path.join(cfg.run_dir, "log.jsonl"))
-
-    # ---- data (at the model's input sizes) -------------------------------------
-    init_kind, mcfg = inspect_init(cfg)
-    train_set, test_set = _datasets(cfg, mcfg)
-    num_classes = train_set.num_classes
-    multilabel = _is_multilabel(cfg, train_set)
-    weights = None
-    if cfg.weights_csv:
-        weights = data.load_sample_weights(cfg.weights_csv, len(train_set))
-    train_loader = data.make_loader(train_set, cfg.batch_size, train=True,
-                                    num_workers=cfg.num_workers, seed=cfg.seed, weights=weights,
-                                    num_samples=cfg.samples_per_epoch)
-    test_loader = data.make_loader(test_set, cfg.eval_batch_size, train=False,
-                                   num_workers=cfg.num_workers, seed=cfg.seed)
-    if len(train_loader) == 0:
-        raise ValueError(f"{len(train_set)} training clips is less than one batch of "
-                         f"{cfg.batch_size} x {world} processes")
-    main_metric = "mAP" if multilabel else "top1"
-    utils.print0(f"data: {len(train_set)} training clips, {len(test_set)} test clips, "
-                 f"{num_classes} classes, {'multi' if multilabel else 'single'}-label "
-                 f"({'BCE; mAP, mAUC, d' + chr(39) if multilabel else 'CE; top-1, top-5'}), "
-                 f"{len(train_loader)} steps/epoch of {cfg.batch_size} x {world}"
-                 + (f", class-balanced sampling from {cfg.weights_csv}" if weights is not None else ""))
-
-    # ---- model, optimiser, resume ------------------------------------------------
-    utils.seed_everything(cfg.seed)  # the same new head on every rank
-    net = build_classifier(cfg, init_kind, mcfg, num_classes)
-    mcfg = net.cfg  # with drop_path
-    if cfg.linear_probe:
-        for p in net.encoder_parameters():
-            p.requires_grad_(False)
-    net = net.to(device)
-    optimizer = make_optimizer(net, cfg)
-    scaler = utils.make_grad_scaler(device, cfg.amp)
-    n_train = sum(p.numel() for p in net.parameters() if p.requires_grad)
-    utils.print0(f"model: {cfg.mode}, {'linear probe' if cfg.linear_probe else 'full fine-tuning'}, "
-                 f"{n_train / 1e6:.2f}M trainable parameters; head lr x{cfg.head_lr_mult:g}")
-    start_epoch, step, best, history = 0, 0, None, []
-    if os.path.exists(ckpt_path):
-        ckpt = utils.load_checkpoint(ckpt_path)
-        expected = {"mode": cfg.mode, "num_classes": num_classes, "multilabel": multilabel,
-                    "linear_probe": cfg.linear_probe}
-        found = {k: ckpt[k] for k in expected}
-        if found != expected:
-            raise ValueError(f"{ckpt_path} holds a different run ({found}, this one {expected}); "
-                             f"pass another --run_dir")
-        net.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scaler.load_state_dict(ckpt["scaler"])
-        start_epoch, step, best, history = ckpt["epoch"], ckpt["step"], ckpt["best"], ckpt["history"]
-        utils.print0(f"resumed from {ckpt_path}: {start_epoch} epoch(s) done")
-        del ckpt
-    model = net
-    if world > 1:
-        model = DistributedDataParallel(net, device_ids=[local_rank] if device.type == "cuda" else None)
-    if start_epoch == 0 and not history:
-        logger.log({"type": "config", "world_size": world, "num_classes": num_classes,
-                    "multilabel": multilabel, "model_config": dataclasses.asdict(mcfg),
-                    **dataclasses.asdict(cfg)})
-
-    # ---- train, evaluating after every epoch ------------------------------------
-    for epoch in range(start_epoch, cfg.epochs):
-        t0 = time.time()
-        train_loader.sampler.set_epoch(epoch)
-        step, train_loss = train_one_epoch(model, net, optimizer, scaler, train_loader, epoch,
-                                           step, cfg, multilabel, device, logger)
-        train_s = time.time() - t0
-        metrics = evaluate(net, test_loader, device, cfg, multilabel)
-        record = {"type": "epoch", "epoch": epoch + 1, "step": step, "train_loss": train_loss,
-                  "train_time_s": train_s, "eval_time_s": time.time() - t0 - train_s, **metrics}
-        history.append(record)
-        logger.log(record)
-        improved = best is None or metrics[main_metric] > best["value"]
-        if improved:
-            best = {"metric": main_metric, "value": metrics[main_metric], "epoch": epoch + 1,
-                    "metrics": metrics}
-        shown = ", ".join(f"{k} {v:.2f}" for k, v in metrics.items() if k != "classes_evaluated")
-        utils.print0(f"epoch {epoch + 1}/{cfg.epochs}  train loss {train_loss:.4f}  test: {shown}  "
-                     f"({train_s:.0f} s){'  best' if improved else ''}")
-        if utils.is_main():
-            meta = {"model_config": dataclasses.asdict(mcfg), "mode": cfg.mode,
-                    "num_classes": num_classes, "multilabel": multilabel,
-                    "linear_probe": cfg.linear_probe, "config": dataclasses.asdict(cfg)}
-            if improved:
-                utils.save_checkpoint({"model": net.state_dict(), "epoch": epoch + 1,
-                                       "metrics": metrics, **meta}, best_path)
-            utils.save_checkpoint({"model": net.state_dict(), "optimizer": optimizer.state_dict(),
-                                   "scaler": scaler.state_dict(), "epoch": epoch + 1, "step": step,
-                                   "best": best, "history": history, **meta}, ckpt_path)
-        utils.barrier()
-
-    results = {"task": "multilabel" if multilabel else "singlelabel", "main_metric": main_metric,
-               "best": best, "final": history[-1] if history else None,
-               "run_dir": cfg.run_dir, "config": dataclasses.asdict(cfg)}
-    if best is not None:
-        utils.print0(f"best {main_metric} {best['value']:.2f} at epoch {best['epoch']} "
-                     f"({best_path}); final {main_metric} {history[-1][main_metric]:.2f}")
-    if utils.is_main():
-        with open(os.path.join(cfg.run_dir, "results.json"), "w") as f:
-            json.dump(results, f, indent=1)
-    return results
 
 
 if __name__ == "__main__":

@@ -14,24 +14,23 @@ checkpoint that the same command resumes from.
 """
 import dataclasses
 import os
-import random
 import time
 from typing import Optional
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 import augment
+import convert
 import data
 import retrieval
+import toy
 import utils
-from utils import option
 from losses import EquiAVLoss
-from model import (EquiAV, ModelConfig, get_config, load_mae_checkpoint,
-                   load_official_checkpoint)
+from model import EquiAV, get_config
+from utils import option
 
 
 # =============================================================================
@@ -117,7 +116,8 @@ PROFILES = {
     "paper": dict(preset="base", epochs=20, batch_size=16, lr=1e-4, warmup_epochs=2.0,
                   clip_grad=0.01, num_workers=8, run_dir="runs/pretrain"),
     "toy": dict(preset="tiny", epochs=10, batch_size=32, lr=1e-3, warmup_epochs=1.0,
-                clip_grad=1.0, num_workers=1, cpu_threads=0, run_dir="runs/pretrain_toy"),
+                clip_grad=1.0, num_workers=1, cpu_threads=0,
+                run_dir=os.path.dirname(convert.TOY_CHECKPOINT)),
 }
 
 
@@ -150,273 +150,301 @@ def model_config(cfg):
 
 
 # =============================================================================
-# Loading a pretrained EquiAV (used by finetune.py and retrieval.py)
+# The recipe
 # =============================================================================
 
-def load_equiav(path, preset="base"):
-    """An EquiAV from our checkpoint (rebuilt exactly) or an authors' state dict.
-
-    Our checkpoints carry "model_config" and "model_flags"; anything else is
-    taken as an authors' EquiAV state dict and loaded through the SPEC 10
-    conversion into an EquiAV of `preset` (a preset name or a ModelConfig).
-    """
-    state = utils.load_checkpoint(path)
-    if "model_config" in state:
-        net = EquiAV(ModelConfig(**state["model_config"]), **state.get("model_flags", {}))
-        net.load_state_dict(state["model"])
-        return net
-    net = EquiAV(preset if isinstance(preset, ModelConfig) else get_config(preset))
-    report = load_official_checkpoint(net, state)
-    _print_report(f"authors' EquiAV checkpoint {path}", report)
-    return net
+def main(cfg):
+    """Pretrain EquiAV with config `cfg` (resolved here); returns the final summary dict."""
+    cfg = resolve_config(cfg)
+    rank, world, local_rank, device = utils.init_distributed(cfg.device)
+    threads = torch.get_num_threads()
+    if device.type == "cpu" and cfg.cpu_threads is not None:
+        torch.set_num_threads(cfg.cpu_threads or _free_cores(cfg.num_workers, world))
+    try:
+        return run(cfg, device, local_rank)
+    finally:
+        torch.set_num_threads(threads)  # main() may be called in-process (tests, notebooks)
+        utils.cleanup_distributed()
 
 
-def _print_report(what, report):
-    utils.print0(f"loaded {what}: {len(report.missing)} missing, "
-                 f"{len(report.unexpected)} unexpected keys")
-    for name, keys in (("missing", report.missing), ("unexpected", report.unexpected)):
-        if keys:
-            shown = ", ".join(keys[:12]) + (f", ... ({len(keys) - 12} more)" if len(keys) > 12 else "")
-            utils.print0(f"  {name}: {shown}")
+def run(cfg, device, local_rank=0):
+    """Build, resume or initialise, then train; after every epoch evaluate and save."""
+    t_start, world = time.time(), utils.get_world_size()
+    utils.print_config(f"EquiAV pretraining: {world} process(es) on {device}"
+                       + (f" ({torch.get_num_threads()} threads each)" if device.type == "cpu" else "")
+                       + f"; resolved config (profile {cfg.profile!r}):", cfg)
+    mcfg = model_config(cfg)
+    train_loader, eval_loader, norm_stats = build_data(cfg, mcfg)
+    net, criterion, optimizer, scaler = build_model(cfg, mcfg, device)
+    ckpt_path = os.path.join(cfg.run_dir, "checkpoint.pt")
+    logger = utils.JsonLogger(os.path.join(cfg.run_dir, "log.jsonl"))
+    start_epoch, step = resume_or_init(ckpt_path, cfg, mcfg, net, criterion, optimizer, scaler)
+    model = wrap(net, cfg, device, local_rank)
+    bad_data = data.BadDataPolicy(cfg.max_bad_fraction) if cfg.skip_bad else None
+    if start_epoch == 0:
+        logger.log({"type": "config", "world_size": world, "model_config": dataclasses.asdict(mcfg),
+                    **dataclasses.asdict(cfg)})
+    else:
+        logger.log({"type": "resume", "epoch": start_epoch, "step": step, "world_size": world})
+        if start_epoch >= cfg.epochs:
+            utils.print0(f"nothing to do: {cfg.run_dir} already holds {start_epoch} epoch(s)")
+
+    summary = {"epoch": start_epoch, "step": step}
+    for epoch in range(start_epoch, cfg.epochs):
+        t0 = time.time()
+        step, means = train_one_epoch(model, criterion, optimizer, scaler, train_loader, epoch,
+                                      step, cfg, mcfg, device, logger, bad_data)
+        summary = {"type": "epoch", "epoch": epoch + 1, "step": step,
+                   "skipped": bad_data.skipped() if bad_data is not None else 0,
+                   "train_time_s": time.time() - t0, **means}
+        line = _epoch_line(cfg, summary)
+        if eval_loader is not None:
+            metrics, chance, n = retrieval.evaluate_retrieval(net, eval_loader, device, cfg.S,
+                                                              cfg.seed, cfg.amp)
+            summary.update({"retrieval": metrics, "chance": chance, "n_eval": n})
+            line += "\n  retrieval " + retrieval.format_line(metrics, chance, n)
+        utils.print0(line)
+        logger.log(summary)
+        save(ckpt_path, cfg, mcfg, net, criterion, optimizer, scaler, step, epoch + 1, norm_stats)
+        utils.barrier()
+    utils.print0(f"done: {cfg.epochs} epochs, step {step}, {time.time() - t_start:.0f} s in "
+                 f"this process; checkpoint {ckpt_path}, log {logger.path}")
+    return summary
+
+
+def _free_cores(num_workers, world):
+    """Cores per process left after the data-loader workers (at least 1)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:
+        cores = os.cpu_count() or 1
+    return max(1, cores // world - num_workers)
+
+
+def _epoch_line(cfg, s):
+    return (f"epoch {s['epoch']}/{cfg.epochs}  step {s['step']}  loss {s['loss']:.4f} "
+            f"(inter {s['inter']:.3f}, intra_a {s['intra_a']:.3f}, intra_v {s['intra_v']:.3f})  "
+            f"acc a2v {s['acc_a2v']:.2f}  {s['train_time_s']:.0f} s"
+            + (f"  skipped {s['skipped']}" if s["skipped"] else ""))
 
 
 # =============================================================================
-# Random state: saved per rank so that a resumed run repeats exactly
+# Building: data, model, loss, optimiser
 # =============================================================================
 
-def augmentation_generator(seed, rank):
-    """The CPU generator that samples every augmentation and centroid vector."""
-    mixed = np.random.SeedSequence([seed, rank]).generate_state(1, dtype=np.uint64)[0]
-    return torch.Generator().manual_seed(int(mixed))
+def build_data(cfg, mcfg):
+    """(train loader, eval loader or None, [fbank mean, std]) at the model's input sizes."""
+    train_manifest, eval_manifest = cfg.data, cfg.eval_data
+    if train_manifest is None:
+        paths = toy.ensure_toy_dataset(cfg.toy_root)  # generated on first use
+        train_manifest, eval_manifest = paths["train"], eval_manifest or paths["retrieval"]
+    sizes = dict(audio_length=mcfg.audio_length, mel_bins=mcfg.mel_bins,
+                 image_size=mcfg.image_size, skip_bad=cfg.skip_bad)
+    mean, std = data.resolve_norm_stats(cfg.norm_stats, train_manifest, None, mcfg.audio_length,
+                                        mcfg.mel_bins)
+    train_set = data.AudioVisualDataset(train_manifest, train=True, norm_mean=mean, norm_std=std,
+                                        **sizes)
+    train_loader = data.make_loader(train_set, cfg.batch_size, train=True,
+                                    num_workers=cfg.num_workers, seed=cfg.seed)
+    world = utils.get_world_size()
+    if len(train_loader) == 0:
+        raise ValueError(f"{train_manifest}: {len(train_set)} samples is less than one batch "
+                         f"of {cfg.batch_size} x {world} processes")
+    eval_loader = None
+    if eval_manifest is not None:
+        eval_set = data.AudioVisualDataset(eval_manifest, train=False, norm_mean=mean,
+                                           norm_std=std, **sizes)
+        eval_loader = data.make_loader(eval_set, cfg.eval_batch_size, train=False,
+                                       num_workers=cfg.num_workers, seed=cfg.seed)
+    utils.print0(f"data: {len(train_set)} training clips ({train_manifest}), "
+                 f"{len(train_loader)} steps/epoch of {cfg.batch_size} x {world}; retrieval on "
+                 f"{eval_manifest or 'nothing (no --eval_data)'}; fbank mean/std {[mean, std]}")
+    return train_loader, eval_loader, [mean, std]
 
 
-def capture_rng(aug_gen):
-    """This rank's random state as plain values (torch.load(weights_only=True) accepts it)."""
-    name, keys, pos, has_gauss, cached = np.random.get_state()
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
-             "numpy": (name, keys.tolist(), int(pos), int(has_gauss), float(cached)),
-             "aug": aug_gen.get_state()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
+def build_model(cfg, mcfg, device):
+    """(EquiAV, EquiAVLoss, AdamW, GradScaler) on `device`, with the same initial
+    weights on every rank."""
+    torch.manual_seed(cfg.seed)
+    net = EquiAV(mcfg, use_centroid=cfg.centroid, equivariant=cfg.equivariant).to(device)
+    criterion = EquiAVLoss(temperature=cfg.temperature,
+                           learnable_temperature=cfg.learnable_temperature,
+                           w_inter=cfg.w_inter, w_a=cfg.w_a, w_v=cfg.w_v).to(device)
+    optimizer = torch.optim.AdamW(list(net.parameters()) + list(criterion.parameters()),
+                                  lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+                                  weight_decay=cfg.weight_decay)
+    scaler = utils.make_grad_scaler(device, cfg.amp)
+    utils.print0(f"model: preset {cfg.preset!r} ({sum(p.numel() for p in net.parameters()) / 1e6:.2f}M "
+                 f"parameters), centroid={cfg.centroid}, equivariant={cfg.equivariant}, S={cfg.S}")
+    return net, criterion, optimizer, scaler
 
 
-def restore_rng(state, aug_gen):
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    name, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
-    aug_gen.set_state(state["aug"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-
-
-def gather_rng(aug_gen):
-    """Every rank's random state, as a list indexed by rank (collective call)."""
-    mine = capture_rng(aug_gen)
-    if utils.get_world_size() == 1:
-        return [mine]
-    states = [None] * utils.get_world_size()
-    dist.all_gather_object(states, mine)
-    return states
+def wrap(net, cfg, device, local_rank):
+    """DDP under torchrun, then torch.compile if asked; `net` itself stays what is saved."""
+    model = net
+    if utils.get_world_size() > 1:
+        # ablations leave some modules out of the loss; DDP must then look for unused ones
+        unused = not (cfg.centroid and cfg.equivariant) or min(cfg.w_inter, cfg.w_a, cfg.w_v) == 0
+        model = DistributedDataParallel(net, device_ids=[local_rank] if device.type == "cuda" else None,
+                                        find_unused_parameters=unused)
+    return torch.compile(model) if cfg.compile else model
 
 
 # =============================================================================
 # Checkpoints: written by rank 0 after every epoch; a run resumes from its own
 # =============================================================================
 
-def save(path, cfg, mcfg, net, criterion, optimizer, scaler, step, epoch, rng, norm_stats):
+def _model_flags(cfg):
+    return {"use_centroid": cfg.centroid, "equivariant": cfg.equivariant}
+
+
+def save(path, cfg, mcfg, net, criterion, optimizer, scaler, step, epoch, norm_stats):
     """Write {run_dir}/checkpoint.pt atomically (rank 0), plain tensors and values only.
 
-    `epoch` counts completed epochs: resuming is epoch-granular, and the data
-    order of an epoch is a function of (seed, epoch), so nothing else about
-    the loader needs saving.
+    `epoch` counts completed epochs: resuming is epoch-granular, and everything
+    random in an epoch is a function of (seed, epoch, rank) (utils.seed_epoch,
+    the sampler, the dataset's SampleKey), so no random state needs saving.
     """
     if not utils.is_main():
         return
     utils.save_checkpoint({
         "model": net.state_dict(),  # unwrapped and uncompiled: plain EquiAV keys
-        "model_config": dataclasses.asdict(mcfg),
-        "model_flags": {"use_centroid": cfg.centroid, "equivariant": cfg.equivariant},
+        "model_config": dataclasses.asdict(mcfg), "model_flags": _model_flags(cfg),
         "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
         "loss": criterion.state_dict(), "step": step, "epoch": epoch,
-        "config": dataclasses.asdict(cfg), "rng": rng, "norm_stats": norm_stats,
+        "config": dataclasses.asdict(cfg), "norm_stats": norm_stats,
     }, path)
 
 
-def resume(path, cfg, mcfg, net, criterion, optimizer, scaler, aug_gen):
-    """Load our checkpoint into the run's objects; returns (epoch, step, aug_gen)."""
+def resume_or_init(path, cfg, mcfg, net, criterion, optimizer, scaler):
+    """Resume from our checkpoint at `path` if there is one (it wins over --init_*),
+    else initialise from --init_mae / --init_official. Returns (epoch, step) done."""
+    if not os.path.exists(path):
+        if cfg.init_mae:
+            convert.print_report(f"ImageNet MAE checkpoint {cfg.init_mae}",
+                                 convert.load_mae_checkpoint(net, cfg.init_mae))
+        elif cfg.init_official:
+            convert.print_report(f"authors' EquiAV checkpoint {cfg.init_official}",
+                                 convert.load_official_checkpoint(net, cfg.init_official))
+        return 0, 0
     ckpt = utils.load_checkpoint(path)
-    flags = {"use_centroid": cfg.centroid, "equivariant": cfg.equivariant}
-    if ckpt["model_config"] != dataclasses.asdict(mcfg) or ckpt["model_flags"] != flags:
+    if ckpt["model_config"] != dataclasses.asdict(mcfg) or ckpt["model_flags"] != _model_flags(cfg):
         raise ValueError(
             f"{path} holds a different model ({ckpt['model_config']}, {ckpt['model_flags']}) "
-            f"than this command builds ({dataclasses.asdict(mcfg)}, {flags}): give the same "
-            f"--preset/--model_overrides/--centroid/--equivariant, or another --run_dir")
+            f"than this command builds ({dataclasses.asdict(mcfg)}, {_model_flags(cfg)}): give "
+            f"the same --preset/--model_overrides/--centroid/--equivariant, or another --run_dir")
     net.load_state_dict(ckpt["model"])
     criterion.load_state_dict(ckpt["loss"])
     optimizer.load_state_dict(ckpt["optimizer"])
     scaler.load_state_dict(ckpt["scaler"])
-    epoch, step = ckpt["epoch"], ckpt["step"]
-    rank, world = utils.get_rank(), utils.get_world_size()
-    if len(ckpt["rng"]) == world:
-        restore_rng(ckpt["rng"][rank], aug_gen)
-    else:  # another number of processes cannot continue the old random streams
-        utils.print0(f"  checkpoint written by {len(ckpt['rng'])} process(es), now {world}: "
-                     f"random streams re-seeded")
-        utils.seed_everything(cfg.seed + rank + 1000 * epoch)
-        aug_gen = augmentation_generator(cfg.seed + 1000 * epoch, rank)
     changed = {k: (v, getattr(cfg, k)) for k, v in ckpt["config"].items()
                if getattr(cfg, k, v) != v}
-    utils.print0(f"resumed from {path}: {epoch} epoch(s), step {step} done"
+    utils.print0(f"resumed from {path}: {ckpt['epoch']} epoch(s), step {ckpt['step']} done"
                  + (f"; config changed since (old, new): {changed}" if changed else ""))
     if cfg.init_mae or cfg.init_official:
         utils.print0("  (--init_mae/--init_official ignored: resuming wins)")
-    return epoch, step, aug_gen
+    return ckpt["epoch"], ckpt["step"]
 
 
 # =============================================================================
-# One epoch of pretraining (SPEC 6-8, 12)
+# One step and one epoch of pretraining (SPEC 6-8, 12)
 # =============================================================================
 
 LOG_KEYS = ("loss", "inter", "intra_a", "intra_v",
             "acc_a2v", "acc_v2a", "acc_intra_a", "acc_intra_v")
 
 
-def prepare_inputs(batch, aug_gen, mcfg, S, device, time_roll=True):
+def prepare_inputs(batch, gen, mcfg, S, device, time_roll=True):
     """A loader batch -> the eight inputs of EquiAV.forward, on `device` (SPEC 6, 8, 12).
 
     The originals get the random time roll (SPEC 12 input noise), then one
     augmented view per modality with its parameter vector t (SPEC 8), ImageNet
     normalisation last (after the colour augmentations), and S sampled vectors
     per sample for the centroids (SPEC 6; sampled, never applied). All random
-    draws come from `aug_gen`, a CPU generator, so no step waits for the GPU.
+    draws come from `gen`, a CPU generator, so no step waits for the GPU.
     """
     x_a = batch["audio"].to(device, non_blocking=True)   # (B, T, F) normalised fbank
     x_v = batch["frame"].to(device, non_blocking=True)   # (B, 3, H, W) in [0, 1]
     n = x_a.shape[0]
     if time_roll:
-        x_a = augment.random_time_roll(x_a, aug_gen)
-    x_a_aug, t_a = augment.augment_audio(x_a, aug_gen)      # (B, T, F), (B, 24)
-    x_v_aug, t_v = augment.augment_visual(x_v, aug_gen)     # (B, 3, H, W), (B, 18)
+        x_a = augment.random_time_roll(x_a, gen)
+    x_a_aug, t_a = augment.augment_audio(x_a, gen)      # (B, T, F), (B, 24)
+    x_v_aug, t_v = augment.augment_visual(x_v, gen)     # (B, 3, H, W), (B, 18)
     x_v, x_v_aug = augment.normalize_image(x_v), augment.normalize_image(x_v_aug)
-    T_a = _to_device(augment.sample_audio_vectors(
-        n, S, aug_gen, T=mcfg.audio_length, F=mcfg.mel_bins), device)  # (B, S, 24)
-    T_v = _to_device(augment.sample_visual_vectors(
-        n, S, aug_gen, H=mcfg.image_size, W=mcfg.image_size), device)  # (B, S, 18)
+    T_a = augment.to_device(augment.sample_audio_vectors(
+        n, S, gen, T=mcfg.audio_length, F=mcfg.mel_bins), device)  # (B, S, 24)
+    T_v = augment.to_device(augment.sample_visual_vectors(
+        n, S, gen, H=mcfg.image_size, W=mcfg.image_size), device)  # (B, S, 18)
     return x_a, x_v, x_a_aug, x_v_aug, t_a, t_v, T_a, T_v
 
 
-def _to_device(x, device):
-    """CPU tensor -> device without waiting for the GPU (pinned, non-blocking copy)."""
-    if device.type == "cuda":
-        x = x.pin_memory()
-    return x.to(device, non_blocking=True)
+def train_step(model, criterion, optimizer, scaler, batch, gen, cfg, mcfg, device):
+    """One pretraining step, as the loop and bench.py run it: the inputs
+    (prepare_inputs), the EquiAV forward under autocast, the losses in float32,
+    then backward, clipping and AdamW (utils.optimizer_step). Returns the loss
+    terms, left on the device (reading them is a host-device sync)."""
+    inputs = prepare_inputs(batch, gen, mcfg, cfg.S, device, cfg.time_roll)
+    with utils.autocast_context(device, cfg.amp):
+        out = model(*inputs)
+    terms = criterion(out)  # float32 inside: logits are cosines divided by tau = 0.07
+
+    def average_tau_grad():  # tau is not inside DDP: its gradient is averaged here
+        _average_grads(criterion.parameters())
+
+    sync = cfg.learnable_temperature and utils.get_world_size() > 1
+    utils.optimizer_step(optimizer, scaler, terms["loss"], cfg.clip_grad,
+                         average_tau_grad if sync else None)
+    return terms
 
 
-def train_one_epoch(model, criterion, optimizer, scaler, loader, aug_gen, epoch, step,
-                    cfg, mcfg, device, logger, bad_data=None):
+def train_one_epoch(model, criterion, optimizer, scaler, loader, epoch, step, cfg, mcfg, device,
+                    logger, bad_data=None):
     """One pass over `loader`; returns (global step, epoch means of LOG_KEYS).
 
+    The epoch's random stream comes from (seed, epoch, rank) (utils.seed_epoch).
     Loss values stay on the device and are read only every `log_every` steps,
     so the loop never waits for the GPU in between; a non-finite loss is
     recorded on the device at the step it happens and raised at the next read.
-    `bad_data` (a BadDataPolicy, with --skip_bad) drops and counts bad samples.
+    `bad_data` (a data.BadDataPolicy, with --skip_bad) drops and counts bad samples.
     """
     model.train()
+    loader.sampler.set_epoch(epoch)  # a new, reproducible order every epoch
+    gen = utils.seed_epoch(cfg.seed, epoch, utils.get_rank())
     steps_per_epoch = len(loader)
-    total_steps = cfg.epochs * steps_per_epoch
-    warmup_steps = round(cfg.warmup_epochs * steps_per_epoch)
-    world = utils.get_world_size()
-    params = [p for group in optimizer.param_groups for p in group["params"]]
+    total_steps, warmup_steps = cfg.epochs * steps_per_epoch, round(cfg.warmup_epochs * steps_per_epoch)
     sums = torch.zeros(len(LOG_KEYS), device=device)
     first_bad = torch.full((1 + len(LOG_KEYS),), -1.0, device=device)  # [step, terms...]
     step_dev = torch.tensor(float(step), device=device)
     done, since, t_last = 0, 0, time.time()
-
     bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not utils.is_main(),
                dynamic_ncols=True, leave=False)
     for i, batch in enumerate(bar):
         if bad_data is not None:
-            batch = bad_data.filter(batch)  # equal batch sizes on every rank, maybe 0
+            batch = bad_data.filter(batch)  # equal batch sizes on every rank
             if batch is None:
                 continue
-        lr = float(utils.cosine_lr(step, total_steps, warmup_steps, cfg.lr,  # no numpy
-                                   cfg.warmup_start_lr, cfg.final_lr))  # scalars in checkpoints
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-
-        inputs = prepare_inputs(batch, aug_gen, mcfg, cfg.S, device, cfg.time_roll)
-        n = inputs[0].shape[0]
-        with utils.autocast_context(device, cfg.amp):
-            out = model(*inputs)
-        terms = criterion(out)  # float32 inside: logits are cosines divided by tau = 0.07
-        loss = terms["loss"]
-
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        if cfg.learnable_temperature and world > 1:
-            _average_grads(criterion.parameters(), world)  # tau is not inside DDP
-        if cfg.clip_grad > 0:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad)
-        scaler.step(optimizer)
-        scaler.update()
-        step += 1
-        done += 1
-
+        lr = utils.set_lr(optimizer, step, total_steps, warmup_steps, cfg)
+        terms = train_step(model, criterion, optimizer, scaler, batch, gen, cfg, mcfg, device)
+        step, done, since = step + 1, done + 1, since + batch["index"].numel() * utils.get_world_size()
         values = torch.stack([terms[k].detach().float() for k in LOG_KEYS])
         sums += values
         step_dev += 1
         is_first_bad = ~torch.isfinite(values[0]) & (first_bad[0] < 0)
         first_bad = torch.where(is_first_bad, torch.cat([step_dev.view(1), values]), first_bad)
-
-        since += n * world
         if (i + 1) % cfg.log_every == 0 or i + 1 == steps_per_epoch:
             _raise_if_nonfinite(first_bad, epoch)  # reads the device: the loop's one sync
-            now = dict(zip(LOG_KEYS, _mean_over_ranks(values).tolist()))
+            now = dict(zip(LOG_KEYS, utils.mean_over_ranks(values).tolist()))
             rate = since / max(time.time() - t_last, 1e-9)
             since, t_last = 0, time.time()
             logger.log({"type": "step", "epoch": epoch, "step": step, "lr": lr,
                         "samples_per_s": rate, **now})
-            bar.set_postfix(loss=f"{now['loss']:.4f}", lr=f"{lr:.2e}",
-                            samples_per_s=f"{rate:.1f}")
+            bar.set_postfix(loss=f"{now['loss']:.4f}", lr=f"{lr:.2e}", samples_per_s=f"{rate:.1f}")
     bar.close()
+    if bad_data is not None:
+        bad_data.check()
     _raise_if_nonfinite(first_bad, epoch)
-    means = (_mean_over_ranks(sums) / max(done, 1)).tolist()
+    means = (utils.mean_over_ranks(sums) / max(done, 1)).tolist()
     return step, dict(zip(LOG_KEYS, means))
-
-
-class BadDataPolicy:
-    """--skip_bad: count the samples collate dropped (failing past a fraction, see
-    data.SkipCounter) and trim every rank's batch to the smallest one, because the
-    gathered contrastive losses need equal local batches (losses.py header). The
-    sizes are exchanged over a CPU (gloo) group, so no GPU sync is added."""
-
-    def __init__(self, max_fraction):
-        self.counter = data.SkipCounter(max_fraction=max_fraction)
-        self.group = None
-        if utils.get_world_size() > 1:
-            self.group = dist.new_group(backend="gloo")
-
-    def filter(self, batch):
-        self.counter.update(batch)
-        n = batch["index"].numel()
-        if self.group is not None:
-            size = torch.tensor([n])
-            dist.all_reduce(size, op=dist.ReduceOp.MIN, group=self.group)
-            n = int(size)
-        if n == 0:
-            return None
-        return {k: v[:n] if torch.is_tensor(v) else v for k, v in batch.items()}
-
-    def skipped(self):
-        """Samples skipped so far, over all ranks."""
-        if self.group is None:
-            return self.counter.skipped
-        total = torch.tensor([self.counter.skipped])
-        dist.all_reduce(total, group=self.group)
-        return int(total)
 
 
 def _raise_if_nonfinite(first_bad, epoch):
@@ -436,190 +464,12 @@ def _raise_if_nonfinite(first_bad, epoch):
         f"--clip_grad or --amp false.")
 
 
-def _average_grads(params, world):
+def _average_grads(params):
+    world = utils.get_world_size()
     for p in params:
         if p.grad is not None:
             dist.all_reduce(p.grad)
             p.grad /= world
-
-
-def _mean_over_ranks(x):
-    if utils.get_world_size() > 1:
-        x = x.clone()
-        dist.all_reduce(x)
-        x /= utils.get_world_size()
-    return x
-
-
-# =============================================================================
-# Zero-shot retrieval on the held-out split (SPEC 13)
-# =============================================================================
-
-def evaluate_retrieval(net, loader, device, cfg):
-    """R@1/5/10 and median rank, both directions, plus the chance levels (collective call)."""
-    z_a, z_v = retrieval.extract_embeddings(net, loader, device, S=cfg.S, seed=cfg.seed,
-                                            amp=cfg.amp)
-    metrics = {k: float(v) for k, v in retrieval.retrieval_metrics(z_a, z_v).items()}
-    n = z_a.shape[0]
-    chance = {f"R@{k}": 100.0 * min(k, n) / n for k in (1, 5, 10)}
-    chance["medr"] = (n + 1) / 2
-    return metrics, chance, n
-
-
-def format_retrieval(metrics, chance, n):
-    parts = []
-    for d in ("a2v", "v2a"):
-        parts.append(f"{d} R@1 {metrics[f'{d}_R@1']:.1f} R@5 {metrics[f'{d}_R@5']:.1f} "
-                     f"R@10 {metrics[f'{d}_R@10']:.1f} medr {metrics[f'{d}_medr']:.0f}")
-    parts.append(f"chance R@1 {chance['R@1']:.1f} R@5 {chance['R@5']:.1f} "
-                 f"R@10 {chance['R@10']:.1f} medr {chance['medr']:.0f} (N={n})")
-    return " | ".join(parts)
-
-
-# =============================================================================
-# The recipe
-# =============================================================================
-
-def main(cfg):
-    """Pretrain EquiAV with config `cfg` (resolved here); returns the final summary dict."""
-    cfg = resolve_config(cfg)
-    rank, world, local_rank, device = utils.init_distributed(cfg.device)
-    threads = torch.get_num_threads()
-    if device.type == "cpu" and cfg.cpu_threads is not None:
-        torch.set_num_threads(cfg.cpu_threads or _free_cores(cfg.num_workers, world))
-    try:
-        return _run(cfg, rank, world, local_rank, device)
-    finally:
-        torch.set_num_threads(threads)  # main() may be called in-process (tests, notebooks)
-        utils.cleanup_distributed()
-
-
-def _free_cores(num_workers, world):
-    """Cores per process left after the data-loader workers (at least 1)."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:
-        cores = os.cpu_count() or 1
-    return max(1, cores // world - num_workers)
-
-
-def _run(cfg, rank, world, local_rank, device):
-    t_start = time.time()
-    # ---- config ---------------------------------------------------------------
-    utils.print0(f"EquiAV pretraining: {world} process(es) on {device}"
-                 + (f" ({torch.get_num_threads()} threads each)" if device.type == "cpu" else "")
-                 + f"; resolved config (profile {cfg.profile!r}):")
-    for f in dataclasses.fields(cfg):
-        utils.print0(f"  {f.name:22s} {getattr(cfg, f.name)}")
-    mcfg = model_config(cfg)
-    ckpt_path = os.path.join(cfg.run_dir, "checkpoint.pt")
-    logger = utils.JsonLogger(os.path.join(cfg.run_dir, "log.jsonl"))
-
-    # ---- data -----------------------------------------------------------------
-    train_manifest, eval_manifest = cfg.data, cfg.eval_data
-    if train_manifest is None:
-        if utils.is_main():
-            data.ensure_toy_dataset(cfg.toy_root)  # generates it on first use
-        utils.barrier()  # the other ranks wait for rank 0, then only read
-        toy = data.ensure_toy_dataset(cfg.toy_root)
-        train_manifest = toy["train"]
-        eval_manifest = eval_manifest or toy["retrieval"]
-    sizes = dict(audio_length=mcfg.audio_length, mel_bins=mcfg.mel_bins,
-                 image_size=mcfg.image_size)
-    mean, std = data.resolve_norm_stats(cfg.norm_stats)
-    train_set = data.AudioVisualDataset(train_manifest, train=True, norm_mean=mean, norm_std=std,
-                                        skip_bad=cfg.skip_bad, **sizes)
-    norm_stats = [float(train_set.norm_mean), float(train_set.norm_std)]
-    train_loader = data.make_loader(train_set, cfg.batch_size, train=True,
-                                    num_workers=cfg.num_workers, seed=cfg.seed)
-    if len(train_loader) == 0:
-        raise ValueError(f"{train_manifest}: {len(train_set)} samples is less than one batch "
-                         f"of {cfg.batch_size} x {world} processes")
-    eval_loader = None
-    if eval_manifest is not None:
-        eval_set = data.AudioVisualDataset(eval_manifest, train=False, norm_mean=norm_stats[0],
-                                           norm_std=norm_stats[1], skip_bad=cfg.skip_bad,
-                                           **sizes)
-        eval_loader = data.make_loader(eval_set, cfg.eval_batch_size, train=False,
-                                       num_workers=cfg.num_workers, seed=cfg.seed)
-    utils.print0(f"data: {len(train_set)} training clips ({train_manifest}), "
-                 f"{len(train_loader)} steps/epoch of {cfg.batch_size} x {world}; retrieval on "
-                 f"{eval_manifest or 'nothing (no --eval_data)'}; fbank mean/std {norm_stats}")
-
-    # ---- model, loss, optimiser -----------------------------------------------
-    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-    net = EquiAV(mcfg, use_centroid=cfg.centroid, equivariant=cfg.equivariant).to(device)
-    criterion = EquiAVLoss(temperature=cfg.temperature,
-                           learnable_temperature=cfg.learnable_temperature,
-                           w_inter=cfg.w_inter, w_a=cfg.w_a, w_v=cfg.w_v).to(device)
-    utils.seed_everything(cfg.seed + rank)  # everything random from here differs by rank
-    aug_gen = augmentation_generator(cfg.seed, rank)
-    optimizer = torch.optim.AdamW(list(net.parameters()) + list(criterion.parameters()),
-                                  lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
-                                  weight_decay=cfg.weight_decay)
-    scaler = utils.make_grad_scaler(device, cfg.amp)
-    utils.print0(f"model: preset {cfg.preset!r} ({sum(p.numel() for p in net.parameters()) / 1e6:.2f}M "
-                 f"parameters), centroid={cfg.centroid}, equivariant={cfg.equivariant}, S={cfg.S}")
-
-    # ---- resume (wins) or initialise ------------------------------------------
-    if os.path.exists(ckpt_path):
-        start_epoch, step, aug_gen = resume(ckpt_path, cfg, mcfg, net, criterion, optimizer,
-                                            scaler, aug_gen)
-    else:
-        start_epoch, step = 0, 0
-        if cfg.init_mae:
-            _print_report(f"ImageNet MAE checkpoint {cfg.init_mae}",
-                          load_mae_checkpoint(net, cfg.init_mae))
-        elif cfg.init_official:
-            _print_report(f"authors' EquiAV checkpoint {cfg.init_official}",
-                          load_official_checkpoint(net, cfg.init_official))
-
-    bad_data = BadDataPolicy(cfg.max_bad_fraction) if cfg.skip_bad else None
-    model = net
-    if world > 1:
-        # ablations leave some modules out of the loss; DDP must then look for unused ones
-        unused = not (cfg.centroid and cfg.equivariant) or min(cfg.w_inter, cfg.w_a, cfg.w_v) == 0
-        model = DistributedDataParallel(net, device_ids=[local_rank] if device.type == "cuda" else None,
-                                        find_unused_parameters=unused)
-    if cfg.compile:
-        model = torch.compile(model)
-    if start_epoch == 0:
-        logger.log({"type": "config", "world_size": world, "model_config": dataclasses.asdict(mcfg),
-                    **dataclasses.asdict(cfg)})
-    else:
-        logger.log({"type": "resume", "epoch": start_epoch, "step": step, "world_size": world})
-
-    # ---- train ----------------------------------------------------------------
-    summary = {"epoch": start_epoch, "step": step}
-    if start_epoch >= cfg.epochs:
-        utils.print0(f"nothing to do: {cfg.run_dir} already holds {start_epoch} epoch(s)")
-    for epoch in range(start_epoch, cfg.epochs):
-        t0 = time.time()
-        if hasattr(train_loader.sampler, "set_epoch"):
-            train_loader.sampler.set_epoch(epoch)  # a new, reproducible order every epoch
-        step, means = train_one_epoch(model, criterion, optimizer, scaler, train_loader, aug_gen,
-                                      epoch, step, cfg, mcfg, device, logger, bad_data)
-        skipped = bad_data.skipped() if bad_data is not None else 0
-        train_time = time.time() - t0
-        summary = {"type": "epoch", "epoch": epoch + 1, "step": step, "skipped": skipped,
-                   "train_time_s": train_time, **means}
-        line = (f"epoch {epoch + 1}/{cfg.epochs}  step {step}  loss {means['loss']:.4f} "
-                f"(inter {means['inter']:.3f}, intra_a {means['intra_a']:.3f}, "
-                f"intra_v {means['intra_v']:.3f})  acc a2v {means['acc_a2v']:.2f}  "
-                f"{train_time:.0f} s" + (f"  skipped {skipped}" if skipped else ""))
-        if eval_loader is not None:
-            metrics, chance, n = evaluate_retrieval(net, eval_loader, device, cfg)
-            summary.update({"retrieval": metrics, "chance": chance, "n_eval": n})
-            line += "\n  retrieval " + format_retrieval(metrics, chance, n)
-        utils.print0(line)
-        logger.log(summary)
-
-        save(ckpt_path, cfg, mcfg, net, criterion, optimizer, scaler, step, epoch + 1,
-             gather_rng(aug_gen), norm_stats)  # gather_rng is collective: all ranks call it
-        utils.barrier()
-    utils.print0(f"done: {cfg.epochs} epochs, step {step}, {time.time() - t_start:.0f} s in "
-                 f"this process; checkpoint {ckpt_path}, log {logger.path}")
-    return summary
 
 
 if __name__ == "__main__":

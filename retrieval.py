@@ -26,12 +26,13 @@ from typing import Optional
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
 import augment
+import convert
 import data
+import toy
 import utils
 from utils import option
 
@@ -39,7 +40,7 @@ from utils import option
 @dataclasses.dataclass
 class RetrievalConfig:
     """Every field is a `--field value` option."""
-    checkpoint: str = option("runs/pretrain_toy/checkpoint.pt",
+    checkpoint: str = option(convert.TOY_CHECKPOINT,
                              "our pretraining checkpoint (default: where `python pretrain.py` "
                              "writes) or an authors' EquiAV state dict")
     preset: str = option("base", "model preset for an authors' checkpoint (ours stores its own "
@@ -123,38 +124,17 @@ def retrieval_metrics(z_a, z_v, chunk_size=4096):
     return out
 
 
+def chance_levels(n):
+    """What random embeddings score among n clips: R@k = 100 min(k, n) / n, and the
+    median rank under the convention of `_summarize` (ranks uniform in 1..n)."""
+    out = {f"R@{k}": 100.0 * min(k, n) / n for k in (1, 5, 10)}
+    out["medr"] = float((n + 1) // 2)
+    return out
+
+
 # ---------------------------------------------------------------------------
 # Embeddings
 # ---------------------------------------------------------------------------
-
-def gather_in_dataset_order(index, *tensors):
-    """Collect per-rank results into dataset order.
-
-    index: (n,) long dataset indices of this rank's rows; tensors: (n, ...).
-    Returns (index, *tensors) concatenated over all ranks, sorted by index,
-    with repeated indices (DistributedSampler pads the last ranks with
-    repeated samples) kept once. Without a process group: just the sort.
-    """
-    world = utils.get_world_size()
-    if world > 1:
-        size = torch.tensor([index.shape[0]], device=index.device)
-        sizes = [torch.zeros_like(size) for _ in range(world)]
-        dist.all_gather(sizes, size)
-        sizes = [int(s) for s in sizes]
-
-        def gather(x):
-            x = torch.cat([x, x.new_zeros((max(sizes) - x.shape[0],) + x.shape[1:])])
-            parts = [torch.empty_like(x) for _ in range(world)]
-            dist.all_gather(parts, x.contiguous())
-            return torch.cat([p[:s] for p, s in zip(parts, sizes)])
-
-        index, tensors = gather(index), [gather(t) for t in tensors]
-    order = torch.argsort(index, stable=True)
-    index = index[order]
-    keep = torch.ones_like(index, dtype=torch.bool)
-    keep[1:] = index[1:] != index[:-1]
-    return (index[keep],) + tuple(t[order][keep] for t in tensors)
-
 
 def centroid_vectors(cfg, S, seed):
     """The fixed evaluation centroid vectors (SPEC 9): T_a (1, S, 24), T_v (1, S, 18).
@@ -200,8 +180,36 @@ def extract_embeddings(model, loader, device, S=16, seed=0, amp=False):
         zs_v.append(F.normalize(z_v.float(), dim=-1))
         indices.append(batch["index"].to(device).long())
     model.train(was_training)
-    index, z_a, z_v = gather_in_dataset_order(torch.cat(indices), torch.cat(zs_a), torch.cat(zs_v))
+    _, z_a, z_v = utils.gather_in_dataset_order(torch.cat(indices), torch.cat(zs_a),
+                                                torch.cat(zs_v))
     return z_a, z_v
+
+
+def evaluate_retrieval(model, loader, device, S=16, seed=0, amp=False):
+    """Zero-shot retrieval of every clip of an evaluation loader (collective under
+    torchrun): (metrics of retrieval_metrics, chance_levels, number of clips)."""
+    z_a, z_v = extract_embeddings(model, loader, device, S=S, seed=seed, amp=amp)
+    return retrieval_metrics(z_a, z_v), chance_levels(z_a.shape[0]), z_a.shape[0]
+
+
+def format_line(metrics, chance, n):
+    """Both directions and chance on one line (pretrain.py's epoch summary)."""
+    parts = [f"{d} R@1 {metrics[f'{d}_R@1']:.1f} R@5 {metrics[f'{d}_R@5']:.1f} "
+             f"R@10 {metrics[f'{d}_R@10']:.1f} medr {metrics[f'{d}_medr']:.0f}"
+             for d in ("a2v", "v2a")]
+    parts.append(f"chance R@1 {chance['R@1']:.1f} R@5 {chance['R@5']:.1f} "
+                 f"R@10 {chance['R@10']:.1f} medr {chance['medr']:.0f} (N={n})")
+    return " | ".join(parts)
+
+
+def format_table(metrics, chance):
+    """Both directions and chance as a small table (retrieval.py's output)."""
+    keys = ("R@1", "R@5", "R@10", "medr")
+    lines = [f"{'direction':<15}{'R@1':>8}{'R@5':>8}{'R@10':>8}{'MedR':>8}"]
+    for name, d in (("audio->visual", "a2v"), ("visual->audio", "v2a")):
+        lines.append(f"{name:<15}" + "".join(f"{metrics[f'{d}_{k}']:>8.1f}" for k in keys))
+    lines.append(f"{'chance':<15}" + "".join(f"{chance[k]:>8.1f}" for k in keys))
+    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------------
@@ -345,88 +353,45 @@ def pointing_game(model, dataset, entries, T_a, device, batch_size=32, num_worke
 # The script
 # ---------------------------------------------------------------------------
 
-def require_checkpoint(path, default, what):
-    """Fail with the command that creates the default checkpoint when it is missing."""
-    if os.path.exists(path):
-        return
-    hint = (f"run `python pretrain.py` first (toy data, a few minutes on CPU) or pass "
-            f"--{what} PATH" if path == default else f"check --{what}")
-    raise FileNotFoundError(f"no checkpoint at {path}: {hint}")
-
-
-def _peek_norm_stats(path):
-    """The "norm_stats" entry of our checkpoint (None for an authors' one), read
-    through a memory map so that the weights are not loaded twice."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError:  # not a zip-format file: mmap is not possible
-        state = utils.load_checkpoint(path)
-    return state.get("norm_stats") if isinstance(state, dict) else None
-
-
-def format_table(metrics, n):
-    chance = {"R@1": 100.0 * min(1, n) / n, "R@5": 100.0 * min(5, n) / n,
-              "R@10": 100.0 * min(10, n) / n, "medr": float((n + 1) // 2)}
-    lines = [f"{'direction':<15}{'R@1':>8}{'R@5':>8}{'R@10':>8}{'MedR':>8}"]
-    for name, d in (("audio->visual", "a2v"), ("visual->audio", "v2a")):
-        lines.append(f"{name:<15}" + "".join(f"{metrics[f'{d}_{k}']:>8.1f}"
-                                             for k in ("R@1", "R@5", "R@10", "medr")))
-    lines.append(f"{'chance':<15}" + "".join(f"{chance[k]:>8.1f}"
-                                             for k in ("R@1", "R@5", "R@10", "medr")))
-    return "\n".join(lines), chance
-
-
-DEFAULT_CHECKPOINT = "runs/pretrain_toy/checkpoint.pt"  # where `python pretrain.py` writes
-
-
 def main(cfg):
     """Run retrieval (and localization) with `cfg`; returns the results dict."""
-    rank, world, local_rank, device = utils.init_distributed(cfg.device)
+    _, _, _, device = utils.init_distributed(cfg.device)
     try:
-        return _run(cfg, device)
+        return run(cfg, device)
     finally:
         utils.cleanup_distributed()
 
 
-def _run(cfg, device):
-    # imported here, not at the top: pretrain.py imports this module
-    from pretrain import load_equiav
-
-    utils.print0(f"EquiAV retrieval on {device}; config: "
-                 + ", ".join(f"{f.name}={getattr(cfg, f.name)}" for f in dataclasses.fields(cfg)))
-    manifest = cfg.manifest
-    if not manifest:
-        if utils.is_main():
-            data.ensure_toy_dataset(cfg.toy_root)  # generated on first use
-        utils.barrier()
-        manifest = data.ensure_toy_dataset(cfg.toy_root)["retrieval"]
-    require_checkpoint(cfg.checkpoint, DEFAULT_CHECKPOINT, "checkpoint")
-    model = load_equiav(cfg.checkpoint, cfg.preset).to(device).eval()
+def run(cfg, device):
+    """Load the model and the clips, embed, score; localize on rank 0; write the JSON."""
+    utils.print_config(f"EquiAV retrieval on {device}; config:", cfg)
+    manifest = cfg.manifest or toy.ensure_toy_dataset(cfg.toy_root)["retrieval"]
+    convert.require_checkpoint(cfg.checkpoint, "checkpoint")
+    model = convert.load_equiav(cfg.checkpoint, cfg.preset).to(device).eval()
     mcfg = model.cfg
-    mean, std = data.resolve_norm_stats(cfg.norm_stats, _peek_norm_stats(cfg.checkpoint))
+    stored = convert.peek_checkpoint(cfg.checkpoint).get("norm_stats")  # None: an authors' file
+    mean, std = data.resolve_norm_stats(cfg.norm_stats, manifest, stored, mcfg.audio_length,
+                                        mcfg.mel_bins)
     dataset = data.AudioVisualDataset(manifest, audio_length=mcfg.audio_length,
                                       mel_bins=mcfg.mel_bins, image_size=mcfg.image_size,
                                       train=False, norm_mean=mean, norm_std=std)
     loader = data.make_loader(dataset, cfg.batch_size, train=False, num_workers=cfg.num_workers)
 
     start = time.perf_counter()
-    z_a, z_v = extract_embeddings(model, loader, device, S=cfg.S, seed=cfg.seed,
-                                  amp=cfg.amp)
+    z_a, z_v = extract_embeddings(model, loader, device, S=cfg.S, seed=cfg.seed, amp=cfg.amp)
     embed_s = time.perf_counter() - start
     start = time.perf_counter()
     metrics = retrieval_metrics(z_a, z_v, chunk_size=cfg.chunk_size)
     metrics_s = time.perf_counter() - start
     n = z_a.shape[0]
-    table, chance = format_table(metrics, n)
+    chance = chance_levels(n)
     utils.print0(f"zero-shot retrieval on {manifest}: {n} clips, {cfg.checkpoint}, "
                  f"S={cfg.S}, seed {cfg.seed} (embeddings {embed_s:.1f} s, "
-                 f"metrics {metrics_s * 1000:.0f} ms)\n{table}")
+                 f"metrics {metrics_s * 1000:.0f} ms)\n{format_table(metrics, chance)}")
     results = {"manifest": os.path.abspath(manifest), "checkpoint": cfg.checkpoint, "n_clips": n,
-               "retrieval": metrics, "chance": chance, "norm_stats": [dataset.norm_mean,
-                                                                      dataset.norm_std],
+               "retrieval": metrics, "chance": chance, "norm_stats": [mean, std],
                "seconds": {"embeddings": embed_s, "metrics": metrics_s},
                "config": dataclasses.asdict(cfg)}
-
     if cfg.localize > 0 and utils.is_main():
         results["localization"] = _localize(model, dataset, manifest, cfg, device)
     if utils.is_main():

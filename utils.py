@@ -1,13 +1,16 @@
 """Small pieces shared by the training and evaluation scripts.
 
 Nothing here is part of the method: command-line configs from dataclasses,
-torchrun process-group setup, rank-0 printing, the learning-rate schedule
-(SPEC 12), mixed precision, atomic checkpoints and JSON-lines logs.
+torchrun process-group setup, rank-0 printing, gathering results in dataset
+order, per-epoch random streams (what makes resuming exact), the
+learning-rate schedule (SPEC 12), the optimizer update, mixed precision,
+atomic checkpoints and JSON-lines logs.
 """
 import argparse
 import contextlib
 import dataclasses
 import json
+import math
 import os
 import random
 import typing
@@ -88,6 +91,13 @@ def parse_config(cls, argv=None, description=""):
     return cls(**vars(args))
 
 
+def print_config(title, cfg):
+    """`title`, then every field of dataclass `cfg` on a line of its own (rank 0)."""
+    print0(title)
+    for f in dataclasses.fields(cfg):
+        print0(f"  {f.name:22s} {getattr(cfg, f.name)}")
+
+
 # ---------------------------------------------------------------------------
 # Distributed: torchrun only; a process group exists only when RANK is set
 # ---------------------------------------------------------------------------
@@ -146,10 +156,71 @@ def cleanup_distributed():
         dist.destroy_process_group()
 
 
+def sum_over_ranks(x):
+    """x (a tensor) summed over all ranks (collective); x itself in one process."""
+    if get_world_size() > 1:
+        x = x.clone()
+        dist.all_reduce(x)
+    return x
+
+
+def mean_over_ranks(x):
+    """x (a float tensor) averaged over all ranks (collective)."""
+    return sum_over_ranks(x) / get_world_size()
+
+
+def gather_in_dataset_order(index, *tensors):
+    """Collect per-rank results into dataset order (collective under torchrun).
+
+    index: (n,) long dataset indices of this rank's rows; tensors: (n, ...).
+    Returns (index, *tensors) concatenated over all ranks, sorted by index,
+    with repeated indices (DistributedSampler pads the last ranks with
+    repeated samples) kept once. Without a process group: just the sort.
+    """
+    world = get_world_size()
+    if world > 1:
+        size = torch.tensor([index.shape[0]], device=index.device)
+        sizes = [torch.zeros_like(size) for _ in range(world)]
+        dist.all_gather(sizes, size)
+        sizes = [int(s) for s in sizes]
+
+        def gather(x):
+            x = torch.cat([x, x.new_zeros((max(sizes) - x.shape[0],) + x.shape[1:])])
+            parts = [torch.empty_like(x) for _ in range(world)]
+            dist.all_gather(parts, x.contiguous())
+            return torch.cat([p[:s] for p, s in zip(parts, sizes)])
+
+        index, tensors = gather(index), [gather(t) for t in tensors]
+    order = torch.argsort(index, stable=True)
+    index = index[order]
+    keep = torch.ones_like(index, dtype=torch.bool)
+    keep[1:] = index[1:] != index[:-1]
+    return (index[keep],) + tuple(t[order][keep] for t in tensors)
+
+
+# ---------------------------------------------------------------------------
+# Random streams: a function of (seed, epoch, rank), so resuming is exact
+# ---------------------------------------------------------------------------
+
 def seed_everything(seed):
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def seed_epoch(seed, epoch, rank):
+    """The random stream of one epoch on one rank, and torch's global seed with it.
+
+    Returns a CPU torch.Generator seeded from (seed, epoch, rank) through numpy's
+    SeedSequence (well-mixed, distinct streams for neighbouring values), after
+    seeding torch's global generator (drop path, loader worker seeds) from it.
+    Everything random in an epoch comes from these two, so an epoch-granular
+    resume draws exactly what the uninterrupted run would have, whatever the
+    number of processes before.
+    """
+    mixed = np.random.SeedSequence([seed, epoch, rank]).generate_state(2, dtype=np.uint64)
+    torch.manual_seed(int(mixed[1]))
+    return torch.Generator().manual_seed(int(mixed[0]))
 
 
 # ---------------------------------------------------------------------------
@@ -166,7 +237,33 @@ def cosine_lr(step, total_steps, warmup_steps, base_lr, warmup_start_lr=0.0, fin
         return warmup_start_lr + (base_lr - warmup_start_lr) * step / warmup_steps
     span = max(1, total_steps - warmup_steps)
     progress = min(1.0, (step - warmup_steps) / span)
-    return final_lr + 0.5 * (base_lr - final_lr) * (1.0 + np.cos(np.pi * progress))
+    return final_lr + 0.5 * (base_lr - final_lr) * (1.0 + math.cos(math.pi * progress))
+
+
+def set_lr(optimizer, step, total_steps, warmup_steps, cfg):
+    """The learning rate of iteration `step` (cosine_lr from cfg.lr, cfg.warmup_start_lr
+    and cfg.final_lr), written into every parameter group times the group's
+    "lr_scale" (1 when absent); returns the base rate."""
+    lr = cosine_lr(step, total_steps, warmup_steps, cfg.lr, cfg.warmup_start_lr, cfg.final_lr)
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)
+    return lr
+
+
+def optimizer_step(optimizer, scaler, loss, clip_grad=0.0, after_backward=None):
+    """One update: zero the gradients, backward through the (fp16-)scaled loss, call
+    `after_backward` (e.g. averaging gradients DDP does not see), unscale and clip
+    the global gradient norm when clip_grad > 0, step, update the scaler."""
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    if after_backward is not None:
+        after_backward()
+    if clip_grad > 0:
+        scaler.unscale_(optimizer)
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        torch.nn.utils.clip_grad_norm_(params, clip_grad)
+    scaler.step(optimizer)
+    scaler.update()
 
 
 # ---------------------------------------------------------------------------

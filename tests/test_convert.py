@@ -9,9 +9,9 @@ import torch
 import torch.nn.functional as F
 
 from augment import AUDIO_SLOTS
-from model import (EquiAV, EquiAVClassifier, EquiAVOutput, _fold_raw_affine,
-                   convert_official_state_dict, get_config, load_mae_checkpoint,
-                   load_official_checkpoint)
+from convert import (_fold_raw_affine, convert_official_state_dict, load_equiav,
+                     load_mae_checkpoint, load_official_checkpoint)
+from model import EquiAV, EquiAVClassifier, EquiAVOutput, get_config
 
 CFG = get_config("tiny", audio_length=48, mel_bins=16, image_size=32, patch_size=8, embed_dim=64,
                  depth=2, num_heads=4, aug_hidden=32, pred_heads=2, pred_head_dim=16,
@@ -306,13 +306,12 @@ def test_mae_checkpoint_into_classifier_and_shape_error():
 
 
 def test_scripts_load_an_authors_checkpoint_through_the_conversion(tmp_path):
-    """pretrain.load_equiav (used by retrieval.py and finetune.py) tells an authors'
+    """convert.load_equiav (used by retrieval.py and finetune.py) tells an authors'
     file from ours and converts it: the float32 model matches the reference forward."""
-    import pretrain
     raw_sd, clean_sd = authors_state_dict()
     path = tmp_path / "equiav_official.pth"
     torch.save({"model": raw_sd}, path)
-    model = pretrain.load_equiav(str(path), CFG).eval()
+    model = load_equiav(str(path), CFG).eval()
     assert next(model.parameters()).dtype == torch.float32
     x = inputs()
     with torch.no_grad():

@@ -5,10 +5,7 @@ samples the test wrote (not from the files), fbanks with torchaudio's
 kaldi.fbank, frames with PIL + torchvision transforms.
 """
 
-import colorsys
-import io
 import json
-import multiprocessing
 import os
 import struct
 import wave
@@ -23,6 +20,7 @@ from torchaudio.compliance import kaldi
 from torchvision import transforms
 
 import data
+import toy as toy_module
 
 SR = 16000
 
@@ -543,6 +541,22 @@ def test_check_cli_reports_every_bad_entry(tmp_path, real, capsys):
     assert "manifest not found" in capsys.readouterr().err
 
 
+def test_check_finds_the_label_csv_or_says_labels_were_not_checked(tmp_path, real, capsys):
+    root, _ = real
+    manifest = _bad_copy(root, tmp_path, lambda e, d: e.update(labels="/m/unicorn"))
+    # no class CSV under the standard name: the unknown label passes, and check says so
+    assert data.main(["check", str(manifest)]) == 0
+    out = capsys.readouterr().out
+    assert "labels NOT checked" in out and "6 entries, 0 bad" in out
+    # class_labels_indices.csv next to the manifest is found, as stats.json is
+    _write_label_csv(tmp_path / "class_labels_indices.csv")
+    assert data.main(["check", str(manifest)]) == 1
+    out = capsys.readouterr().out
+    assert f"labels checked against {tmp_path / 'class_labels_indices.csv'}" in out
+    assert "entry 2 (line 4, video_id s24)" in out and "/m/unicorn" in out
+    assert "6 entries, 1 bad" in out
+
+
 def test_missing_stats_error_tells_how_to_fix(real):
     root, _ = real
     with pytest.raises(data.DataError, match=r"python data.py stats .*m.json --write"):
@@ -550,111 +564,15 @@ def test_missing_stats_error_tells_how_to_fix(real):
 
 
 # ---------------------------------------------------------------------------
-# Toy dataset
+# Statistics and normalization options
 # ---------------------------------------------------------------------------
-
-TOY_SIZES = dict(n_train=16, n_test=8, n_retrieval=4, n_train_multilabel=6, n_test_multilabel=2)
-
 
 @pytest.fixture(scope="module")
 def toy(tmp_path_factory):
     root = tmp_path_factory.mktemp("toy") / "toy"
-    data.make_toy_dataset(root, num_workers=0, **TOY_SIZES)
-    return data.toy_paths(root)
-
-
-def _all_files(root):
-    root = Path(root)
-    return {str(p.relative_to(root)): p.read_bytes()
-            for p in sorted(root.rglob("*")) if p.is_file()}
-
-
-def test_toy_is_deterministic_and_independent_of_workers(toy, tmp_path):
-    again = tmp_path / "again"
-    data.make_toy_dataset(again, num_workers=2, **TOY_SIZES)
-    first, second = _all_files(toy["root"]), _all_files(again)
-    assert first.keys() == second.keys()
-    assert len(first) == 32 * 11 + 8  # 32 clips of 11 files; manifests, csv, stats, toy.json
-    for name in first:
-        assert first[name] == second[name], name
-    other = tmp_path / "other"
-    data.make_toy_dataset(other, seed=1, num_workers=0, n_train=2, n_test=1, n_retrieval=1,
-                          n_train_multilabel=0, n_test_multilabel=0)
-    wav = "audio/toy_train_00000.wav"
-    assert (other / wav).read_bytes() != first[wav]
-    with pytest.raises(FileExistsError):
-        data.make_toy_dataset(again, num_workers=0, **TOY_SIZES)
-    assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
-
-
-def _hue_of(rgb):
-    return colorsys.rgb_to_hsv(*rgb)[0]
-
-
-def test_toy_manifests_boxes_and_shared_attributes(toy):
-    mids, names = data.read_label_csv(toy["label_csv"])
-    assert mids == [c[0] for c in data.TOY_CLASSES] and len(mids) == 8
-    test = data.read_manifest(toy["test"])
-    assert data.read_manifest(toy["retrieval"]) == test[:4]
-    train = data.read_manifest(toy["train"])
-    multi = data.read_manifest(toy["train_multilabel"])
-    w, h = data.TOY_FRAME_SIZE
-    root = Path(toy["root"])
-    for e in train + multi:
-        objs = e["objects"]
-        assert e["labels"] == ",".join(o["label"] for o in objs) and e["frame_size"] == [w, h]
-        assert len(objs) == (2 if e in multi else 1)
-        assert len({o["label"] for o in objs}) == len(objs)
-        assert len(e["boxes"]) == data.NUM_FRAMES
-        for frame_boxes in e["boxes"]:
-            assert len(frame_boxes) == len(objs)
-            for x0, y0, x1, y1 in frame_boxes:
-                # inside the frame, and inside the centre square that the model's crop keeps
-                assert 0 <= y0 < y1 <= 1 and (w - h) / 2 / w <= x0 < x1 <= 1 - (w - h) / 2 / w
-        with wave.open(str(root / e["wav"])) as f:
-            assert (f.getframerate(), f.getsampwidth(), f.getnchannels()) == (16000, 2, 1)
-            assert f.getnframes() == round(data.TOY_DURATION * 16000)
-    # pitch <-> hue and rate <-> size, read back from the files
-    for e in train:
-        obj, box = e["objects"][0], e["boxes"][0][0]
-        img = np.asarray(Image.open(root / data.frame_path(e["video_path"], e["video_id"], 0)))
-        x0, y0, x1, y1 = round(box[0] * w), round(box[1] * h), round(box[2] * w), round(box[3] * h)
-        patch = img[y0:y1, x0:x1].reshape(-1, 3) / 255.0
-        hsv = np.array([colorsys.rgb_to_hsv(*p) for p in patch])
-        vivid = hsv[hsv[:, 1] > 0.6]
-        assert len(vivid) > 20
-        hue = np.median(vivid[:, 0])
-        want = 0.83 * obj["pitch"]  # the documented mappings, written out
-        assert min(abs(hue - want), 1 - abs(hue - want)) < 0.03, e["video_id"]
-        if obj["label"] == "/toy/flute":  # circle of the rate's radius; sine at the pitch's f0
-            assert abs((x1 - x0) - 2 * (10 + 12 * obj["rate"])) <= 2
-            with wave.open(str(root / e["wav"])) as f:
-                x = np.frombuffer(f.readframes(f.getnframes()), "<i2").astype(np.float64)
-            spec = np.abs(np.fft.rfft(x * np.hanning(len(x))))
-            freqs = np.fft.rfftfreq(len(x), 1 / 16000)
-            band = (freqs > 200) & (freqs < 1000)
-            peak = freqs[band][np.argmax(spec[band])]
-            assert abs(peak - 220 * 2 ** (2 * obj["pitch"])) < 5
-
-
-def test_toy_loads_with_its_stats(toy):
-    ds = data.AudioVisualDataset(toy["train"], toy["label_csv"], audio_length=256, mel_bins=64,
-                                 image_size=96, train=False)
-    items = [ds[i] for i in range(len(ds))]
-    audio = torch.stack([it["audio"] for it in items]).double()
-    # stats.json holds the train split's moments: the normalized split has mean 0, std 1
-    assert abs(audio.mean().item()) < 1e-4 and abs(audio.std().item() - 1) < 1e-3
-    assert all(it["frame"].shape == (3, 96, 96) for it in items)
-    classes = [int(it["label"].argmax()) for it in items]
-    assert classes == [i % 8 for i in range(len(ds))]
-    assert all(it["label"].sum() == 1 for it in items)
-    multi = data.AudioVisualDataset(toy["train_multilabel"], toy["label_csv"], audio_length=256,
-                                    mel_bins=64, image_size=96, train=True)
-    assert all(len(multi.label_indices(i)) == 2 for i in range(len(multi)))
-    stats = json.loads(Path(toy["stats"]).read_text())
-    again = data.compute_stats(toy["train"], audio_length=256, mel_bins=64)
-    assert again["mean"] == pytest.approx(stats["mean"], rel=1e-9)
-    assert again["std"] == pytest.approx(stats["std"], rel=1e-9)
+    toy_module.make_toy_dataset(root, num_workers=0, n_train=16, n_test=8, n_retrieval=4,
+                                n_train_multilabel=0, n_test_multilabel=0)
+    return toy_module.toy_paths(root)
 
 
 def test_stats_cli_writes_json(toy, tmp_path, capsys):
@@ -670,40 +588,14 @@ def test_stats_cli_writes_json(toy, tmp_path, capsys):
     assert stats["num_clips"] == 8 and '"mean"' in capsys.readouterr().out
 
 
-def _ensure(root, queue):
-    queue.put(data.ensure_toy_dataset(root, num_workers=0, n_train=4, n_test=2, n_retrieval=1,
-                                      n_train_multilabel=0, n_test_multilabel=0))
-
-
-def test_ensure_toy_dataset_is_safe_with_concurrent_callers(tmp_path):
-    root = tmp_path / "shared" / "toy"
-    ctx = multiprocessing.get_context("fork")
-    queue = ctx.Queue()
-    procs = [ctx.Process(target=_ensure, args=(str(root), queue)) for _ in range(2)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=120)
-    assert [p.exitcode for p in procs] == [0, 0]
-    results = [queue.get(timeout=5), queue.get(timeout=5)]
-    assert results[0] == results[1] == data.toy_paths(root)
-    assert sorted(p.name for p in root.parent.iterdir()) == ["toy"]  # no temp folder, no lock
-    assert len(data.read_manifest(results[0]["train"])) == 4
-    # already there: returned as is; a foreign non-empty folder is refused
-    assert data.ensure_toy_dataset(root) == results[0]
-    (tmp_path / "junk").mkdir()
-    (tmp_path / "junk" / "file").write_text("x")
-    with pytest.raises(data.DataError, match="not a complete toy dataset"):
-        data.ensure_toy_dataset(tmp_path / "junk")
-    (tmp_path / "junk" / "toy.json").write_text('{"version": 0}')
-    with pytest.raises(data.DataError, match="another version of data.py"):
-        data.ensure_toy_dataset(tmp_path / "junk")
-
-
-def test_resolve_norm_stats_options():
-    assert data.resolve_norm_stats("auto") == (None, None)            # stats.json lookup
-    assert data.resolve_norm_stats("auto", [-3.0, 2.5]) == (-3.0, 2.5)   # a checkpoint's stats
+def test_resolve_norm_stats_options(toy):
+    # auto: the checkpoint's statistics when given, else stats.json next to the manifest
+    stats = json.loads(Path(toy["stats"]).read_text())
+    assert data.resolve_norm_stats("auto", toy["train"]) == (stats["mean"], stats["std"])
+    assert data.resolve_norm_stats("auto", toy["train"], [-3.0, 2.5]) == (-3.0, 2.5)
     assert data.resolve_norm_stats("AudioSet") == data.KNOWN_STATS["audioset"]
     assert data.resolve_norm_stats(" -4.5, 3 ") == (-4.5, 3.0)
     with pytest.raises(ValueError, match="--norm_stats must be auto, audioset, vggsound or MEAN,STD"):
         data.resolve_norm_stats("imagenet")
+    with pytest.warns(UserWarning, match="computed with mel_bins=64, the dataset uses 128"):
+        data.resolve_norm_stats("auto", toy["train"], None, audio_length=256, mel_bins=128)

@@ -6,7 +6,9 @@ import os
 import pytest
 import torch
 
+import convert
 import finetune
+import utils
 
 
 # ---------------------------------------------------------------------------
@@ -124,10 +126,10 @@ def test_head_lr_multiplier_is_applied_every_step():
     grouped = [id(p) for g in opt.param_groups for p in g["params"]]
     assert sorted(grouped) == sorted(id(p) for p in net.parameters())  # each exactly once
     for step in (0, 3, 10, 55, 99):
-        base = finetune.set_lr(opt, step, total_steps=100, warmup_steps=10, cfg=cfg)
+        base = utils.set_lr(opt, step, total_steps=100, warmup_steps=10, cfg=cfg)
         assert enc["lr"] == pytest.approx(base)
         assert head["lr"] == pytest.approx(50.0 * base)
-    assert finetune.set_lr(opt, 10, 100, 10, cfg) == pytest.approx(1e-3)
+    assert utils.set_lr(opt, 10, 100, 10, cfg) == pytest.approx(1e-3)
     probe = finetune.make_optimizer(net, dataclasses.replace(cfg, linear_probe=True))
     assert [g["name"] for g in probe.param_groups] == ["head"]
 
@@ -156,7 +158,7 @@ def test_finetune_specaugment_masks_one_time_and_one_freq_span():
 
 def test_resolve_config_defaults_and_errors():
     cfg = finetune.resolve_config(finetune.FinetuneConfig())
-    assert (cfg.profile, cfg.preset, cfg.init) == ("toy", "tiny", finetune.DEFAULT_INIT)
+    assert (cfg.profile, cfg.preset, cfg.init) == ("toy", "tiny", convert.TOY_CHECKPOINT)
     assert cfg.run_dir == os.path.join("runs", "finetune_toy")
     probe = finetune.resolve_config(finetune.FinetuneConfig(toy_multilabel=True, linear_probe=True))
     assert probe.run_dir == os.path.join("runs", "finetune_toy_multilabel_linear")
@@ -180,7 +182,7 @@ def test_inspect_init_tells_checkpoints_apart(tmp_path, monkeypatch):
     absent = str(tmp_path / "absent.pt")
     with pytest.raises(FileNotFoundError, match="check --init"):
         finetune.inspect_init(finetune.FinetuneConfig(init=absent))
-    monkeypatch.setattr(finetune, "DEFAULT_INIT", absent)   # the default: say what to run
+    monkeypatch.setattr(convert, "TOY_CHECKPOINT", absent)  # the default: say what to run
     with pytest.raises(FileNotFoundError, match="run `python pretrain.py` first"):
         finetune.inspect_init(finetune.FinetuneConfig(init=absent))
 
@@ -191,12 +193,11 @@ def test_inspect_init_tells_checkpoints_apart(tmp_path, monkeypatch):
 
 @pytest.fixture(scope="module")
 def toy_and_checkpoint(tmp_path_factory):
-    import data
-    import utils
+    import toy
     from model import EquiAV, get_config
     root = tmp_path_factory.mktemp("ft") / "toy"
-    data.make_toy_dataset(root, n_train=16, n_test=8, n_retrieval=0, n_train_multilabel=8,
-                          n_test_multilabel=8, num_workers=0)
+    toy.make_toy_dataset(root, n_train=16, n_test=8, n_retrieval=0, n_train_multilabel=8,
+                         n_test_multilabel=8, num_workers=0)
     torch.manual_seed(0)
     mcfg = get_config("tiny", depth=1)
     net = EquiAV(mcfg)
@@ -249,3 +250,84 @@ def test_finetune_multilabel_linear_probe_keeps_encoders(toy_and_checkpoint, tmp
         if not key.startswith("norm_aug"):
             assert torch.equal(state[f"audio_encoder.{key}"], value), key  # frozen
     assert state["head.weight"].shape == (8, 128)
+
+
+def test_interrupted_and_resumed_equals_uninterrupted(toy_and_checkpoint, tmp_path, monkeypatch):
+    """The twin of pretrain's resume test: killed in epoch 2 and run again, the losses
+    of every step and the final weights are bit-identical to an uninterrupted run
+    (mixup, SpecAugment and drop path all draw from the per-epoch streams)."""
+    from helpers import StopAfter, read_log, step_losses
+    root, ckpt, _ = toy_and_checkpoint
+    kw = dict(epochs=2, mixup=0.5)
+    straight = _cfg(root, ckpt, tmp_path / "straight", **kw)
+    finetune.main(straight)
+    resumed = _cfg(root, ckpt, tmp_path / "resumed", **kw)
+    original = finetune.train_one_epoch
+
+    def killed_in_second_epoch(model, net, optimizer, scaler, loader, epoch, *a, **kw):
+        if epoch == 1:
+            loader = StopAfter(loader, 1)
+        return original(model, net, optimizer, scaler, loader, epoch, *a, **kw)
+
+    monkeypatch.setattr(finetune, "train_one_epoch", killed_in_second_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        finetune.main(resumed)
+    assert torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=True)["epoch"] == 1
+    monkeypatch.setattr(finetune, "train_one_epoch", original)
+    finetune.main(resumed)  # the same command again: continues from epoch 2
+
+    a = step_losses(read_log(straight.run_dir))
+    b = step_losses(read_log(resumed.run_dir))
+    assert sorted(a) == sorted(b) == [1, 2, 3, 4]  # 16 clips, batch 8, 2 epochs
+    assert len(b[3]) == 2  # the step run before the kill was logged twice
+    for step in a:
+        assert set(b[step]) == set(a[step]), step
+    ca = torch.load(tmp_path / "straight" / "checkpoint.pt", weights_only=True)
+    cb = torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=True)
+    assert all(torch.equal(ca["model"][k], cb["model"][k]) for k in ca["model"])
+    assert ca["history"][-1]["top1"] == cb["history"][-1]["top1"]
+
+
+def test_specaugment_vector_stays_on_the_cpu(monkeypatch):
+    """apply_audio reads its decisions from a CPU copy of t; handing it a device t
+    makes it copy t back every step (a host-device sync on a GPU). The "meta"
+    device stands in for a GPU here."""
+    seen = []
+
+    def spy(spec, t):
+        seen.append(t.device.type)
+        return spec
+
+    monkeypatch.setattr(finetune.augment, "apply_audio", spy)
+    finetune.finetune_specaugment(torch.empty(4, 256, 64, device="meta"),
+                                  torch.Generator().manual_seed(0))
+    assert seen == ["cpu"]
+
+
+def _with_missing_audio(root, bad, tmp_path):
+    """A copy of the toy train manifest whose entries `bad` name absent WAV files."""
+    import data
+    entries = data.read_manifest(root / "train.json")
+    for i, e in enumerate(entries):
+        e["wav"] = str(root / e["wav"]) if i not in bad else str(tmp_path / f"gone_{i}.wav")
+        e["video_path"] = str(root / e["video_path"])
+    data.write_manifest(tmp_path / "train.json", entries)
+    return str(tmp_path / "train.json")
+
+
+def test_skip_bad_drops_empty_batches_counts_and_enforces_the_fraction(toy_and_checkpoint,
+                                                                       tmp_path):
+    """With batch size 1 every bad clip is an empty batch: it is not trained on (the
+    loss of 0 rows would be NaN), it is counted, and --max_bad_fraction holds."""
+    import data
+    root, ckpt, _ = toy_and_checkpoint
+    train = _with_missing_audio(root, {1, 5, 6, 11}, tmp_path)
+    kw = dict(train=train, test=str(root / "test.json"),
+              label_csv=str(root / "class_labels_indices.csv"), profile="toy", norm_stats="-5,4",
+              skip_bad=True, batch_size=1, log_every=4)
+    res = finetune.main(_cfg(root, ckpt, tmp_path / "ok", max_bad_fraction=0.5, **kw))
+    final = res["final"]
+    assert final["train_skipped"] == 4 and final["step"] == 12
+    assert math.isfinite(final["train_loss"]) and final["test_skipped"] == 0
+    with pytest.raises(data.DataError, match=r"4 of 16 samples were bad \(25.00% > 10.00%"):
+        finetune.main(_cfg(root, ckpt, tmp_path / "strict", max_bad_fraction=0.1, **kw))

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from augment import AUDIO_DIM, AUDIO_SLOTS, VISUAL_DIM, VISUAL_SLOTS
+from augment import AUDIO_DIM, AUDIO_SLOTS, VISUAL_DIM
 from model import (EquiAV, EquiAVClassifier, EquiAVOutput, PatchEmbed, TransformationPredictor,
                    ViTEncoder, drop_path, get_config)
 

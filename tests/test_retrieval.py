@@ -125,14 +125,6 @@ def test_extract_embeddings_deterministic_and_in_dataset_order(tiny_equiav):
                                      "cpu")
 
 
-def test_gather_in_dataset_order_drops_padding_repeats():
-    index = torch.tensor([4, 0, 2, 0, 1, 3])       # 0 repeated, as sampler padding does
-    rows = index.float()[:, None] * 10
-    idx, out = retrieval.gather_in_dataset_order(index, rows)
-    assert idx.tolist() == [0, 1, 2, 3, 4]
-    assert out[:, 0].tolist() == [0.0, 10.0, 20.0, 30.0, 40.0]
-
-
 # ---------------------------------------------------------------------------
 # Localization
 # ---------------------------------------------------------------------------
@@ -201,9 +193,10 @@ def test_retrieval_script_end_to_end(tmp_path, tiny_equiav):
     import json
 
     import data
+    import toy
     import utils
     root = tmp_path / "toy"
-    data.make_toy_dataset(root, n_train=0, n_test=8, n_retrieval=8, n_train_multilabel=0,
+    toy.make_toy_dataset(root, n_train=0, n_test=8, n_retrieval=8, n_train_multilabel=0,
                           n_test_multilabel=0, num_workers=0)
     ckpt = tmp_path / "pretrain" / "checkpoint.pt"
     utils.save_checkpoint({"model": tiny_equiav.state_dict(),
@@ -225,7 +218,7 @@ def test_retrieval_script_end_to_end(tmp_path, tiny_equiav):
     assert loc["clips"] == [0, 1, 2] and (tmp_path / "out" / "localization.png").exists()
     assert loc["n_clips"] == 8 and 0.0 <= loc["pointing_game"] <= 100.0
     # the centre baseline, recomputed from the manifest's boxes
-    entries = data.read_manifest(data.toy_paths(root)["retrieval"])
+    entries = data.read_manifest(toy.toy_paths(root)["retrieval"])
     centre = [any(b[0] <= 0.5 <= b[2] and b[1] <= 0.5 <= b[3]
                   for b in (data.box_in_crop(box, e["frame_size"], 96)
                             for box in e["boxes"][data.EVAL_FRAME])) for e in entries]
@@ -236,10 +229,11 @@ def test_pointing_game_scores_planted_maps(tmp_path, monkeypatch):
     """Maps planted inside (or, negated, inside with the sign flipped) each clip's
     box: the pointing game is 100 % (0 %) and the minimum diagnostic 0 % (100 %)."""
     import data
+    import toy
     root = tmp_path / "toy"
-    data.make_toy_dataset(root, n_train=0, n_test=6, n_retrieval=6, n_train_multilabel=0,
-                          n_test_multilabel=0, num_workers=0)
-    manifest = data.toy_paths(root)["retrieval"]
+    toy.make_toy_dataset(root, n_train=0, n_test=6, n_retrieval=6, n_train_multilabel=0,
+                         n_test_multilabel=0, num_workers=0)
+    manifest = toy.toy_paths(root)["retrieval"]
     entries = data.read_manifest(manifest)
     ds = data.AudioVisualDataset(manifest, audio_length=256, mel_bins=64, image_size=96,
                                  train=False, norm_mean=0.0, norm_std=1.0)

@@ -68,3 +68,41 @@ def test_not_distributed_without_torchrun(monkeypatch):
     rank, world, local, device = utils.init_distributed("cpu")
     assert (rank, world, local, device.type) == (0, 1, 0, "cpu")
     assert not utils.is_distributed() and utils.is_main()
+
+
+def test_seed_epoch_streams_differ_by_rank_and_epoch_and_repeat():
+    def draws(seed, epoch, rank):
+        gen = utils.seed_epoch(seed, epoch, rank)
+        return torch.rand(4, generator=gen), torch.rand(4)  # its stream, then torch's global one
+    a = draws(0, 3, 0)
+    for x, y in zip(a, draws(0, 3, 0)):
+        assert torch.equal(x, y)  # a function of (seed, epoch, rank) only: resuming repeats it
+    for other in (draws(0, 3, 1), draws(0, 4, 0), draws(1, 3, 0)):
+        assert not torch.equal(a[0], other[0]) and not torch.equal(a[1], other[1])
+    assert not torch.equal(a[0], a[1])  # the generator and the global seed are not one stream
+
+
+def test_gather_in_dataset_order_drops_padding_repeats():
+    index = torch.tensor([4, 0, 2, 0, 1, 3])       # 0 repeated, as sampler padding does
+    rows = index.float()[:, None] * 10
+    idx, out = utils.gather_in_dataset_order(index, rows)
+    assert idx.tolist() == [0, 1, 2, 3, 4]
+    assert out[:, 0].tolist() == [0.0, 10.0, 20.0, 30.0, 40.0]
+
+
+def test_optimizer_step_clips_and_calls_the_hook():
+    w = torch.nn.Parameter(torch.tensor([3.0, 4.0]))
+    opt = torch.optim.SGD([{"params": [w], "lr_scale": 2.0}], lr=1.0)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    seen = []
+    utils.optimizer_step(opt, scaler, (w * w).sum(), clip_grad=1.0,
+                         after_backward=lambda: seen.append(w.grad.clone()))
+    assert torch.equal(seen[0], torch.tensor([6.0, 8.0]))      # the hook saw the raw gradient
+    # clipped to norm 1 before the step: w - lr * g / |g|
+    torch.testing.assert_close(w.detach(), torch.tensor([3.0 - 0.6, 4.0 - 0.8]))
+    cfg = _Cfg(lr=0.5)
+    cfg.warmup_start_lr, cfg.final_lr = 0.0, 0.0
+    assert utils.set_lr(opt, 10, 10, 0, cfg) == pytest.approx(0.0)
+    assert utils.set_lr(opt, 0, 10, 0, cfg) == pytest.approx(0.5)
+    assert opt.param_groups[0]["lr"] == pytest.approx(1.0)      # times the group's lr_scale
+    assert isinstance(utils.cosine_lr(3, 10, 2, 1.0), float)    # a plain float, not numpy

@@ -1,0 +1,165 @@
+"""toy.py: the synthetic audio-visual world is deterministic, in the real layout,
+carries what its documentation says (boxes, shared attributes), and is generated
+safely by concurrent callers."""
+
+import colorsys
+import json
+import multiprocessing
+import wave
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import data
+import toy as toy_module
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """One torch thread in this module: the concurrency test forks, and a forked child
+    can deadlock in a thread pool its parent had started. Restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+# ---------------------------------------------------------------------------
+# Toy dataset
+# ---------------------------------------------------------------------------
+
+TOY_SIZES = dict(n_train=16, n_test=8, n_retrieval=4, n_train_multilabel=6, n_test_multilabel=2)
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+    root = tmp_path_factory.mktemp("toy") / "toy"
+    toy_module.make_toy_dataset(root, num_workers=0, **TOY_SIZES)
+    return toy_module.toy_paths(root)
+
+
+def _all_files(root):
+    root = Path(root)
+    return {str(p.relative_to(root)): p.read_bytes()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_toy_is_deterministic_and_independent_of_workers(toy, tmp_path):
+    again = tmp_path / "again"
+    toy_module.make_toy_dataset(again, num_workers=2, **TOY_SIZES)
+    first, second = _all_files(toy["root"]), _all_files(again)
+    assert first.keys() == second.keys()
+    assert len(first) == 32 * 11 + 8  # 32 clips of 11 files; manifests, csv, stats, toy.json
+    for name in first:
+        assert first[name] == second[name], name
+    other = tmp_path / "other"
+    toy_module.make_toy_dataset(other, seed=1, num_workers=0, n_train=2, n_test=1, n_retrieval=1,
+                          n_train_multilabel=0, n_test_multilabel=0)
+    wav = "audio/toy_train_00000.wav"
+    assert (other / wav).read_bytes() != first[wav]
+    with pytest.raises(FileExistsError):
+        toy_module.make_toy_dataset(again, num_workers=0, **TOY_SIZES)
+    assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
+
+
+def _hue_of(rgb):
+    return colorsys.rgb_to_hsv(*rgb)[0]
+
+
+def test_toy_manifests_boxes_and_shared_attributes(toy):
+    mids, names = data.read_label_csv(toy["label_csv"])
+    assert mids == [c[0] for c in toy_module.TOY_CLASSES] and len(mids) == 8
+    test = data.read_manifest(toy["test"])
+    assert data.read_manifest(toy["retrieval"]) == test[:4]
+    train = data.read_manifest(toy["train"])
+    multi = data.read_manifest(toy["train_multilabel"])
+    w, h = toy_module.TOY_FRAME_SIZE
+    root = Path(toy["root"])
+    for e in train + multi:
+        objs = e["objects"]
+        assert e["labels"] == ",".join(o["label"] for o in objs) and e["frame_size"] == [w, h]
+        assert len(objs) == (2 if e in multi else 1)
+        assert len({o["label"] for o in objs}) == len(objs)
+        assert len(e["boxes"]) == data.NUM_FRAMES
+        for frame_boxes in e["boxes"]:
+            assert len(frame_boxes) == len(objs)
+            for x0, y0, x1, y1 in frame_boxes:
+                # inside the frame, and inside the centre square that the model's crop keeps
+                assert 0 <= y0 < y1 <= 1 and (w - h) / 2 / w <= x0 < x1 <= 1 - (w - h) / 2 / w
+        with wave.open(str(root / e["wav"])) as f:
+            assert (f.getframerate(), f.getsampwidth(), f.getnchannels()) == (16000, 2, 1)
+            assert f.getnframes() == round(toy_module.TOY_DURATION * 16000)
+    # pitch <-> hue and rate <-> size, read back from the files
+    for e in train:
+        obj, box = e["objects"][0], e["boxes"][0][0]
+        img = np.asarray(Image.open(root / data.frame_path(e["video_path"], e["video_id"], 0)))
+        x0, y0, x1, y1 = round(box[0] * w), round(box[1] * h), round(box[2] * w), round(box[3] * h)
+        patch = img[y0:y1, x0:x1].reshape(-1, 3) / 255.0
+        hsv = np.array([colorsys.rgb_to_hsv(*p) for p in patch])
+        vivid = hsv[hsv[:, 1] > 0.6]
+        assert len(vivid) > 20
+        hue = np.median(vivid[:, 0])
+        want = 0.83 * obj["pitch"]  # the documented mappings, written out
+        assert min(abs(hue - want), 1 - abs(hue - want)) < 0.03, e["video_id"]
+        if obj["label"] == "/toy/flute":  # circle of the rate's radius; sine at the pitch's f0
+            assert abs((x1 - x0) - 2 * (10 + 12 * obj["rate"])) <= 2
+            with wave.open(str(root / e["wav"])) as f:
+                x = np.frombuffer(f.readframes(f.getnframes()), "<i2").astype(np.float64)
+            spec = np.abs(np.fft.rfft(x * np.hanning(len(x))))
+            freqs = np.fft.rfftfreq(len(x), 1 / 16000)
+            band = (freqs > 200) & (freqs < 1000)
+            peak = freqs[band][np.argmax(spec[band])]
+            assert abs(peak - 220 * 2 ** (2 * obj["pitch"])) < 5
+
+
+def test_toy_loads_with_its_stats(toy):
+    ds = data.AudioVisualDataset(toy["train"], toy["label_csv"], audio_length=256, mel_bins=64,
+                                 image_size=96, train=False)
+    items = [ds[i] for i in range(len(ds))]
+    audio = torch.stack([it["audio"] for it in items]).double()
+    # stats.json holds the train split's moments: the normalized split has mean 0, std 1
+    assert abs(audio.mean().item()) < 1e-4 and abs(audio.std().item() - 1) < 1e-3
+    assert all(it["frame"].shape == (3, 96, 96) for it in items)
+    classes = [int(it["label"].argmax()) for it in items]
+    assert classes == [i % 8 for i in range(len(ds))]
+    assert all(it["label"].sum() == 1 for it in items)
+    multi = data.AudioVisualDataset(toy["train_multilabel"], toy["label_csv"], audio_length=256,
+                                    mel_bins=64, image_size=96, train=True)
+    assert all(len(multi.label_indices(i)) == 2 for i in range(len(multi)))
+    stats = json.loads(Path(toy["stats"]).read_text())
+    again = data.compute_stats(toy["train"], audio_length=256, mel_bins=64)
+    assert again["mean"] == pytest.approx(stats["mean"], rel=1e-9)
+    assert again["std"] == pytest.approx(stats["std"], rel=1e-9)
+
+
+def _ensure(root, queue):
+    queue.put(toy_module.ensure_toy_dataset(root, num_workers=0, n_train=4, n_test=2, n_retrieval=1,
+                                      n_train_multilabel=0, n_test_multilabel=0))
+
+
+def test_ensure_toy_dataset_is_safe_with_concurrent_callers(tmp_path):
+    root = tmp_path / "shared" / "toy"
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_ensure, args=(str(root), queue)) for _ in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=120)
+    assert [p.exitcode for p in procs] == [0, 0]
+    results = [queue.get(timeout=5), queue.get(timeout=5)]
+    assert results[0] == results[1] == toy_module.toy_paths(root)
+    assert sorted(p.name for p in root.parent.iterdir()) == ["toy"]  # no temp folder, no lock
+    assert len(data.read_manifest(results[0]["train"])) == 4
+    # already there: returned as is; a foreign non-empty folder is refused
+    assert toy_module.ensure_toy_dataset(root) == results[0]
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "file").write_text("x")
+    with pytest.raises(data.DataError, match="not a complete toy dataset"):
+        toy_module.ensure_toy_dataset(tmp_path / "junk")
+    (tmp_path / "junk" / "toy.json").write_text('{"version": 0}')
+    with pytest.raises(data.DataError, match="another version of toy.py"):
+        toy_module.ensure_toy_dataset(tmp_path / "junk")

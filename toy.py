@@ -1,0 +1,502 @@
+"""The built-in toy dataset: a synthetic audio-visual world written as real files.
+
+`python toy.py --out DIR` writes it in exactly the layout data.py reads (the
+CAV-MAE / EquiAV format: 16 kHz WAVs, 10 JPEG frames per clip, JSON
+manifests, class_labels_indices.csv, stats.json), so that every script runs
+out of the box on a CPU and the whole pipeline is exercised. The scripts
+generate it themselves on first use (`ensure_toy_dataset`).
+
+Every clip shows and sounds one object (two in the multi-label variant).
+The class sets both the timbre and the shape; two continuous attributes
+are shared across modalities, so that audio->visual retrieval can be right
+at the instance level, not only the class level:
+  pitch p in [0, 1]:  f0 = 220 * 2^(2p) Hz (two octaves)  <->  hue = 0.83 p
+  rate  r in [0, 1]:  1 + 4r pulses/s                      <->  radius 10 + 12r px
+Nuisances that augmentations should not destroy: coloured background noise,
+mains hum and clicks in the audio; a low-saturation gradient background,
+grey clutter, sensor noise, object position, small rotation, brightness
+flicker and a slow drift across the 10 frames in the image.
+Each manifest entry also carries "objects" (label, pitch, rate), "boxes"
+(per frame, per object, [x0, y0, x1, y1] as fractions of the stored frame)
+and "frame_size" [W, H]; data.box_in_crop maps a box into the model's crop.
+"""
+
+import argparse
+import colorsys
+import csv
+import json
+import math
+import os
+import shutil
+import sys
+import time
+import uuid
+import wave
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+import data
+import utils
+
+
+# ===========================================================================
+# The world: classes, sounds, pictures
+# ===========================================================================
+
+class _Timbre(NamedTuple):
+    partials: tuple          # (frequency ratio, amplitude)
+    vibrato: float = 0.0     # relative depth
+    sweep: float = 0.0       # pitch drop at each onset (drums)
+    noise: float = 0.0       # breath / skin noise, relative
+    attack: float = 0.02     # s, for sustained tones
+    decay: float = 0.0       # s, > 0 for struck (percussive) sounds
+
+
+TOY_CLASSES = (  # (mid, display name, timbre, shape)
+    ("/toy/flute", "flute (circle)",
+     _Timbre(((1, 1.0), (2, 0.2), (3, 0.05)), vibrato=0.004, noise=0.08, attack=0.03), "circle"),
+    ("/toy/clarinet", "clarinet (square)",
+     _Timbre(tuple((n, 1.0 / n) for n in (1, 3, 5, 7, 9, 11)), vibrato=0.002), "square"),
+    ("/toy/violin", "violin (triangle)",
+     _Timbre(tuple((n, 1.0 / n) for n in range(1, 13)), vibrato=0.012, attack=0.04), "triangle"),
+    ("/toy/bell", "bell (star)",
+     _Timbre(((1, 1.0), (2.76, 0.5), (5.40, 0.35), (8.93, 0.2)), decay=0.35), "star"),
+    ("/toy/drum", "drum (hexagon)",
+     _Timbre(((1, 1.0), (1.5, 0.3)), sweep=1.0, noise=0.5, decay=0.07), "hexagon"),
+    ("/toy/horn", "horn (diamond)",
+     _Timbre(((1, 0.5), (2, 1.0), (3, 0.8), (4, 0.55), (5, 0.35), (6, 0.2), (7, 0.1)),
+             attack=0.08), "diamond"),
+    ("/toy/whistle", "whistle (ring)", _Timbre(((1, 1.0),), vibrato=0.03, attack=0.01), "ring"),
+    ("/toy/buzzer", "buzzer (cross)",
+     _Timbre(tuple((n, 1.0) for n in range(1, 21)), attack=0.005), "cross"),
+)
+TOY_DURATION = 2.6            # s: 258 fbank frames, the tiny preset keeps 256
+TOY_FRAME_SIZE = (128, 112)   # (W, H): the tiny preset resizes to 109 x 96 and crops 96
+TOY_VERSION = 1
+_TOY_SPLITS = {"train": 0, "test": 1, "train_multilabel": 2, "test_multilabel": 3}
+_TOY_ID_PREFIX = {"train": "toy_train", "test": "toy_test", "train_multilabel": "toy_trainml",
+                  "test_multilabel": "toy_testml"}
+
+
+def toy_pitch_to_f0(pitch):
+    return 220.0 * 2.0 ** (2.0 * pitch)
+
+
+def toy_pitch_to_hue(pitch):
+    return 0.83 * pitch
+
+
+def toy_rate_to_pulses(rate):
+    return 1.0 + 4.0 * rate
+
+
+def toy_rate_to_radius(rate, multi=False):
+    """Object radius in stored-frame pixels (smaller when two objects share a frame)."""
+    return (8.0 + 9.0 * rate) if multi else (10.0 + 12.0 * rate)
+
+
+def _unit_rms(x):
+    return x / (np.sqrt(np.mean(x * x)) + np.float32(1e-12))
+
+
+def _coloured_noise(rng, n, tilt):
+    """Unit-RMS noise from white (tilt 0) to high-passed brown (tilt 1), (n,) float32."""
+    white = rng.standard_normal(n, dtype=np.float32)
+    walk = np.cumsum(white, dtype=np.float64)
+    c = np.concatenate([[0.0], np.cumsum(walk)])
+    w = 400  # subtract a 25 ms moving average: removes the random walk's drift
+    lo = np.clip(np.arange(n) - w, 0, n)
+    hi = np.clip(np.arange(n) + w + 1, 0, n)
+    brown = (walk - (c[hi] - c[lo]) / (hi - lo)).astype(np.float32)
+    return _unit_rms(np.float32(1 - tilt) * _unit_rms(white) + np.float32(tilt) * _unit_rms(brown))
+
+
+_TABLE_SIZE = 4096
+
+
+def _lookup(table, cycles):
+    """Periodic wavetable read at phase `cycles` (in periods), linear interpolation."""
+    pos = (cycles - np.floor(cycles)) * _TABLE_SIZE  # np.mod is several times slower
+    i = np.minimum(pos.astype(np.int32), _TABLE_SIZE - 1)
+    return table[i] + (pos - i).astype(np.float32) * (table[i + 1] - table[i])
+
+
+def _harmonic_table(partials, rng):
+    """One period (plus a wrap-around sample) of a sum of harmonics with random phases."""
+    pos = np.arange(_TABLE_SIZE + 1) / _TABLE_SIZE
+    table = np.zeros(_TABLE_SIZE + 1)
+    for ratio, amp in partials:
+        table += amp * np.sin(2 * np.pi * ratio * pos + rng.uniform(0, 2 * np.pi))
+    return table.astype(np.float32)
+
+
+def _toy_source(rng, cls, pitch, rate, t):
+    """One sounding object: (N,) float32 with unit RMS. t: (N,) float32 seconds."""
+    timbre = TOY_CLASSES[cls][2]
+    f0 = toy_pitch_to_f0(pitch)
+    period = 1.0 / toy_rate_to_pulses(rate)
+    beats = (t - np.float32(rng.uniform(0.0, period))) * np.float32(1 / period)
+    since = (beats - np.floor(beats)) * np.float32(period)  # time since the last onset
+    vib_rate, vib_phase = rng.uniform(4.5, 6.5), rng.uniform(0, 2 * np.pi)
+    vib = np.sin(np.float32(2 * np.pi * vib_rate) * t + np.float32(vib_phase))
+    freq = np.float32(f0) * (np.float32(1.0) + np.float32(timbre.vibrato) * vib)
+    if timbre.sweep:
+        drop = np.exp(since * np.float32(-50.0))  # 20 ms pitch drop after each onset
+        freq = freq * (np.float32(1.0) + np.float32(timbre.sweep) * drop)
+    cycles = np.cumsum(freq, dtype=np.float64) / data.SAMPLE_RATE  # phase in periods of f0
+    audible = [(r, a) for r, a in timbre.partials if r * f0 < 7000.0]  # stay below Nyquist
+    harmonic = [(r, a) for r, a in audible if float(r).is_integer()]
+    sig = _lookup(_harmonic_table(harmonic, rng), cycles)  # all harmonics in one table
+    for ratio, amp in audible:
+        if not float(ratio).is_integer():
+            sig += np.float32(amp) * _lookup(_harmonic_table([(1, 1.0)], rng), ratio * cycles)
+    if timbre.noise:
+        level = np.float32(timbre.noise) * np.sqrt(np.mean(sig * sig))
+        sig += level * _coloured_noise(rng, t.size, 0.0)
+    if timbre.decay:
+        env = ((1 - np.exp(since * np.float32(-1 / 0.003)))  # 3 ms attack, then decay
+               * np.exp(since * np.float32(-1 / timbre.decay)))
+    else:  # sustained note, on for 60% of each period
+        env = np.clip(since * np.float32(1 / timbre.attack), 0, 1) * np.clip(
+            (np.float32(0.6 * period) - since) * np.float32(50.0), 0, 1)
+    return _unit_rms(sig * env)
+
+
+def _toy_audio(rng, objects):
+    """Mix of the objects plus background; returns (N,) int16 at 16 kHz."""
+    n = int(round(TOY_DURATION * data.SAMPLE_RATE))
+    t = np.arange(n, dtype=np.float32) / np.float32(data.SAMPLE_RATE)
+    mix = np.zeros(n, dtype=np.float32)
+    for obj in objects:
+        mix += np.float32(rng.uniform(0.6, 1.0)) * _toy_source(rng, obj["cls"], obj["pitch"],
+                                                               obj["rate"], t)
+    mix = _unit_rms(mix)
+    snr_db = rng.uniform(6.0, 20.0)
+    background = _coloured_noise(rng, n, rng.uniform(0.0, 1.0))
+    if rng.random() < 0.5:  # mains hum with two overtones
+        mains = rng.choice([50.0, 60.0])
+        hum = [(h, rng.uniform(0, 1.5) / h) for h in (1, 2, 3)]
+        background += _lookup(_harmonic_table(hum, rng), mains * np.arange(n) / data.SAMPLE_RATE)
+    for _ in range(rng.integers(0, 4)):  # clicks
+        start = rng.integers(0, n - 80)
+        background[start:start + 80] += (rng.uniform(2, 6) * rng.standard_normal(80)
+                                         * np.exp(-np.arange(80) / 15.0)).astype(np.float32)
+    x = mix + np.float32(10.0 ** (-snr_db / 20.0)) * _unit_rms(background)
+    x *= np.float32(rng.uniform(0.3, 0.9) / (np.max(np.abs(x)) + 1e-12))
+    return np.round(x * np.float32(32767.0)).astype(np.int16)
+
+
+def _shape_sdf(shape, u, v):
+    """Signed distance-like field of a unit shape (positive inside), radius units."""
+    r = np.hypot(u, v)
+    phi = np.arctan2(v, u) + np.pi / 2  # 0 at the top (image y points down)
+    if shape == "circle":
+        return 1.0 - r
+    if shape == "square":
+        return 0.8 - np.maximum(np.abs(u), np.abs(v))
+    if shape in ("triangle", "hexagon"):
+        n = 3 if shape == "triangle" else 6
+        sector = 2 * np.pi / n
+        rho = np.cos(np.pi / n) / np.cos(np.mod(phi, sector) - np.pi / n)
+        return rho - r
+    if shape == "star":
+        a = np.mod(phi, 2 * np.pi / 5) / (2 * np.pi / 5)
+        return 0.42 + 0.58 * np.abs(2 * a - 1) - r
+    if shape == "diamond":
+        return (1.0 - (np.abs(u) / 0.6 + np.abs(v))) * 0.5
+    if shape == "ring":
+        return 0.28 - np.abs(r - 0.7)
+    if shape == "cross":
+        return np.maximum(np.minimum(0.28 - np.abs(u), 1.0 - np.abs(v)),
+                          np.minimum(0.28 - np.abs(v), 1.0 - np.abs(u)))
+    raise ValueError(shape)
+
+
+def _toy_background(rng, width, height):
+    """Static scene: low-saturation gradient and grey clutter, (H, W, 3) float32."""
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+    c1, c2 = (np.array(colorsys.hsv_to_rgb(rng.random(), rng.uniform(0, 0.3),
+                                           rng.uniform(0.25, 0.75)),
+                       dtype=np.float32) for _ in range(2))
+    angle = rng.uniform(0, 2 * np.pi)
+    g = np.cos(angle) * xx / width + np.sin(angle) * yy / height
+    g = (g - g.min()) / (g.max() - g.min() + 1e-6)
+    img = c1 + g[..., None] * (c2 - c1)
+    for _ in range(rng.integers(3, 8)):
+        w, h = rng.integers(3, 18, size=2)
+        if rng.random() < 0.3:  # thin line
+            w, h = (w * 3, 1) if rng.random() < 0.5 else (1, h * 3)
+        x0, y0 = rng.integers(0, width - 1), rng.integers(0, height - 1)
+        grey = np.array(colorsys.hsv_to_rgb(rng.random(), rng.uniform(0, 0.25),
+                                            rng.uniform(0.1, 0.9)),
+                        dtype=np.float32)
+        img[y0:y0 + h, x0:x0 + w] = grey
+    return img
+
+
+def _toy_frames(rng, objects):
+    """10 frames (10, H, W, 3) uint8 and boxes [frame][object] = [x0, y0, x1, y1] fractions."""
+    width, height = TOY_FRAME_SIZE
+    margin_x = (width - height) // 2  # keep objects inside the centre square the crop keeps
+    multi = len(objects) > 1
+    bg = _toy_background(rng, width, height)
+    sides = rng.permutation(len(objects))
+    sprites = []
+    for o, obj in enumerate(objects):
+        radius = toy_rate_to_radius(obj["rate"], multi)
+        reach = int(math.ceil(1.15 * radius + 2))  # every shape lies within 1.15 radii
+        lo_x, hi_x = margin_x + reach + 1, width - margin_x - reach - 1
+        if multi:  # one object per half so they do not overlap
+            mid = width / 2
+            lo_x, hi_x = (lo_x, mid - reach - 1) if sides[o] == 0 else (mid + reach + 1, hi_x)
+        lo_y, hi_y = reach + 1, height - reach - 1
+        start = np.array([rng.uniform(lo_x, hi_x), rng.uniform(lo_y, hi_y)])
+        end = np.clip(start + rng.uniform(-10, 10, size=2), [lo_x, lo_y], [hi_x, hi_y])
+        hsv = (toy_pitch_to_hue(obj["pitch"]), rng.uniform(0.75, 1.0), rng.uniform(0.75, 1.0))
+        color = np.array(colorsys.hsv_to_rgb(*hsv), dtype=np.float32)
+        angle = rng.uniform(-0.25, 0.25)
+        # render the object once (a sprite with alpha, with the start's sub-pixel offset) and
+        # move it by whole pixels across the frames: the slow drift of a real clip
+        grid = np.arange(-reach, reach + 1, dtype=np.float32)
+        fx, fy = start - np.floor(start)
+        dx = (grid[None, :] + np.float32(0.5 - fx)) / np.float32(radius)
+        dy = (grid[:, None] + np.float32(0.5 - fy)) / np.float32(radius)
+        u = np.float32(math.cos(angle)) * dx + np.float32(math.sin(angle)) * dy
+        v = np.float32(-math.sin(angle)) * dx + np.float32(math.cos(angle)) * dy
+        alpha = np.clip(_shape_sdf(TOY_CLASSES[obj["cls"]][3], u, v) * np.float32(radius)
+                        + np.float32(0.5), 0, 1)[..., None]
+        shade = np.float32(1.0) - np.float32(0.2) * np.minimum(np.hypot(u, v), np.float32(1.0))
+        ys, xs = np.nonzero(alpha[..., 0] > 0.5)
+        sprite_box = (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1)
+        sprites.append((start, end, reach, alpha, color * shade[..., None], sprite_box))
+    imgs = np.empty((data.NUM_FRAMES, height, width, 3), dtype=np.float32)
+    # sensor noise: each frame reads a random window of one buffer (cheaper than fresh draws)
+    pixels = height * width * 3
+    noise = rng.standard_normal(pixels + 4096, dtype=np.float32) * np.float32(0.02 * 255.0)
+    boxes = []
+    for k in range(data.NUM_FRAMES):
+        img = bg.copy()
+        frame_boxes = []
+        for start, end, reach, alpha, paint, (bx0, by0, bx1, by1) in sprites:
+            x, y = np.floor(start + (end - start) * k / (data.NUM_FRAMES - 1)).astype(int) - reach
+            window = img[y:y + alpha.shape[0], x:x + alpha.shape[1]]  # inside by construction
+            window += alpha * (paint - window)
+            frame_boxes.append([round((x + bx0) / width, 4), round((y + by0) / height, 4),
+                                round((x + bx1) / width, 4), round((y + by1) / height, 4)])
+        flicker = np.float32(255.0 * (1.0 + rng.uniform(-0.04, 0.04)))
+        np.multiply(img, flicker, out=imgs[k])
+        offset = int(rng.integers(4096))
+        imgs[k] += noise[offset:offset + pixels].reshape(height, width, 3)
+        boxes.append(frame_boxes)
+    imgs += np.float32(0.5)
+    np.clip(imgs, 0, 255, out=imgs)
+    frames = imgs.astype(np.uint8)
+    return frames, boxes
+
+
+# ===========================================================================
+# Writing the dataset
+# ===========================================================================
+
+class _ToyClips(Dataset):
+    """Generates and writes toy clip j (a DataLoader parallelizes it over workers).
+
+    Each clip's randomness comes from (seed, split, index) only, so the result
+    does not depend on the number of workers.
+    """
+
+    def __init__(self, out_dir, jobs, seed, audio_length, mel_bins):
+        self.out_dir, self.jobs, self.seed = str(out_dir), jobs, seed
+        self.audio_length, self.mel_bins = audio_length, mel_bins
+
+    def __len__(self):
+        return len(self.jobs)
+
+    def __getitem__(self, j):
+        split, i = self.jobs[j]
+        rng = np.random.default_rng((self.seed, _TOY_SPLITS[split], i))
+        if split.endswith("multilabel"):
+            c1 = int(rng.integers(len(TOY_CLASSES)))
+            classes = [c1, (c1 + int(rng.integers(1, len(TOY_CLASSES)))) % len(TOY_CLASSES)]
+        else:
+            classes = [i % len(TOY_CLASSES)]
+        objects = [{"cls": c, "pitch": round(float(rng.random()), 4),
+                    "rate": round(float(rng.random()), 4)} for c in classes]
+        vid = f"{_TOY_ID_PREFIX[split]}_{i:05d}"
+        pcm = _toy_audio(rng, objects)
+        frames, boxes = _toy_frames(rng, objects)
+        with wave.open(os.path.join(self.out_dir, "audio", f"{vid}.wav"), "wb") as w:
+            w.setnchannels(1)
+            w.setsampwidth(2)
+            w.setframerate(data.SAMPLE_RATE)
+            w.writeframes(pcm.astype("<i2").tobytes())
+        for k in range(data.NUM_FRAMES):
+            path = data.frame_path(os.path.join(self.out_dir, "frames"), vid, k)
+            Image.fromarray(frames[k]).save(path, format="JPEG", quality=90)
+        moments = None
+        if split == "train":  # fbank moments of exactly what the loader will read back
+            wav = torch.from_numpy(pcm.astype(np.float32) / 32768.0)
+            fbank = data.waveform_to_fbank(wav - wav.mean(), self.audio_length, self.mel_bins).double()
+            moments = (float(fbank.sum()), float((fbank * fbank).sum()), fbank.numel())
+        entry = {"video_id": vid, "wav": f"audio/{vid}.wav", "video_path": "frames",
+                 "labels": ",".join(TOY_CLASSES[c][0] for c in classes),
+                 "objects": [{"label": TOY_CLASSES[o["cls"]][0], "pitch": o["pitch"],
+                              "rate": o["rate"]} for o in objects],
+                 "boxes": boxes, "frame_size": list(TOY_FRAME_SIZE)}
+        return split, entry, moments
+
+
+def _as_is(x):
+    return x
+
+
+def toy_paths(root):
+    """Paths of a toy dataset's files (absolute strings)."""
+    root = Path(root).resolve()
+    out = {name: str(root / f"{name}.json") for name in
+           ("train", "test", "retrieval", "train_multilabel", "test_multilabel")}
+    out.update(label_csv=str(root / "class_labels_indices.csv"), stats=str(root / "stats.json"),
+               root=str(root))
+    return out
+
+
+def make_toy_dataset(out_dir, n_train=2000, n_test=400, n_retrieval=300, n_train_multilabel=400,
+                     n_test_multilabel=200, seed=0, num_workers=None, audio_length=256, mel_bins=64,
+                     progress=False):
+    """Write the toy dataset to out_dir (see the section comment above for its design).
+
+    Files: audio/{id}.wav (16 kHz, 16-bit, mono, 2.6 s), frames/frame_{k}/{id}.jpg
+    (128 x 112), train / test / retrieval (first n_retrieval test clips) /
+    train_multilabel / test_multilabel .json, class_labels_indices.csv,
+    stats.json (fbank mean/std of train at audio_length x mel_bins, the tiny
+    preset), toy.json (parameters; written last, marks completion).
+    The same seed gives byte-identical files whatever num_workers.
+    Generated in a temporary sibling folder and renamed into place, so
+    out_dir is either absent or complete; raises FileExistsError if out_dir
+    exists and is not empty.
+    """
+    out_dir = Path(out_dir).resolve()
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise FileExistsError(f"{out_dir} exists and is not empty")
+    if not 0 <= n_retrieval <= n_test:
+        raise ValueError(f"n_retrieval ({n_retrieval}) must be between 0 and n_test ({n_test})")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        (tmp / "audio").mkdir(parents=True)
+        for k in range(data.NUM_FRAMES):
+            (tmp / "frames" / f"frame_{k}").mkdir(parents=True)
+        sizes = {"train": n_train, "test": n_test, "train_multilabel": n_train_multilabel,
+                 "test_multilabel": n_test_multilabel}
+        jobs = [(split, i) for split, n in sizes.items() for i in range(n)]
+        if num_workers is None:
+            num_workers = min(4, data.default_num_workers()) if len(jobs) > 64 else 0
+        loader = DataLoader(_ToyClips(tmp, jobs, seed, audio_length, mel_bins), batch_size=None,
+                            num_workers=num_workers, collate_fn=_as_is)
+        if progress:
+            loader = tqdm(loader, total=len(jobs), desc="toy dataset")
+        entries = {split: [] for split in sizes}
+        s = s2 = 0.0
+        count = 0
+        for split, entry, moments in loader:
+            entries[split].append(entry)
+            if moments is not None:
+                s, s2, count = s + moments[0], s2 + moments[1], count + moments[2]
+        for split, items in entries.items():
+            data.write_manifest(tmp / f"{split}.json", items)
+        data.write_manifest(tmp / "retrieval.json", entries["test"][:n_retrieval])
+        with open(tmp / "class_labels_indices.csv", "w", newline="", encoding="utf-8") as f:
+            writer = csv.writer(f, lineterminator="\n")
+            writer.writerow(["index", "mid", "display_name"])
+            for c, (mid, name, _, _) in enumerate(TOY_CLASSES):
+                writer.writerow([c, mid, name])
+        if count:
+            mean = s / count
+            stats = {"mean": mean, "std": math.sqrt(max(s2 / count - mean * mean, 0.0)),
+                     "num_clips": n_train, "audio_length": audio_length, "mel_bins": mel_bins,
+                     "manifest": "train.json"}
+            (tmp / "stats.json").write_text(json.dumps(stats, indent=1) + "\n")
+        params = {"version": TOY_VERSION, "seed": seed, **sizes, "n_retrieval": n_retrieval,
+                  "audio_length": audio_length, "mel_bins": mel_bins, "sample_rate": data.SAMPLE_RATE,
+                  "duration": TOY_DURATION, "frame_size": list(TOY_FRAME_SIZE),
+                  "classes": [c[0] for c in TOY_CLASSES]}
+        (tmp / "toy.json").write_text(json.dumps(params, indent=1) + "\n")
+        try:
+            os.rename(tmp, out_dir)  # atomic; replaces out_dir only if it is an empty folder
+        except OSError as err:
+            raise FileExistsError(f"{out_dir} appeared while generating ({err})") from err
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def ensure_toy_dataset(root="data/toy", **toy_kwargs):
+    """Return toy_paths(root), generating the toy dataset first if it is absent.
+
+    An existing dataset is returned as it is (toy_kwargs only size a new one).
+    Under torchrun rank 0 generates while the other ranks wait at a barrier, so
+    every rank must call it (a collective call). Independent processes calling
+    it at once are safe too: each generates into a temporary folder that is
+    renamed into place, the first rename wins and the others keep its result,
+    so a half-written dataset is never seen.
+    """
+    root = Path(root).resolve()
+    marker = root / "toy.json"
+    if utils.is_main() and not marker.exists():
+        if root.exists() and any(root.iterdir()):
+            raise data.DataError(f"{root} exists but is not a complete toy dataset (no toy.json); "
+                                 f"delete it to regenerate")
+        try:
+            make_toy_dataset(root, **toy_kwargs)
+        except FileExistsError:
+            if not marker.exists():  # not another process's finished dataset
+                raise
+    utils.barrier()
+    try:
+        version = json.loads(marker.read_text()).get("version")
+    except (OSError, ValueError) as err:
+        raise data.DataError(f"{marker}: unreadable ({err}); delete {root} to regenerate") from err
+    if version != TOY_VERSION:
+        raise data.DataError(f"{root} was generated by another version of toy.py (toy version "
+                             f"{version}, this is {TOY_VERSION}); delete it to regenerate")
+    return toy_paths(root)
+
+
+# ===========================================================================
+# CLI
+# ===========================================================================
+
+def main(argv=None):
+    """`python toy.py --out DIR [sizes]`; returns the exit code."""
+    parser = argparse.ArgumentParser(prog="toy.py", description=__doc__.split("\n")[0])
+    parser.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
+    parser.add_argument("--n_train", type=int, default=2000)
+    parser.add_argument("--n_test", type=int, default=400)
+    parser.add_argument("--n_retrieval", type=int, default=300, help="first N test clips")
+    parser.add_argument("--n_train_multilabel", type=int, default=400)
+    parser.add_argument("--n_test_multilabel", type=int, default=200)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--workers", type=int, default=None, help="generation processes")
+    args = parser.parse_args(argv)
+    start = time.perf_counter()
+    try:
+        make_toy_dataset(args.out, args.n_train, args.n_test, args.n_retrieval,
+                         args.n_train_multilabel, args.n_test_multilabel, seed=args.seed,
+                         num_workers=args.workers, progress=True)
+    except (FileExistsError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"wrote {args.out} in {time.perf_counter() - start:.1f} s")
+    for name, path in toy_paths(args.out).items():
+        print(f"  {name:17s} {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
