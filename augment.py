@@ -47,6 +47,10 @@ AUDIO_LAYOUT = (
 
 VISUAL_SLOTS = {name: i for i, name in enumerate(VISUAL_LAYOUT)}
 AUDIO_SLOTS = {name: i for i, name in enumerate(AUDIO_LAYOUT)}
+# The crop's slots in (on, top, left, height, width) order of its (rows, cols) plane:
+# the image is (H, W); the spectrogram (T, F), time as rows and frequency as columns.
+VISUAL_CROP = ("rrc_on", "rrc_top", "rrc_left", "rrc_height", "rrc_width")
+AUDIO_CROP = ("rrc_on", "rrc_time_start", "rrc_freq_start", "rrc_time_len", "rrc_freq_width")
 VISUAL_DIM = len(VISUAL_LAYOUT)  # 18
 AUDIO_DIM = len(AUDIO_LAYOUT)    # 24
 assert VISUAL_DIM == 18 and AUDIO_DIM == 24
@@ -180,10 +184,21 @@ def _sample_color_jitter(n, generator):
     return on, order, values
 
 
-def _sample_blur(n, generator):
-    on = _bernoulli(n, P_BLUR, generator)
-    sigma = _uniform(n, *SIGMA_RANGE, generator)
-    return on, torch.where(on, sigma, 0.0)
+def _write_crop(t, slots, names, boxes, H, W):
+    """Store integer crop boxes (top, left, height, width) of an (H, W) plane in the
+    crop slots `names` (VISUAL_CROP / AUDIO_CROP), normalized by (H, W, H, W)."""
+    t[:, slots[names[0]]] = 1.0
+    for name, value, size in zip(names[1:], boxes, (H, W, H, W)):
+        t[:, slots[name]] = (value.double() / size).float()
+
+
+def _write_blur_and_flip(t, slots, generator):
+    """Sample and store the Gaussian blur (p 0.5, sigma U(0.1, 2)) and the flip (p 0.5)."""
+    on = _bernoulli(t.shape[0], P_BLUR, generator)
+    sigma = _uniform(t.shape[0], *SIGMA_RANGE, generator)
+    t[:, slots["blur_on"]] = on.float()
+    t[:, slots["blur_sigma"]] = torch.where(on, sigma, 0.0)
+    t[:, slots["flip_on"]] = _bernoulli(t.shape[0], P_FLIP, generator).float()
 
 
 def _write_color_jitter(t, slots, on, order, values):
@@ -202,17 +217,10 @@ def sample_visual_params(n, generator, H=224, W=224):
     _check_generator(generator)
     S = VISUAL_SLOTS
     t = torch.zeros(n, VISUAL_DIM)
-    top, left, h, w = _sample_crop_boxes(n, generator, H, W, CROP_SCALE, VISUAL_CROP_RATIO)
-    t[:, S["rrc_on"]] = 1.0
-    t[:, S["rrc_top"]] = (top.double() / H).float()
-    t[:, S["rrc_left"]] = (left.double() / W).float()
-    t[:, S["rrc_height"]] = (h.double() / H).float()
-    t[:, S["rrc_width"]] = (w.double() / W).float()
+    boxes = _sample_crop_boxes(n, generator, H, W, CROP_SCALE, VISUAL_CROP_RATIO)
+    _write_crop(t, S, VISUAL_CROP, boxes, H, W)
     _write_color_jitter(t, S, *_sample_color_jitter(n, generator))
-    blur_on, sigma = _sample_blur(n, generator)
-    t[:, S["blur_on"]] = blur_on.float()
-    t[:, S["blur_sigma"]] = sigma
-    t[:, S["flip_on"]] = _bernoulli(n, P_FLIP, generator).float()
+    _write_blur_and_flip(t, S, generator)
     t[:, S["gray_on"]] = _bernoulli(n, P_GRAY, generator).float()
     return t
 
@@ -250,17 +258,10 @@ def sample_audio_params(n, generator, T=1024, F=128):
     # keep the same range relative to their own aspect, so the full plane stays allowed.
     rel = (F / T) / (BASE_F / BASE_T)
     ratio = (AUDIO_CROP_RATIO[0] * rel, AUDIO_CROP_RATIO[1] * rel)
-    top, left, h, w = _sample_crop_boxes(n, generator, T, F, CROP_SCALE, ratio)
-    t[:, S["rrc_on"]] = 1.0
-    t[:, S["rrc_time_start"]] = (top.double() / T).float()
-    t[:, S["rrc_freq_start"]] = (left.double() / F).float()
-    t[:, S["rrc_time_len"]] = (h.double() / T).float()
-    t[:, S["rrc_freq_width"]] = (w.double() / F).float()
+    boxes = _sample_crop_boxes(n, generator, T, F, CROP_SCALE, ratio)
+    _write_crop(t, S, AUDIO_CROP, boxes, T, F)
     _write_color_jitter(t, S, *_sample_color_jitter(n, generator))
-    blur_on, sigma = _sample_blur(n, generator)
-    t[:, S["blur_on"]] = blur_on.float()
-    t[:, S["blur_sigma"]] = sigma
-    t[:, S["flip_on"]] = _bernoulli(n, P_FLIP, generator).float()
+    _write_blur_and_flip(t, S, generator)
     return t
 
 
@@ -363,8 +364,7 @@ def _audio_geometry(spec, tc):
     """
     B, T, F = spec.shape
     S = AUDIO_SLOTS
-    top, left, h, w = _decode_boxes(tc, S, ("rrc_on", "rrc_time_start", "rrc_freq_start",
-                                            "rrc_time_len", "rrc_freq_width"), T, F)
+    top, left, h, w = _decode_boxes(tc, S, AUDIO_CROP, T, F)
     masked = (tc[:, S["specaug_on"]] > 0.5).tolist()
     spans = [_decode_int(tc[:, S[name]], size).tolist() for name, size in
              (("tmask_start", T), ("tmask_end", T), ("fmask_start", F), ("fmask_end", F))]
@@ -413,8 +413,7 @@ def _visual_geometry(img, tc):
     section comment), one copy per sample into a new (B, 3, H, W) tensor."""
     B, _, H, W = img.shape
     S = VISUAL_SLOTS
-    top, left, h, w = _decode_boxes(tc, S, ("rrc_on", "rrc_top", "rrc_left", "rrc_height",
-                                            "rrc_width"), H, W)
+    top, left, h, w = _decode_boxes(tc, S, VISUAL_CROP, H, W)
     flip = (tc[:, S["flip_on"]] > 0.5).tolist()
     out = torch.empty_like(img)
     for b in range(B):

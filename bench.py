@@ -75,8 +75,7 @@ class BenchConfig:
                                              "uses on CUDA only (full: fp32,bf16; quick: fp32)")
     compile: Optional[bool] = option(None, "also measure torch.compile (full: true, quick: false)")
     compile_presets: Optional[str] = option(None, "presets measured compiled (none: tiny on CPU, "
-                                                  "all on CUDA; compiling base on 2 cores takes "
-                                                  "minutes)")
+                                                  "all on CUDA; base takes minutes on a CPU)")
     batch_tiny: Optional[int] = option(None, "step batch size of tiny (CUDA 64, CPU 32, quick 8)")
     batch_base: Optional[int] = option(None, "step batch size of base (CUDA 16 = the paper's "
                                              "per-GPU batch, CPU 2)")

@@ -901,7 +901,7 @@ def make_loader(dataset, batch_size, train, num_workers=None, distributed=None, 
     pads the last rank by repeating clips, so deduplicate by batch["index"].
     weights (per-clip, e.g. load_sample_weights) switch to
     WeightedEpochSampler with num_samples draws per epoch. Pinned memory on
-    CUDA, persistent workers.
+    CUDA, persistent workers. A training loader without one full batch is an error.
     """
     if distributed is None:
         distributed = dist.is_available() and dist.is_initialized()
@@ -919,9 +919,13 @@ def make_loader(dataset, batch_size, train, num_workers=None, distributed=None, 
         num_workers = default_num_workers()
     if pin_memory is None:
         pin_memory = torch.cuda.is_available()
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
-                      collate_fn=collate, pin_memory=pin_memory, drop_last=train,
-                      persistent_workers=num_workers > 0)
+    loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
+                        collate_fn=collate, pin_memory=pin_memory, drop_last=train,
+                        persistent_workers=num_workers > 0)
+    if train and len(loader) == 0:
+        raise DataError(f"{getattr(dataset, 'manifest', 'the dataset')}: {len(sampler)} samples "
+                        f"per process is less than one batch of {batch_size} ({world} process(es))")
+    return loader
 
 
 # ===========================================================================

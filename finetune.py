@@ -44,35 +44,25 @@ from utils import option
 # =============================================================================
 
 @dataclasses.dataclass
-class FinetuneConfig:
-    """Every field is a `--field value` option. Fields left at None take their
-    value from the profile (PROFILES below): `paper` = SPEC 11, `toy` = CPU demo."""
+class FinetuneConfig(utils.TrainConfig):
+    """Every field is a `--field value` option; the loader, optimiser, AMP and logging
+    options are utils.TrainConfig's. Fields left at None take their value from the
+    profile (PROFILES below): `paper` = SPEC 11, `toy` = CPU demo. run_dir: none ->
+    runs/finetune[_toy...] (checkpoint.pt, best.pt, log.jsonl, results.json)."""
     # -- data --
     train: Optional[str] = option(None, "training manifest; none -> the toy dataset's train split "
                                         "(generated under --toy_root if absent)")
     test: Optional[str] = option(None, "evaluation manifest, scored after every epoch; none -> "
                                        "the toy test split")
     label_csv: Optional[str] = option(None, "index,mid,display_name class list; none -> the toy's")
-    toy_root: str = option("data/toy", "where the toy dataset lives (or is generated)")
     toy_multilabel: bool = option(False, "use the toy dataset's multi-label variant (two "
                                          "sounding objects per clip; reports mAP)")
     task: str = option("auto", "auto (multi-label when a training clip has several labels), "
                                "multilabel (BCE; mAP, mAUC, d') or singlelabel (CE; top-1, top-5)")
-    norm_stats: str = option("auto", "fbank normalization: auto (stats.json next to --train), "
-                                     "audioset, vggsound, or MEAN,STD")
     weights_csv: Optional[str] = option(None, "per-clip sampling weights, one per line (AudioSet-2M "
                                               "class balancing; `python data.py weights`)")
     samples_per_epoch: Optional[int] = option(None, "clips drawn per epoch with --weights_csv "
                                                     "(none: the training set size)")
-    skip_bad: bool = option(False, "skip unreadable clips (counted in the log) instead of "
-                                   "failing on the first one")
-    max_bad_fraction: float = option(0.01, "with --skip_bad: fail once more than this fraction "
-                                           "of the samples seen was bad")
-    num_workers: Optional[int] = option(None, "data-loader processes per rank (paper 8, toy 0)")
-    profile: Optional[str] = option(None, "defaults for the fields left at none: paper (SPEC 11) "
-                                          "or toy; none -> toy without --train, paper with it")
-    run_dir: Optional[str] = option(None, "checkpoint.pt (resumed when present), best.pt, "
-                                          "log.jsonl, results.json; none -> runs/finetune[_toy...]")
     # -- model --
     init: Optional[str] = option(None, "weights to start from: our pretraining checkpoint, an "
                                        "authors' EquiAV checkpoint or an ImageNet MAE checkpoint; "
@@ -84,39 +74,25 @@ class FinetuneConfig:
     mode: str = option("multimodal", "audio, visual or multimodal (SPEC 11)")
     linear_probe: bool = option(False, "freeze the encoders and train the head only")
     drop_path: float = option(0.1, "stochastic depth rate of the encoders (SPEC 11)")
-    # -- optimisation (SPEC 11) --
-    epochs: Optional[int] = option(None, "training epochs (paper 50)")
-    batch_size: Optional[int] = option(None, "clips per process per step")
-    lr: Optional[float] = option(None, "peak learning rate of the encoders (paper 1e-4)")
+    # -- the recipe (SPEC 11) --
     head_lr_mult: float = option(50.0, "the head's learning rate is this times --lr")
-    warmup_epochs: Optional[float] = option(None, "linear warm-up in epochs")
-    warmup_start_lr: float = option(0.0, "learning rate (times each group's multiplier) at step 0")
-    final_lr: float = option(1e-6, "learning rate at the end of the cosine")
-    weight_decay: float = option(1e-5, "AdamW weight decay")
-    beta1: float = option(0.9, "AdamW beta1")
-    beta2: float = option(0.95, "AdamW beta2")
-    clip_grad: float = option(0.0, "gradient-norm clipping, 0 disables")
     mixup: Optional[float] = option(None, "probability of mixing a training clip with another "
                                           "(waveforms, frames, labels; lambda ~ Beta(10, 10)) "
                                           "(paper 0.5)")
     label_smoothing: float = option(0.0, "label smoothing of the training targets")
     specaug: bool = option(True, "SpecAugment on the fine-tuning input: a time and a frequency "
                                  "mask, widths up to 192 and 48 at T=1024, F=128 (scaled)")
-    amp: bool = option(True, "mixed precision on CUDA; no effect on CPU")
-    seed: int = option(0, "random seed")
-    device: Optional[str] = option(None, "cpu or cuda; none -> cuda when available")
-    eval_batch_size: int = option(64, "batch size of the evaluation")
-    log_every: int = option(20, "steps between log lines")
 
 
 # Defaults for the fields left at None. `paper`: SPEC 11 (batch size and warm-up
 # are not given there: CAV-MAE's 48 per step and 2 epochs); `toy`: tuned so that
-# `python finetune.py` finishes in a few minutes on 2 CPU cores.
+# `python finetune.py` finishes in a few minutes on 2 CPU cores. Both warm up from 0
+# (times each group's multiplier) and clip no gradients.
 PROFILES = {
     "paper": dict(preset="base", epochs=50, batch_size=48, lr=1e-4, warmup_epochs=2.0,
-                  mixup=0.5, num_workers=8),
+                  warmup_start_lr=0.0, clip_grad=0.0, mixup=0.5, num_workers=8),
     "toy": dict(preset="tiny", epochs=6, batch_size=32, lr=2e-4, warmup_epochs=1.0,
-                mixup=0.0, num_workers=0),
+                warmup_start_lr=0.0, clip_grad=0.0, mixup=0.0, num_workers=0),
 }
 MODES = EquiAVClassifier.MODES
 
@@ -363,9 +339,6 @@ def build_data(cfg, mcfg):
     test_loader = data.make_loader(test_set, cfg.eval_batch_size, train=False,
                                    num_workers=cfg.num_workers, seed=cfg.seed)
     world = utils.get_world_size()
-    if len(train_loader) == 0:
-        raise ValueError(f"{len(train_set)} training clips is less than one batch of "
-                         f"{cfg.batch_size} x {world} processes")
     utils.print0(f"data: {len(train_set)} training clips, {len(test_set)} test clips, "
                  f"{train_set.num_classes} classes, {'multi' if multilabel else 'single'}-label "
                  f"({'BCE; mAP, mAUC, d' + chr(39) if multilabel else 'CE; top-1, top-5'}), "
@@ -598,4 +571,4 @@ def evaluate(net, loader, device, cfg, multilabel):
 
 
 if __name__ == "__main__":
-    main(utils.parse_config(FinetuneConfig, description=__doc__.splitlines()[0]))
+    main(utils.parse_config(FinetuneConfig, description=__doc__.splitlines()[0], profiles=PROFILES))

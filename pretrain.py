@@ -38,29 +38,16 @@ from utils import option
 # =============================================================================
 
 @dataclasses.dataclass
-class PretrainConfig:
-    """Every field is a `--field value` option. Fields left at None take their
-    value from the profile (PROFILES below): `paper` = SPEC 12, `toy` = CPU demo."""
+class PretrainConfig(utils.TrainConfig):
+    """Every field is a `--field value` option; the loader, optimiser, AMP and logging
+    options are utils.TrainConfig's. Fields left at None take their value from the
+    profile (PROFILES below): `paper` = SPEC 12, `toy` = CPU demo."""
     # -- data --
     data: Optional[str] = option(None, "training manifest (see data.py); none -> the built-in "
                                        "toy dataset under --toy_root (generated if absent)")
-    profile: Optional[str] = option(None, "defaults for the fields left at none: 'paper' "
-                                          "(SPEC 12) or 'toy' (CPU demo); none -> 'toy' without "
-                                          "--data, 'paper' with it")
     eval_data: Optional[str] = option(None, "held-out manifest for zero-shot retrieval after "
                                             "every epoch; none -> the toy retrieval split on toy "
                                             "data, no retrieval otherwise")
-    toy_root: str = option("data/toy", "where the toy dataset lives (or is generated)")
-    norm_stats: str = option("auto", "fbank normalization: auto (stats.json next to --data, "
-                                     "see `python data.py stats`), audioset, vggsound, or MEAN,STD")
-    skip_bad: bool = option(False, "skip unreadable samples (counted in the log) instead of "
-                                   "failing on the first one")
-    max_bad_fraction: float = option(0.01, "with --skip_bad: fail once more than this fraction "
-                                           "of the samples seen was bad")
-    num_workers: Optional[int] = option(None, "data-loader processes per rank (paper 8, toy 1)")
-    run_dir: Optional[str] = option(None, "checkpoint.pt and log.jsonl go here; an existing "
-                                          "checkpoint is resumed (paper runs/pretrain, toy "
-                                          "runs/pretrain_toy)")
     # -- model (SPEC 2-6) --
     preset: Optional[str] = option(None, "model size: base = ViT-B/16 (paper), tiny (toy)")
     model_overrides: Optional[str] = option(None, "comma-separated ModelConfig changes, "
@@ -81,20 +68,7 @@ class PretrainConfig:
     w_intra: float = option(1 / 3, "weight of each intra-modal loss (0: none)")
     w_a: Optional[float] = option(None, "audio intra-modal weight; none -> --w_intra")
     w_v: Optional[float] = option(None, "visual intra-modal weight; none -> --w_intra")
-    # -- optimisation (SPEC 12) --
-    epochs: Optional[int] = option(None, "training epochs (paper 20)")
-    batch_size: Optional[int] = option(None, "samples per process per step (paper 16 on each "
-                                             "of 8 GPUs)")
-    lr: Optional[float] = option(None, "peak learning rate (paper 1e-4)")
-    warmup_epochs: Optional[float] = option(None, "linear warm-up in epochs (paper 2)")
-    warmup_start_lr: float = option(2e-7, "learning rate at step 0")
-    final_lr: float = option(1e-6, "learning rate at the end of the cosine")
-    weight_decay: float = option(1e-5, "AdamW weight decay, on all parameters")
-    beta1: float = option(0.9, "AdamW beta1")
-    beta2: float = option(0.95, "AdamW beta2")
-    clip_grad: Optional[float] = option(None, "gradient-norm clipping, 0 disables (paper 0.01)")
-    amp: bool = option(True, "mixed precision on CUDA (bf16 where supported, else fp16 with "
-                             "a scaler); no effect on CPU")
+    # -- the step --
     time_roll: bool = option(True, "random circular time shift of the original spectrograms "
                                    "(SPEC 12 input noise)")
     compile: bool = option(False, "torch.compile the model")
@@ -102,21 +76,17 @@ class PretrainConfig:
                                               "cores not taken by loader workers (oversubscribed "
                                               "cores make CPU training several times slower); "
                                               "none -> torch's default (paper), toy 0")
-    seed: int = option(0, "random seed (augmentation streams are offset by rank)")
-    device: Optional[str] = option(None, "cpu or cuda; none -> cuda when available")
-    # -- logging / evaluation --
-    log_every: int = option(20, "steps between log lines (the loop's only host-device syncs)")
-    eval_batch_size: int = option(64, "batch size of the retrieval evaluation")
 
 
 # Defaults for the fields left at None, by profile. `paper` is SPEC 12 (AudioSet-2M,
-# 8 GPUs x 16); `toy` is tuned so that `python pretrain.py` visibly learns on 2 CPU
-# cores in about ten minutes.
+# 8 GPUs x 16, AdamW (0.9, 0.95), weight decay 1e-5, warm-up from 2e-7 over 2 epochs,
+# cosine to 1e-6, clipping 0.01); `toy` is tuned so that `python pretrain.py` visibly
+# learns on 2 CPU cores in a few minutes.
 PROFILES = {
     "paper": dict(preset="base", epochs=20, batch_size=16, lr=1e-4, warmup_epochs=2.0,
-                  clip_grad=0.01, num_workers=8, run_dir="runs/pretrain"),
+                  warmup_start_lr=2e-7, clip_grad=0.01, num_workers=8, run_dir="runs/pretrain"),
     "toy": dict(preset="tiny", epochs=10, batch_size=32, lr=1e-3, warmup_epochs=1.0,
-                clip_grad=1.0, num_workers=1, cpu_threads=0,
+                warmup_start_lr=2e-7, clip_grad=1.0, num_workers=1, cpu_threads=0,
                 run_dir=os.path.dirname(convert.TOY_CHECKPOINT)),
 }
 
@@ -247,9 +217,6 @@ def build_data(cfg, mcfg):
     train_loader = data.make_loader(train_set, cfg.batch_size, train=True,
                                     num_workers=cfg.num_workers, seed=cfg.seed)
     world = utils.get_world_size()
-    if len(train_loader) == 0:
-        raise ValueError(f"{train_manifest}: {len(train_set)} samples is less than one batch "
-                         f"of {cfg.batch_size} x {world} processes")
     eval_loader = None
     if eval_manifest is not None:
         eval_set = data.AudioVisualDataset(eval_manifest, train=False, norm_mean=mean,
@@ -473,4 +440,4 @@ def _average_grads(params):
 
 
 if __name__ == "__main__":
-    main(utils.parse_config(PretrainConfig, description=__doc__.splitlines()[0]))
+    main(utils.parse_config(PretrainConfig, description=__doc__.splitlines()[0], profiles=PROFILES))

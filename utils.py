@@ -14,6 +14,7 @@ import math
 import os
 import random
 import typing
+from typing import Optional
 
 import numpy as np
 import torch
@@ -27,6 +28,44 @@ import torch.distributed as dist
 def option(default, help):
     """A config field with a default and its --help text: `lr: float = option(1e-4, "...")`."""
     return dataclasses.field(default=default, metadata={"help": help})
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """The options both training scripts share: PretrainConfig and FinetuneConfig
+    extend it with their own. They are read by the pieces below (set_lr,
+    optimizer_step, autocast_context) and by data.py's loaders. A field left at
+    None takes its value from the script's profile (its PROFILES table)."""
+    profile: Optional[str] = option(None, "defaults for the fields left at none: 'paper' or "
+                                          "'toy'; none -> 'toy' without a training manifest, "
+                                          "'paper' with one")
+    toy_root: str = option("data/toy", "where the toy dataset lives (or is generated)")
+    norm_stats: str = option("auto", "fbank normalization: auto (stats.json next to the training "
+                                     "manifest, see `python data.py stats`), audioset, "
+                                     "vggsound, or MEAN,STD")
+    skip_bad: bool = option(False, "skip unreadable samples (counted in the log) instead of "
+                                   "failing on the first one")
+    max_bad_fraction: float = option(0.01, "with --skip_bad: fail once more than this fraction "
+                                           "of the samples seen was bad")
+    num_workers: Optional[int] = option(None, "data-loader processes per rank")
+    run_dir: Optional[str] = option(None, "checkpoint.pt (resumed when present) and log.jsonl "
+                                          "go here")
+    epochs: Optional[int] = option(None, "training epochs")
+    batch_size: Optional[int] = option(None, "samples per process per step")
+    lr: Optional[float] = option(None, "peak learning rate")
+    warmup_epochs: Optional[float] = option(None, "linear warm-up in epochs")
+    warmup_start_lr: Optional[float] = option(None, "learning rate at step 0")
+    final_lr: float = option(1e-6, "learning rate at the end of the cosine")
+    weight_decay: float = option(1e-5, "AdamW weight decay, on all parameters")
+    beta1: float = option(0.9, "AdamW beta1")
+    beta2: float = option(0.95, "AdamW beta2")
+    clip_grad: Optional[float] = option(None, "gradient-norm clipping, 0 disables")
+    amp: bool = option(True, "mixed precision on CUDA (bf16 where supported, else fp16 with "
+                             "a scaler); no effect on CPU")
+    seed: int = option(0, "random seed (random streams are offset by rank and epoch)")
+    device: Optional[str] = option(None, "cpu or cuda; none -> cuda when available")
+    log_every: int = option(20, "steps between log lines (the loop's only host-device syncs)")
+    eval_batch_size: int = option(64, "batch size of the evaluation after every epoch")
 
 
 def apply_profile(cfg, profiles, name):
@@ -60,19 +99,27 @@ def _field_type(field, hints):
     raise TypeError(f"config field {field.name!r} has unsupported type {tp!r}")
 
 
-def parse_config(cls, argv=None, description=""):
+def _own_fields_first(cls):
+    """cls's fields, those it declares itself before those it inherits (TrainConfig's)."""
+    own = set(vars(cls).get("__annotations__", {}))
+    fields = dataclasses.fields(cls)
+    return [f for f in fields if f.name in own] + [f for f in fields if f.name not in own]
+
+
+def parse_config(cls, argv=None, description="", profiles=None):
     """Build an instance of dataclass `cls` from `--field value` options.
 
     Defaults and help texts come from the dataclass (help from
-    `field(metadata={"help": ...})`). An option given as `none` sets an
-    Optional field to None. Unknown options are an error, so a misspelled
-    flag never vanishes silently.
+    `field(metadata={"help": ...})`); --help lists the fields cls declares itself
+    first, and names what each profile of `profiles` ({name: {field: value}})
+    gives a field. An option given as `none` sets an Optional field to None.
+    Unknown options are an error, so a misspelled flag never vanishes silently.
     """
     parser = argparse.ArgumentParser(
         description=description,
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     hints = typing.get_type_hints(cls)
-    for field in dataclasses.fields(cls):
+    for field in _own_fields_first(cls):
         default = field.default
         if default is dataclasses.MISSING and field.default_factory is not dataclasses.MISSING:
             default = field.default_factory()
@@ -84,9 +131,13 @@ def parse_config(cls, argv=None, description=""):
                 return None
             return convert(text)
 
+        text = field.metadata.get("help", " ")
+        given = {name: values[field.name] for name, values in (profiles or {}).items()
+                 if field.name in values}
+        if given:
+            text += " [" + "; ".join(f"{name}: {value}" for name, value in given.items()) + "]"
         parser.add_argument(f"--{field.name}", type=parse, default=default,
-                            metavar=field.name.upper().replace("_", ""),
-                            help=field.metadata.get("help", " "))
+                            metavar=field.name.upper().replace("_", ""), help=text)
     args = parser.parse_args(argv)
     return cls(**vars(args))
 
@@ -94,7 +145,7 @@ def parse_config(cls, argv=None, description=""):
 def print_config(title, cfg):
     """`title`, then every field of dataclass `cfg` on a line of its own (rank 0)."""
     print0(title)
-    for f in dataclasses.fields(cfg):
+    for f in _own_fields_first(type(cfg)):
         print0(f"  {f.name:22s} {getattr(cfg, f.name)}")
 
 

@@ -362,6 +362,14 @@ def test_loader_is_reproducible_whatever_the_workers(real):
     assert all(b["skipped"] == 0 and b["errors"] == [] for b in ev)
 
 
+def test_training_loader_without_a_full_batch_is_an_error(real):
+    root, _ = real
+    with pytest.raises(data.DataError, match=r"m.json: 6 samples per process is less than one "
+                                             r"batch of 8 \(1 process\(es\)\)"):
+        data.make_loader(_dataset(root, train=True), 8, train=True, num_workers=0)
+    assert len(data.make_loader(_dataset(root), 8, train=False, num_workers=0)) == 1  # eval: fine
+
+
 def test_weighted_sampling_and_weight_files(tmp_path, real):
     root, _ = real
     ds = _dataset(root)
