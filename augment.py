@@ -281,18 +281,19 @@ def sample_audio_vectors(B, S, generator, T=1024, F=128):
 # Every decision -- which samples, which boxes, which kernel sizes -- is read from a
 # CPU copy of t, so on a GPU nothing here waits for queued work (no host-device
 # sync); the device only receives small tensors (factors, sample indices, kernels).
-# On CPU the cost is full-size passes over memory and fresh full-size allocations
-# (page faults), so steps are fused where that is exact, up to float rounding:
-# - geometry is one copy per sample: the crop window of the (time-shifted, masked)
-#   input is cut out -- a view when nothing in it needs zeroing -- resized by
-#   torch.nn.functional.interpolate (bilinear, align_corners=False, no antialias:
-#   the op torchvision's resized_crop calls) and written to the output, flipped on the
-#   way. The flip moves ahead of colour and blur because they commute with it:
-#   per-pixel ops, a global mean, symmetric kernels with reflect padding.
-# - colour jitter: brightness, contrast and saturation are all clamp(f x + (1 - f) g)
-#   with g = 0, the mean grey or the grey image, so each of the four rounds is one
-#   in-place pass in which every sample applies the op it drew (f = 1: unchanged);
-#   only hue, the costly op, runs on the subset of samples that drew it.
+# The steps are plain per-sample torch where that costs nothing measurable; two are
+# fused because bench.py showed the plain form slower on the CPU at the base sizes
+# (batch 16), and their docstrings state the plain expression they equal (tests
+# compare them with torchvision's ops):
+# - colour jitter (_color_jitter_): brightness, contrast and saturation are all
+#   clamp(f x + (1 - f) g) with g = 0, the mean grey or the grey image, so each of the
+#   four rounds is one in-place pass in which every sample applies the op it drew
+#   (f = 1: unchanged); only hue runs on its subset. Per-op subsets: apply_visual
+#   15-25 % slower.
+# - Gaussian blur (_blur_axis): separable, as shifted multiply-adds; a depthwise
+#   conv2d: apply_audio 40 % and apply_visual 10 % slower.
+# Geometry flips ahead of colour and blur because they commute with it: per-pixel
+# ops, a global mean, symmetric kernels with reflect padding.
 # ---------------------------------------------------------------------------
 
 def _host(t):
@@ -344,67 +345,30 @@ def _resize(win, H, W):
     return y.view(*lead, H, W)
 
 
-def _circular_ranges(start, length, size):
-    """Positions start, ..., start + length - 1 (mod size) as ranges of real positions,
-    in order: [(first, end)], or two ranges when the span wraps past the end."""
-    start %= size
-    if start + length <= size:
-        return [(start, start + length)]
-    return [(start, size), (0, start + length - size)]
-
-
 def _audio_geometry(spec, tc):
     """SpecAugment masks -> circular time shift -> random resized crop -> frequency flip
-    (SPEC 8), one copy per sample into a new (B, T, F) tensor.
-
-    After the shift, row j holds input row (j - shift) mod T, so the crop window's rows
-    [top, top + h) are input rows (top - shift + i) mod T: one range, or two when they
-    wrap. The masks zero input rows [ts, te) and bins [fs, fe); only their part inside
-    the window is zeroed, in the window's copy.
-    """
+    (SPEC 8), per sample, into a new (B, T, F) tensor. (A fused variant that copied
+    only the crop window, zeroing the masks inside it, saved 4 % of apply_audio on the
+    CPU at the base size, within bench.py's run-to-run spread; this is the plain form.)"""
     B, T, F = spec.shape
     S = AUDIO_SLOTS
     top, left, h, w = _decode_boxes(tc, S, AUDIO_CROP, T, F)
     masked = (tc[:, S["specaug_on"]] > 0.5).tolist()
-    spans = [_decode_int(tc[:, S[name]], size).tolist() for name, size in
-             (("tmask_start", T), ("tmask_end", T), ("fmask_start", F), ("fmask_end", F))]
+    ts, te, fs, fe = (_decode_int(tc[:, S[name]], size).tolist() for name, size in
+                      (("tmask_start", T), ("tmask_end", T), ("fmask_start", F), ("fmask_end", F)))
     shift = torch.where(tc[:, S["shift_on"]] > 0.5, _decode_int(tc[:, S["shift"]], T), 0).tolist()
     flip = (tc[:, S["flip_on"]] > 0.5).tolist()
     out = torch.empty_like(spec)
     for b in range(B):
-        rows = _circular_ranges(top[b] - shift[b], h[b], T)    # input rows of the window
-        c0, c1 = left[b], left[b] + w[b]                        # input bins of the window
-        zero_rows, zero_cols = [], None                         # in window coordinates
+        x = spec[b]                                             # (T, F)
         if masked[b]:
-            ts, te, fs, fe = (s[b] for s in spans)
-            offset = 0
-            for r0, r1 in rows:
-                lo, hi = max(r0, ts), min(r1, te)
-                if lo < hi:
-                    zero_rows.append((offset + lo - r0, offset + hi - r0))
-                offset += r1 - r0
-            if max(c0, fs) < min(c1, fe):
-                zero_cols = (max(c0, fs) - c0, min(c1, fe) - c0)
-        full = (h[b], w[b]) == (T, F)
-        if len(rows) == 1 and not zero_rows and zero_cols is None:
-            win = spec[b, rows[0][0]:rows[0][1], c0:c1]         # (h, w) view, nothing to zero
-            in_out = False
-        else:                                                   # copy, then zero the masks
-            win = out[b] if full else spec.new_empty(h[b], w[b])
-            offset = 0
-            for r0, r1 in rows:
-                win[offset:offset + r1 - r0] = spec[b, r0:r1, c0:c1]
-                offset += r1 - r0
-            for lo, hi in zero_rows:
-                win[lo:hi] = 0.0
-            if zero_cols is not None:
-                win[:, zero_cols[0]:zero_cols[1]] = 0.0
-            in_out = full
-        win = _resize(win, T, F)                                # (T, F)
-        if flip[b]:
-            out[b] = win.flip(1)                                # frequency is axis 1 here
-        elif not in_out:
-            out[b] = win
+            x = x.clone()
+            x[ts[b]:te[b], :] = 0.0                             # time mask: frames
+            x[:, fs[b]:fe[b]] = 0.0                             # frequency mask: bins
+        if shift[b]:
+            x = torch.roll(x, shift[b], dims=0)                 # along time
+        win = _resize(x[top[b]:top[b] + h[b], left[b]:left[b] + w[b]], T, F)
+        out[b] = win.flip(1) if flip[b] else win                # frequency is axis 1 here
     return out
 
 
@@ -425,8 +389,10 @@ def _visual_geometry(img, tc):
 def _blur_axis(y, k, dim):
     """Blur y (n, C, H, W) along `dim` (2: rows, 3: columns) with one 1-D kernel per
     sample, k (n, 2R+1), reflect padding: out_i = sum_d k_d y_(i+d), as 2R+1 in-place
-    multiply-adds over whole shifted slabs (no convolution primitive: oneDNN's depthwise
-    convolution costs ~1 ms per call on CPU, more than the arithmetic)."""
+    multiply-adds over whole shifted slabs. Equals the depthwise convolution
+    F.conv2d(F.pad(y, R along dim, mode="reflect").view(1, n C, ...), k per channel as a
+    (2R+1) x 1 (or 1 x (2R+1)) kernel, groups=n C), which bench.py measured slower on
+    the CPU (see the section comment)."""
     n, L, R = y.shape[0], y.shape[dim], (k.shape[1] - 1) // 2
     yp = torch.nn.functional.pad(y, (0, 0, R, R) if dim == 2 else (R, R, 0, 0), mode="reflect")
     taps = k.view(n, 1, 1, 1, -1)
@@ -509,7 +475,9 @@ def _color_jitter_(x, order, factors):
     torchvision's blend clamp(f x + (1 - f) g) with g = 0, the mean grey of the image
     or the grey image, computed for all samples at once: g = grey * a + mean * c with
     per-sample a, c in {0, 1 - f}, and f = 1, a = c = 0 (x unchanged, exactly) for
-    samples whose r-th op is hue or off. Hue runs on its subset.
+    samples whose r-th op is hue or off. Hue runs on its subset. The plain form it
+    equals: for each round and op, x[idx] = adjust_op(x[idx], f[idx]) on the samples
+    idx that drew that op (TF.adjust_brightness / contrast / saturation / hue).
     """
     B = x.shape[0]
     rows = torch.arange(B)
@@ -632,7 +600,8 @@ def random_time_roll(spec, generator):
     _check_generator(generator)
     B, T = spec.shape[:2]
     shift = torch.randint(0, T, (B,), generator=generator)
-    # out[b, i] = spec[b, (i - shift_b) mod T]: whole frames, so one row gather of (B*T, F)
+    # out[b, i] = spec[b, (i - shift_b) mod T], i.e. torch.roll(spec[b], shift_b, dims=0)
+    # for each b: whole frames, so one row gather of (B*T, F) rows does all samples
     src = torch.remainder(torch.arange(T) - shift[:, None], T) + T * torch.arange(B)[:, None]
     rows = spec.reshape(B * T, -1).index_select(0, to_device(src.view(-1), spec.device))
     return rows.view(spec.shape)
