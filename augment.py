@@ -47,6 +47,15 @@ AUDIO_LAYOUT = (
 
 VISUAL_SLOTS = {name: i for i, name in enumerate(VISUAL_LAYOUT)}
 AUDIO_SLOTS = {name: i for i, name in enumerate(AUDIO_LAYOUT)}
+# The slots of each augmentation, named as the paper's figures name them.
+VISUAL_GROUPS = {"crop": VISUAL_LAYOUT[0:5], "colour jitter": VISUAL_LAYOUT[5:14],
+                 "blur": VISUAL_LAYOUT[14:16], "flip": VISUAL_LAYOUT[16:17],
+                 "grayscale": VISUAL_LAYOUT[17:18]}
+AUDIO_GROUPS = {"specaugment": AUDIO_LAYOUT[0:5], "shift": AUDIO_LAYOUT[5:7],
+                "crop": AUDIO_LAYOUT[7:12], "jitter": AUDIO_LAYOUT[12:21],
+                "blur": AUDIO_LAYOUT[21:23], "flip": AUDIO_LAYOUT[23:24]}
+assert sum(map(len, VISUAL_GROUPS.values())) == len(VISUAL_LAYOUT)
+assert sum(map(len, AUDIO_GROUPS.values())) == len(AUDIO_LAYOUT)
 # The crop's slots in (on, top, left, height, width) order of its (rows, cols) plane:
 # the image is (H, W); the spectrogram (T, F), time as rows and frequency as columns.
 VISUAL_CROP = ("rrc_on", "rrc_top", "rrc_left", "rrc_height", "rrc_width")

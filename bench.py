@@ -448,7 +448,7 @@ def _toy_manifest(cfg, notes):
     if cfg.quick and not os.path.exists(marker):
         root = os.path.join(tempfile.mkdtemp(prefix="equiav_bench_"), "toy")
         toy.make_toy_dataset(root, n_train=64, n_test=4, n_retrieval=0, n_train_multilabel=0,
-                              n_test_multilabel=0, num_workers=0)
+                              n_test_multilabel=0, n_distractor=0, num_workers=0)
         notes.append(f"data: {cfg.toy_root} absent, used a 64-clip toy dataset in {root}")
         return toy.toy_paths(root)["train"]
     t0 = time.perf_counter()

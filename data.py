@@ -660,10 +660,14 @@ class AudioVisualDataset(Dataset):
         self._check_entry(i)
         return load_waveform(self._wav[i])
 
+    def frame_file(self, i, k):
+        """The path of frame k of entry i."""
+        return frame_path(self._video_path[i], self._video_id[i], k)
+
     def load_frame(self, i, k):
         """(3, H, W) frame k of entry i in [0, 1]."""
         self._check_entry(i)
-        return load_frame(frame_path(self._video_path[i], self._video_id[i], k), self.image_size)
+        return load_frame(self.frame_file(i, k), self.image_size)
 
     def _normalize(self, fbank):
         return (fbank - self.norm_mean) / self.norm_std

@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from augment import AUDIO_DIM, VISUAL_DIM
+from augment import AUDIO_DIM, VISUAL_DIM, audio_identity, visual_identity
 
 # ---------------------------------------------------------------------------
 # Configuration
@@ -322,6 +322,29 @@ class TransformationPredictor(nn.Module):
         y = h.mean(dim=1, keepdim=True) + a                      # mean_N(h) broadcast to S rows
         return y + self.mlp(self.norm(y))
 
+    def predict_each_without(self, h: torch.Tensor, t: torch.Tensor,
+                             drop: torch.Tensor) -> torch.Tensor:
+        """predict_each with one token removed from what u reads (the mean over N and
+        the keys/values), for every token index i in drop (c,): h (B, N, D), t (B, S,
+        d_t) -> (B, c, S, D); row [:, r] equals predict_each(h without token drop[r], t).
+        The occlusion of SPEC 13, batched: keys and values are projected once and only
+        the softmax over the N - 1 remaining tokens is recomputed per removed token."""
+        B, N, _ = h.shape
+        S, H, c = t.shape[1], self.num_heads, drop.numel()
+        q = self.to_q(self.norm_aug(self.aug_encoder(t)))        # (B, S, H*hd)
+        q = q.view(B, S, H, -1).transpose(1, 2)                  # (B, H, S, hd)
+        k = self.to_k(h).view(B, N, H, -1).transpose(1, 2)       # (B, H, N, hd)
+        v = self.to_v(h).view(B, N, H, -1).transpose(1, 2)       # (B, H, N, hd)
+        scores = q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5   # (B, H, S, N)
+        gone = torch.zeros(c, N, dtype=torch.bool, device=h.device)
+        gone[torch.arange(c, device=h.device), drop] = True      # (c, N): token drop[r] out of row r
+        scores = scores.unsqueeze(1).masked_fill(gone[None, :, None, None, :], float("-inf"))
+        a = torch.einsum("bchsn,bhnd->bchsd", scores.softmax(dim=-1), v)   # (B, c, H, S, hd)
+        a = self.to_out(a.permute(0, 1, 3, 2, 4).reshape(B, c, S, -1))     # (B, c, S, D)
+        mean = (h.sum(dim=1, keepdim=True) - h[:, drop]) / (N - 1)         # (B, c, D)
+        y = mean.unsqueeze(2) + a
+        return y + self.mlp(self.norm(y))
+
     def forward(self, h: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """h (B, N, D), t (B, d_t) or (B, S, d_t) -> (B, D), the mean over the S rows."""
         if t.ndim == 2:
@@ -368,22 +391,34 @@ class EquiAVOutput(NamedTuple):
     z_aug_v: torch.Tensor
 
 
+INTER_TARGETS = ("centroid", "original", "augmented", "equivariant")
+
+
 class EquiAV(nn.Module):
     """The pretraining model (SPEC 6).
 
-    use_centroid=False: z_inter_m = g_inter_m(mean_N(h_m)) (paper's ablation).
-    equivariant=False:  z_equi_m  = g_intra_m(mean_N(h_m)) (invariant ablation).
-    With both off the predictors are not built (nothing would train them).
+    inter_target, what g_inter_m embeds for the inter-modal loss (the paper's
+    ablation of the inter-modal target):
+      "centroid"     u_m(h_m, T_m), the centroid of S predictions (SPEC 6, default);
+      "original"     mean_N(h_m) of the original's tokens (use_centroid=False);
+      "augmented"    mean_N(h'_m) of the augmented view's tokens (norm_m_aug);
+      "equivariant"  u_m(h_m, t_m), the single prediction of the applied augmentation.
+    equivariant=False:  z_equi_m = g_intra_m(mean_N(h_m)) (invariant ablation).
+    The predictors are built only when something uses them.
     """
 
-    def __init__(self, cfg: ModelConfig, use_centroid: bool = True, equivariant: bool = True):
+    def __init__(self, cfg: ModelConfig, use_centroid: bool = True, equivariant: bool = True,
+                 inter_target: str | None = None):
         super().__init__()
+        inter_target = inter_target or ("centroid" if use_centroid else "original")
+        if inter_target not in INTER_TARGETS:
+            raise ValueError(f"inter_target must be one of {INTER_TARGETS}, got {inter_target!r}")
         self.cfg = cfg
-        self.use_centroid = use_centroid
+        self.inter_target = inter_target
         self.equivariant = equivariant
         self.audio_encoder = ViTEncoder(cfg, 1, cfg.audio_grid)
         self.visual_encoder = ViTEncoder(cfg, 3, cfg.visual_grid)
-        needs_predictor = use_centroid or equivariant
+        needs_predictor = equivariant or inter_target in ("centroid", "equivariant")
         self.predictor_a = TransformationPredictor(cfg, AUDIO_DIM) if needs_predictor else None
         self.predictor_v = TransformationPredictor(cfg, VISUAL_DIM) if needs_predictor else None
         self.proj_intra_a = ProjectionHead(cfg)
@@ -391,54 +426,141 @@ class EquiAV(nn.Module):
         self.proj_inter_a = ProjectionHead(cfg)
         self.proj_inter_v = ProjectionHead(cfg)
 
-    def _modality(self, h, h_aug, t, T, predictor, proj_inter, proj_intra):
+    @property
+    def use_centroid(self) -> bool:
+        return self.inter_target == "centroid"
+
+    def _parts(self, m):
+        """(encoder, predictor, g_inter, g_intra) of modality m ("a" or "v")."""
+        if m == "a":
+            return self.audio_encoder, self.predictor_a, self.proj_inter_a, self.proj_intra_a
+        return self.visual_encoder, self.predictor_v, self.proj_inter_v, self.proj_intra_v
+
+    def _modality(self, m, h, h_aug, t, T):
         """The three embeddings of one modality from its tokens (SPEC 6)."""
-        if self.use_centroid and self.equivariant:
+        _, predictor, proj_inter, proj_intra = self._parts(m)
+        single_needed = self.equivariant or self.inter_target == "equivariant"
+        queries = ([t.unsqueeze(1)] if single_needed else []) + ([T] if self.use_centroid else [])
+        single = centroid = None
+        if queries:
             # One predictor call for [t, T_1..T_S]: the keys/values of h are
             # projected once and shared by the equivariant and centroid paths.
-            y = predictor.predict_each(h, torch.cat([t.unsqueeze(1), T], dim=1))  # (B, 1+S, D)
-            equi_in, inter_in = y[:, 0], y[:, 1:].mean(dim=1)
-        else:
-            pooled = h.mean(dim=1)
-            inter_in = predictor(h, T) if self.use_centroid else pooled
-            equi_in = predictor(h, t) if self.equivariant else pooled
+            y = predictor.predict_each(h, torch.cat(queries, dim=1))  # (B, 1+S, D), (B, 1, D) or (B, S, D)
+            single = y[:, 0] if single_needed else None
+            centroid = y[:, int(single_needed):].mean(dim=1) if self.use_centroid else None
+        pooled, pooled_aug = h.mean(dim=1), h_aug.mean(dim=1)
+        inter_in = {"centroid": centroid, "original": pooled, "augmented": pooled_aug,
+                    "equivariant": single}[self.inter_target]
+        equi_in = single if self.equivariant else pooled
         z_inter = proj_inter(inter_in)
         # g_intra is shared by both intra-modal embeddings: run it once on 2B rows.
-        z_equi, z_aug = proj_intra(torch.cat([equi_in, h_aug.mean(dim=1)], dim=0)).chunk(2, dim=0)
+        z_equi, z_aug = proj_intra(torch.cat([equi_in, pooled_aug], dim=0)).chunk(2, dim=0)
         return z_inter, z_equi, z_aug
 
     def forward(self, x_a, x_v, x_a_aug, x_v_aug, t_a, t_v, T_a, T_v) -> EquiAVOutput:
         """x_a, x_a_aug (B, T, F) normalized fbanks; x_v, x_v_aug (B, 3, H, W)
         ImageNet-normalized; t_a (B, 24), t_v (B, 18) the applied augmentations;
         T_a (B, S, 24), T_v (B, S, 18) sampled centroid vectors. t_m may be None
-        when equivariant=False, T_m when use_centroid=False."""
+        when nothing uses it, T_m when inter_target is not "centroid"."""
         h_a, h_a_aug = self.audio_encoder.forward_pair(x_a, x_a_aug)    # (B, N_a, D) each
         h_v, h_v_aug = self.visual_encoder.forward_pair(x_v, x_v_aug)   # (B, N_v, D) each
-        za = self._modality(h_a, h_a_aug, t_a, T_a, self.predictor_a,
-                            self.proj_inter_a, self.proj_intra_a)
-        zv = self._modality(h_v, h_v_aug, t_v, T_v, self.predictor_v,
-                            self.proj_inter_v, self.proj_intra_v)
+        za = self._modality("a", h_a, h_a_aug, t_a, T_a)
+        zv = self._modality("v", h_v, h_v_aug, t_v, T_v)
         return EquiAVOutput(za[0], zv[0], za[1], zv[1], za[2], zv[2])
 
-    def _inter(self, h, T, predictor, proj_inter):
-        return proj_inter(predictor(h, T) if self.use_centroid else h.mean(dim=1))
+    def inter_tokens(self, m, x):
+        """The tokens of original inputs x that the inter-modal path reads, (B, N, D):
+        through norm_m_aug for inter_target "augmented" (the view "augmented" by the
+        identity), through norm_m otherwise."""
+        return self._parts(m)[0](x, aug=self.inter_target == "augmented")
+
+    def inter_from_tokens(self, m, h, T=None):
+        """z_inter_m from tokens h, not normalized, (B, proj_dim), the way inter_target
+        trained g_inter_m: the centroid of the (fixed-seed) vectors T; the mean-pooled
+        tokens ("original", "augmented"); or the prediction for the identity vector."""
+        _, predictor, proj_inter, _ = self._parts(m)
+        if self.inter_target == "centroid":
+            return proj_inter(predictor(h, T))
+        if self.inter_target == "equivariant":
+            identity = audio_identity if m == "a" else visual_identity
+            return proj_inter(predictor(h, identity(h.shape[0], h.device)))
+        return proj_inter(h.mean(dim=1))
+
+    def _inter_without(self, m, h, T, drop):
+        """inter_from_tokens with token i removed from h, for every i in drop (c,) ->
+        (B, c, proj_dim) (see TransformationPredictor.predict_each_without)."""
+        _, predictor, proj_inter, _ = self._parts(m)
+        if self.inter_target in ("centroid", "equivariant"):
+            if self.inter_target == "equivariant":
+                identity = audio_identity if m == "a" else visual_identity
+                T = identity(h.shape[0], h.device).unsqueeze(1)           # (B, 1, d_t)
+            return proj_inter(predictor.predict_each_without(h, T, drop).mean(dim=2))
+        return proj_inter((h.sum(dim=1, keepdim=True) - h[:, drop]) / (h.shape[1] - 1))
+
+    def inter_embedding(self, m, x, T=None):
+        """z_inter_m of original inputs x, not normalized, (B, proj_dim) (SPEC 13)."""
+        return self.inter_from_tokens(m, self.inter_tokens(m, x), T)
 
     @torch.no_grad()
     def embed(self, x_a, x_v, T_a=None, T_v=None) -> tuple[torch.Tensor, torch.Tensor]:
         """Inter-modal embeddings of the originals, L2-normalized, each
         (B, proj_dim) (SPEC 13). The caller supplies fixed-seed centroid vectors."""
-        z_a = self._inter(self.audio_encoder(x_a), T_a, self.predictor_a, self.proj_inter_a)
-        z_v = self._inter(self.visual_encoder(x_v), T_v, self.predictor_v, self.proj_inter_v)
+        z_a, z_v = self.inter_embedding("a", x_a, T_a), self.inter_embedding("v", x_v, T_v)
         return F.normalize(z_a, dim=-1), F.normalize(z_v, dim=-1)
 
     @torch.no_grad()
-    def localize(self, x_a, x_v, T_a=None) -> torch.Tensor:
-        """Sound-source map (SPEC 13): cosine similarity between z_inter_a and
-        every visual token mapped through g_inter_v -> (B, H/p, W/p)."""
-        z_a = self._inter(self.audio_encoder(x_a), T_a, self.predictor_a, self.proj_inter_a)
-        z_tok = self.proj_inter_v(self.visual_encoder(x_v))                      # (B, N_v, P)
-        sim = torch.einsum("bp,bnp->bn", F.normalize(z_a, dim=-1), F.normalize(z_tok, dim=-1))
-        return sim.view(sim.shape[0], *self.visual_encoder.grid)                 # (B, rows, cols)
+    def intra_embeddings(self, m, x, x_aug, t):
+        """The intra-modal embeddings the equivariance measures compare, not normalized,
+        each (B, proj_dim): z_equi = g_intra(u(h, t)) predicted from the original,
+        z_aug = g_intra(mean_N(h')) encoded from the augmented input x_aug = t(x), and
+        z_identity = g_intra(u(h, t_identity)), the prediction told "no augmentation".
+        An invariant model (no predictor in the intra path) predicts g_intra(mean_N(h))
+        for both."""
+        encoder, predictor, _, proj_intra = self._parts(m)
+        h, h_aug = encoder.forward_pair(x, x_aug)
+        if self.equivariant:
+            identity = (audio_identity if m == "a" else visual_identity)(h.shape[0], h.device)
+            y = predictor.predict_each(h, torch.stack([t, identity], dim=1))   # (B, 2, D)
+            z_equi, z_id = proj_intra(y).unbind(dim=1)
+        else:
+            z_equi = z_id = proj_intra(h.mean(dim=1))
+        return z_equi, proj_intra(h_aug.mean(dim=1)), z_id
+
+    def localize(self, x_a, x_v, T_a=None, T_v=None, method="occlusion",
+                 chunk=64) -> torch.Tensor:
+        """Sound-source maps over the visual patch grid (SPEC 13) -> (B, rows, cols).
+
+        With s = cos(z_inter_a, z_inter_v) (T_a, T_v: fixed evaluation vectors):
+        "occlusion": m_i = s - s_{-i}, s recomputed with patch token i removed from
+          the tokens the visual inter path reads (chunk tokens at a time);
+        "gradient": m_i = sum_d h_id ds/dh_id on those tokens (gradient x input);
+        "token": m_i = cos(z_inter_a, g_inter_v(h_i)), the literal reading, which
+          g_inter_v, trained on whole-frame embeddings only, was never fit for.
+        """
+        if method not in ("occlusion", "gradient", "token"):
+            raise ValueError(f"unknown localization method {method!r}: occlusion, gradient, token")
+        with torch.no_grad():
+            z_a = F.normalize(self.inter_embedding("a", x_a, T_a), dim=-1)    # (B, P)
+            h = self.inter_tokens("v", x_v)                                    # (B, N, D)
+        if method == "token":
+            with torch.no_grad():
+                z_tok = F.normalize(self.proj_inter_v(h), dim=-1)             # (B, N, P)
+                m = torch.einsum("bp,bnp->bn", z_a, z_tok)
+        elif method == "gradient":
+            with torch.enable_grad():
+                h = h.detach().requires_grad_(True)
+                s = F.cosine_similarity(z_a, self.inter_from_tokens("v", h, T_v), dim=-1)
+                grad, = torch.autograd.grad(s.sum(), h)   # clips do not interact: one backward
+            m = (h.detach() * grad).sum(dim=-1)
+        else:
+            with torch.no_grad():
+                s = F.cosine_similarity(z_a, self.inter_from_tokens("v", h, T_v), dim=-1)
+                parts = []
+                for drop in torch.arange(h.shape[1], device=h.device).split(chunk):
+                    z = self._inter_without("v", h, T_v, drop)                 # (B, c, P)
+                    parts.append(s[:, None] - F.cosine_similarity(z_a[:, None], z, dim=-1))
+                m = torch.cat(parts, dim=1)
+        return m.view(m.shape[0], *self.visual_encoder.grid)                 # (B, rows, cols)
 
 
 # ---------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """EquiAV pretraining (SPEC 6, 7, 8, 12): the recipe, top to bottom.
 
-    python pretrain.py                               # toy data, `tiny` preset, CPU, ~10 min
-    torchrun --nproc_per_node=8 pretrain.py --data train.csv --eval_data eval.csv \
+    python pretrain.py                               # toy data, `tiny` preset, CPU, ~7 min
+    torchrun --nproc_per_node=8 pretrain.py --data train.json --eval_data eval.json \
         --init_mae mae_pretrain_vit_base.pth         # the paper's recipe (SPEC 12)
 
 Each step: a batch of (spectrogram, frame) pairs -> a random time roll of the
@@ -9,8 +9,9 @@ originals (SPEC 12 input noise) -> one augmented view per modality and its
 parameter vector t (SPEC 8) -> S sampled vectors per sample for the centroids
 -> EquiAV forward (SPEC 6) -> inter- + intra-modal InfoNCE (SPEC 7) -> AdamW
 with warm-up + cosine learning rate and gradient clipping. After every epoch:
-zero-shot audio<->visual retrieval on a held-out split (SPEC 13) and an atomic
-checkpoint that the same command resumes from.
+zero-shot audio<->visual retrieval and the equivariance measures on a held-out
+split (SPEC 13; retrieval.equivariance_metrics) and an atomic checkpoint that the
+same command resumes from.
 """
 import dataclasses
 import os
@@ -29,7 +30,7 @@ import retrieval
 import toy
 import utils
 from losses import EquiAVLoss
-from model import EquiAV, get_config
+from model import INTER_TARGETS, EquiAV, get_config
 from utils import option
 
 
@@ -52,8 +53,14 @@ class PretrainConfig(utils.TrainConfig):
     preset: Optional[str] = option(None, "model size: base = ViT-B/16 (paper), tiny (toy)")
     model_overrides: Optional[str] = option(None, "comma-separated ModelConfig changes, "
                                                   "e.g. depth=2,embed_dim=96")
-    centroid: bool = option(True, "false: inter-modal embedding from mean-pooled tokens "
-                                  "instead of the centroid (SPEC 6 ablation)")
+    inter_target: Optional[str] = option(None, "what g_inter embeds for the inter-modal loss: "
+                                               "centroid (SPEC 6), original (mean-pooled "
+                                               "tokens), augmented (mean-pooled tokens of the "
+                                               "augmented view) or equivariant (the single "
+                                               "prediction u(h, t)); none -> centroid, or "
+                                               "original with --centroid false")
+    centroid: bool = option(True, "false: the same as --inter_target original (SPEC 6 "
+                                  "ablation)")
     equivariant: bool = option(True, "false: invariant intra-modal loss, no transformation "
                                      "predictor (ablation)")
     S: int = option(16, "sampled augmentation vectors per centroid (SPEC 6)")
@@ -97,6 +104,12 @@ def resolve_config(cfg):
     cfg = utils.apply_profile(cfg, PROFILES, cfg.profile or default_profile)
     cfg = dataclasses.replace(cfg, w_a=cfg.w_intra if cfg.w_a is None else cfg.w_a,
                               w_v=cfg.w_intra if cfg.w_v is None else cfg.w_v)
+    target = cfg.inter_target or ("centroid" if cfg.centroid else "original")
+    if target not in INTER_TARGETS:
+        raise ValueError(f"--inter_target must be one of {INTER_TARGETS}, got {target!r}")
+    if not cfg.centroid and target != "original":
+        raise ValueError(f"--centroid false means --inter_target original, not {target!r}")
+    cfg = dataclasses.replace(cfg, inter_target=target, centroid=target == "centroid")
     if cfg.init_mae and cfg.init_official:
         raise ValueError("give at most one of --init_mae and --init_official")
     for name in ("epochs", "batch_size", "S", "log_every", "eval_batch_size"):
@@ -171,8 +184,11 @@ def run(cfg, device, local_rank=0):
         if eval_loader is not None:
             metrics, chance, n = retrieval.evaluate_retrieval(net, eval_loader, device, cfg.S,
                                                               cfg.seed, cfg.amp)
-            summary.update({"retrieval": metrics, "chance": chance, "n_eval": n})
-            line += "\n  retrieval " + retrieval.format_line(metrics, chance, n)
+            eq = retrieval.equivariance_metrics(net, eval_loader, device, cfg.seed, cfg.amp)
+            summary.update({"retrieval": metrics, "chance": chance, "n_eval": n,
+                            "equivariance": eq})
+            line += ("\n  retrieval " + retrieval.format_line(metrics, chance, n)
+                     + "\n  equivariance " + retrieval.format_equivariance(eq))
         utils.print0(line)
         logger.log(summary)
         save(ckpt_path, cfg, mcfg, net, criterion, optimizer, scaler, step, epoch + 1, norm_stats)
@@ -233,7 +249,7 @@ def build_model(cfg, mcfg, device):
     """(EquiAV, EquiAVLoss, AdamW, GradScaler) on `device`, with the same initial
     weights on every rank."""
     torch.manual_seed(cfg.seed)
-    net = EquiAV(mcfg, use_centroid=cfg.centroid, equivariant=cfg.equivariant).to(device)
+    net = EquiAV(mcfg, equivariant=cfg.equivariant, inter_target=cfg.inter_target).to(device)
     criterion = EquiAVLoss(temperature=cfg.temperature,
                            learnable_temperature=cfg.learnable_temperature,
                            w_inter=cfg.w_inter, w_a=cfg.w_a, w_v=cfg.w_v).to(device)
@@ -242,7 +258,8 @@ def build_model(cfg, mcfg, device):
                                   weight_decay=cfg.weight_decay)
     scaler = utils.make_grad_scaler(device, cfg.amp)
     utils.print0(f"model: preset {cfg.preset!r} ({sum(p.numel() for p in net.parameters()) / 1e6:.2f}M "
-                 f"parameters), centroid={cfg.centroid}, equivariant={cfg.equivariant}, S={cfg.S}")
+                 f"parameters), inter_target={cfg.inter_target}, equivariant={cfg.equivariant}, "
+                 f"S={cfg.S}")
     return net, criterion, optimizer, scaler
 
 
@@ -251,7 +268,8 @@ def wrap(net, cfg, device, local_rank):
     model = net
     if utils.get_world_size() > 1:
         # ablations leave some modules out of the loss; DDP must then look for unused ones
-        unused = not (cfg.centroid and cfg.equivariant) or min(cfg.w_inter, cfg.w_a, cfg.w_v) == 0
+        unused = (cfg.inter_target != "centroid" or not cfg.equivariant
+                  or min(cfg.w_inter, cfg.w_a, cfg.w_v) == 0)
         model = DistributedDataParallel(net, device_ids=[local_rank] if device.type == "cuda" else None,
                                         find_unused_parameters=unused)
     return torch.compile(model) if cfg.compile else model
@@ -262,7 +280,7 @@ def wrap(net, cfg, device, local_rank):
 # =============================================================================
 
 def _model_flags(cfg):
-    return {"use_centroid": cfg.centroid, "equivariant": cfg.equivariant}
+    return {"inter_target": cfg.inter_target, "equivariant": cfg.equivariant}
 
 
 def save(path, cfg, mcfg, net, criterion, optimizer, scaler, step, epoch, norm_stats):
@@ -299,7 +317,7 @@ def resume_or_init(path, cfg, mcfg, net, criterion, optimizer, scaler):
         raise ValueError(
             f"{path} holds a different model ({ckpt['model_config']}, {ckpt['model_flags']}) "
             f"than this command builds ({dataclasses.asdict(mcfg)}, {_model_flags(cfg)}): give "
-            f"the same --preset/--model_overrides/--centroid/--equivariant, or another --run_dir")
+            f"the same --preset/--model_overrides/--inter_target/--equivariant, or another --run_dir")
     net.load_state_dict(ckpt["model"])
     criterion.load_state_dict(ckpt["loss"])
     optimizer.load_state_dict(ckpt["optimizer"])

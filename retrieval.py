@@ -34,6 +34,7 @@ import convert
 import data
 import toy
 import utils
+from model import EquiAV
 from utils import option
 
 
@@ -50,15 +51,27 @@ class RetrievalConfig:
     norm_stats: str = option("auto", "fbank normalization: auto (the checkpoint's stats, else "
                                      "stats.json next to the manifest), audioset, vggsound, or "
                                      "MEAN,STD")
-    out_dir: str = option("runs/retrieval", "retrieval.json and localization.png are written here")
+    out_dir: str = option("runs/retrieval", "retrieval.json and figure3.png are written here")
     S: int = option(16, "augmentation vectors per centroid (SPEC 6), as in pretraining")
     seed: int = option(0, "seed of the centroid vectors")
     chunk_size: int = option(4096, "query rows per similarity block")
     batch_size: int = option(32, "clips per forward")
     num_workers: int = option(2, "data loader workers")
-    localize: int = option(8, "clips drawn in the localization grid (0: no localization)")
+    localize: int = option(8, "clips of the manifest drawn in figure3.png; 0: no localization "
+                               "at all")
     localize_indices: str = option("", "comma-separated manifest indices to draw instead of the "
                                        "first --localize")
+    map: str = option("occlusion", "sound-source map (SPEC 13): occlusion, gradient or token")
+    occlusion_chunk: int = option(64, "patch tokens removed at once by the occlusion map "
+                                      "(memory: chunk x S predictor rows per clip)")
+    distractor: str = option("auto", "localization on a split whose frames show a silent object "
+                                     "too: auto (the toy's test_distractor and "
+                                     "test_distractor_swap on toy data), none, or MANIFEST or "
+                                     "MANIFEST,SWAPPED_MANIFEST (the same clips, in the same "
+                                     "order, with another object sounding)")
+    figure_distractors: int = option(4, "distractor clips drawn in figure3.png as well")
+    random_weights: bool = option(False, "evaluate a freshly initialised model of the "
+                                         "checkpoint's config instead (a baseline)")
     amp: bool = option(False, "mixed precision on CUDA")
     device: Optional[str] = option(None, "cpu or cuda (default: cuda when available)")
 
@@ -213,8 +226,104 @@ def format_table(metrics, chance):
 
 
 # ---------------------------------------------------------------------------
-# Sound-source localization (SPEC 13)
+# Equivariance: does the model keep what the augmentation did? (paper fig. 1, tab. 4)
 # ---------------------------------------------------------------------------
+
+def ridge_r2(x_fit, y_fit, x_test, y_test, lam=1.0):
+    """Closed-form ridge regression y ~ x (with an intercept: both centred on the fit
+    half), fitted on (x_fit, y_fit), scored on the test half.
+
+    x: (n, d) features, y: (n, k) targets. Returns (SS_res, SS_tot) per target
+    column on the test half, float64 (k,), so that groups of columns can be pooled:
+    R^2 = 1 - sum SS_res / sum SS_tot. W = (X^T X + lam I)^-1 X^T Y.
+    """
+    x_fit, y_fit, x_test, y_test = (v.double().cpu() for v in (x_fit, y_fit, x_test, y_test))
+    mx, my = x_fit.mean(0), y_fit.mean(0)
+    xc = x_fit - mx
+    w = torch.linalg.solve(xc.T @ xc + lam * torch.eye(xc.shape[1], dtype=torch.float64),
+                           xc.T @ (y_fit - my))                                # (d, k)
+    pred = (x_test - mx) @ w + my
+    return ((y_test - pred) ** 2).sum(0), ((y_test - y_test.mean(0)) ** 2).sum(0)
+
+
+def group_r2(ss_res, ss_tot, slots, groups):
+    """R^2 per group of slots (groups: {name: slot names}), pooled over the group's
+    columns; NaN for a group that does not vary on the test half."""
+    out = {}
+    for name, members in groups.items():
+        idx = [slots[m] for m in members]
+        tot = float(ss_tot[idx].sum())
+        out[name] = 1.0 - float(ss_res[idx].sum()) / tot if tot > 0 else math.nan
+    return out
+
+
+@torch.no_grad()
+def equivariance_metrics(model, loader, device, seed=0, amp=False, lam=1.0):
+    """Two measures of how much of the augmentation an encoder keeps (collective
+    under torchrun), on an evaluation loader, with one fixed-seed augmentation per
+    clip (drawn for the whole split at once, so the result depends on neither the
+    batch size nor the number of processes):
+
+    - similarity_m: mean cos(z_equi_m, z_aug_m), how close the prediction from the
+      original and t is to the embedding of the actually augmented input (the
+      paper's "similarity" column), and identity_similarity_m: the same with the
+      identity vector in place of t (what the predictor adds by knowing t);
+    - r2_m: augmentation awareness, a ridge regression (lam) from the L2-normalised
+      z_aug_m of the augmented input to its parameter vector t, fitted on the clips
+      of even dataset index and scored on the odd ones, R^2 per augmentation group
+      (augment.AUDIO_GROUPS / VISUAL_GROUPS). An invariant encoder should score low.
+    """
+    model = _unwrap(model)
+    was_training = model.training
+    model.eval()
+    c, n = model.cfg, len(loader.dataset)
+    g = torch.Generator().manual_seed(seed + 1)  # not the centroid vectors' stream
+    t_all = {"a": augment.sample_audio_params(n, g, c.audio_length, c.mel_bins),
+             "v": augment.sample_visual_params(n, g, c.image_size, c.image_size)}
+    rows = {k: [] for k in ("index", "equi_a", "aug_a", "id_a", "equi_v", "aug_v", "id_v")}
+    for batch in loader:
+        index = batch["index"].long()
+        x = {"a": batch["audio"].to(device), "v": batch["frame"].to(device)}
+        x_aug = {"a": augment.apply_audio(x["a"], t_all["a"][index]),
+                 "v": augment.normalize_image(augment.apply_visual(x["v"], t_all["v"][index]))}
+        x["v"] = augment.normalize_image(x["v"])
+        rows["index"].append(index.to(device))
+        for m in ("a", "v"):
+            with utils.autocast_context(device, amp):
+                z = model.intra_embeddings(m, x[m], x_aug[m], t_all[m][index].to(device))
+            for key, value in zip(("equi", "aug", "id"), z):
+                rows[f"{key}_{m}"].append(F.normalize(value.float(), dim=-1))
+    model.train(was_training)
+    keys = list(rows)[1:]
+    index, *z = utils.gather_in_dataset_order(*(torch.cat(rows[k]) for k in ["index"] + keys))
+    z = dict(zip(keys, z))
+    fit, test = index % 2 == 0, index % 2 == 1
+    out = {}
+    for m, slots, groups in (("a", augment.AUDIO_SLOTS, augment.AUDIO_GROUPS),
+                             ("v", augment.VISUAL_SLOTS, augment.VISUAL_GROUPS)):
+        out[f"similarity_{m}"] = (z[f"equi_{m}"] * z[f"aug_{m}"]).sum(-1).mean().item()
+        out[f"identity_similarity_{m}"] = (z[f"id_{m}"] * z[f"aug_{m}"]).sum(-1).mean().item()
+        t = t_all[m][index.cpu()]
+        ss = ridge_r2(z[f"aug_{m}"][fit], t[fit.cpu()], z[f"aug_{m}"][test], t[test.cpu()], lam)
+        out[f"r2_{m}"] = group_r2(*ss, slots, groups)
+    return out
+
+
+def format_equivariance(eq):
+    """The measures on two short lines."""
+    lines = [f"similarity A/V {eq['similarity_a']:.3f} / {eq['similarity_v']:.3f} (identity "
+             f"vector {eq['identity_similarity_a']:.3f} / {eq['identity_similarity_v']:.3f})"]
+    for m, name in (("a", "audio"), ("v", "visual")):
+        lines.append(f"R^2 {name}: " + ", ".join(f"{k} {v:.2f}" for k, v in eq[f"r2_{m}"].items()))
+    return "\n  ".join(lines)
+
+
+# ---------------------------------------------------------------------------
+# Sound-source localization (SPEC 13): maps, and the literature's scores
+# ---------------------------------------------------------------------------
+
+MAPS = ("occlusion", "gradient", "token")
+
 
 def upsample_maps(sim, size):
     """Patch-grid maps (B, H/p, W/p) -> (B, H, W), bilinear (pixel-centre aligned)."""
@@ -222,20 +331,18 @@ def upsample_maps(sim, size):
                          align_corners=False)[:, 0]
 
 
-@torch.no_grad()
-def localization_maps(model, audio, frame, T_a, amp=False):
-    """Heat maps of where the sound is, at the frame's resolution.
+def localization_maps(model, audio, frame, T_a, T_v, method="occlusion", amp=False, chunk=64):
+    """Heat maps of where the sound is, at the frame's resolution (EquiAV.localize).
 
-    audio (B, T, F) normalized fbank; frame (B, 3, H, W) in [0, 1]; T_a
-    (1 or B, S, 24) centroid vectors. Returns (B, H, W): the cosine
-    similarity between each clip's audio embedding z_inter_a and each visual
-    patch token through g_inter_v (EquiAV.localize), upsampled to (H, W).
+    audio (B, T, F) normalized fbank; frame (B, 3, H, W) in [0, 1]; T_a (1 or B,
+    S, 24), T_v (1 or B, S, 18) the fixed centroid vectors. Returns (B, H, W).
     """
     model = _unwrap(model)
     b = audio.shape[0]
     with utils.autocast_context(audio.device, amp):
-        sim = model.localize(audio, augment.normalize_image(frame), T_a.expand(b, -1, -1))
-    return upsample_maps(sim, frame.shape[-2:])                       # (B, H, W)
+        sim = model.localize(audio, augment.normalize_image(frame), T_a.expand(b, -1, -1),
+                             T_v.expand(b, -1, -1), method=method, chunk=chunk)
+    return upsample_maps(sim.detach(), frame.shape[-2:])               # (B, H, W)
 
 
 def map_peaks(maps):
@@ -253,6 +360,192 @@ def points_in_boxes(points, boxes):
     for (x, y), clip_boxes in zip(points.tolist(), boxes):
         hits.append(any(x0 <= x <= x1 and y0 <= y <= y1 for x0, y0, x1, y1 in clip_boxes))
     return torch.tensor(hits, dtype=torch.bool)
+
+
+def box_masks(boxes, h, w):
+    """B lists of [x0, y0, x1, y1] (fractions) -> (B, h, w) bool, the union of each
+    clip's boxes: the pixels whose centre lies inside one."""
+    xs = (torch.arange(w, dtype=torch.float64) + 0.5) / w
+    ys = (torch.arange(h, dtype=torch.float64) + 0.5) / h
+    out = torch.zeros(len(boxes), h, w, dtype=torch.bool)
+    for i, clip_boxes in enumerate(boxes):
+        for x0, y0, x1, y1 in clip_boxes:
+            out[i] |= ((ys >= y0) & (ys <= y1))[:, None] & ((xs >= x0) & (xs <= x1))[None, :]
+    return out
+
+
+def binarize(maps):
+    """The localization literature's prediction (LVS; EZ-VSL): each map min-max
+    normalised and cut at its median, the pixels above the value at position H W / 2
+    of its ascending order: the top half (fewer where values tie). (B, H, W) -> bool."""
+    flat = maps.reshape(maps.shape[0], -1).double()
+    lo, hi = flat.min(1, keepdim=True).values, flat.max(1, keepdim=True).values
+    flat = (flat - lo) / (hi - lo).clamp_min(1e-12)
+    median = flat.sort(dim=1).values[:, flat.shape[1] // 2, None]
+    return (flat > median).view(maps.shape)
+
+
+def ciou(pred, gt):
+    """Consensus IoU per clip (LVS, Chen et al. 2021): sum(p g) / (sum g + sum p (1 - g)),
+    pred and gt (B, H, W) bool. A clip without ground truth pixels scores 0."""
+    inter = (pred & gt).flatten(1).sum(1).double()
+    return inter / (gt.flatten(1).sum(1) + (pred & ~gt).flatten(1).sum(1)).double().clamp_min(1)
+
+
+def ciou_scores(cious):
+    """cIoU@0.5 (% of clips with cIoU >= 0.5), mean cIoU, and AUC: the area under the
+    fraction of clips with cIoU >= x over x = 0, 0.05, ..., 1 (21 points, trapezoid)."""
+    xs = torch.linspace(0, 1, 21, dtype=torch.float64)
+    frac = (cious[None, :] >= xs[:, None]).double().mean(1)
+    return {"ciou@0.5": 100.0 * (cious >= 0.5).double().mean().item(),
+            "mean_ciou": cious.mean().item(), "auc": torch.trapezoid(frac, xs).item()}
+
+
+def gaussian_map(h, w, sigma=0.25):
+    """A centred Gaussian, (h, w), sigma a fraction of each side: the baseline map."""
+    ys = ((torch.arange(h) + 0.5) / h - 0.5) / sigma
+    xs = ((torch.arange(w) + 0.5) / w - 0.5) / sigma
+    return torch.exp(-0.5 * (ys[:, None] ** 2 + xs[None, :] ** 2))
+
+
+def has_boxes(entries):
+    return all(isinstance(e, dict) and e.get("boxes") for e in entries)
+
+
+def clip_boxes(entry, image_size, frame_file):
+    """(sounding boxes, silent boxes) of a manifest entry in the evaluation frame, as
+    fractions of the model's centre crop.
+
+    entry["boxes"]: per frame, per object (the toy's layout), or one list of boxes
+    for the evaluation frame (VGG-SS / Flickr-SoundNet style); [x0, y0, x1, y1] as
+    fractions of the stored frame. entry["sounding"]: the indices of the objects
+    that sound (default all). entry["frame_size"] [W, H], else read from frame_file.
+    """
+    boxes = entry["boxes"]
+    if isinstance(boxes[0][0], (list, tuple)):
+        boxes = boxes[data.EVAL_FRAME]
+    size = entry.get("frame_size")
+    if size is None:
+        with Image.open(frame_file) as img:
+            size = img.size
+    mapped = [data.box_in_crop(box, size, image_size) for box in boxes]
+    sounding = set(entry.get("sounding", range(len(mapped))))
+    return ([b for k, b in enumerate(mapped) if k in sounding],
+            [b for k, b in enumerate(mapped) if k not in sounding])
+
+
+def score_maps(maps, boxes):
+    """Pointing game and cIoU scores of maps (B, H, W) against B lists of boxes; also
+    the per-clip hits (for pairing two splits clip by clip)."""
+    hits = points_in_boxes(map_peaks(maps), boxes)
+    cious = ciou(binarize(maps), box_masks(boxes, *maps.shape[1:]))
+    return {"pointing_game": 100.0 * hits.double().mean().item(), **ciou_scores(cious),
+            "hits": hits.tolist()}
+
+
+def evaluate_localization(model, dataset, entries, T_a, T_v, device, method="occlusion",
+                          batch_size=32, num_workers=0, amp=False, chunk=64):
+    """Every clip of an evaluation dataset whose manifest `entries` carry boxes, scored
+    against its sounding objects' boxes (and its silent ones', when some object does
+    not sound): the pointing game and cIoU@0.5 / mean cIoU / AUC. Baselines on the
+    sounding boxes: always the centre point, a uniformly random point (its expected
+    score: the mean box area), and the centred Gaussian map scored like the maps.
+    "minimum_in_box" is a diagnostic: how often the map's minimum is in a sounding box.
+    """
+    loader = data.make_loader(dataset, batch_size, train=False, num_workers=num_workers,
+                              distributed=False)
+    maps, sounding, silent = [], [], []
+    for batch in loader:
+        maps.append(localization_maps(model, batch["audio"].to(device), batch["frame"].to(device),
+                                      T_a, T_v, method, amp, chunk).cpu())
+        for i in batch["index"].tolist():
+            on, off = clip_boxes(entries[i], dataset.image_size,
+                                 dataset.frame_file(i, data.EVAL_FRAME))
+            sounding.append(on)
+            silent.append(off)
+    maps = torch.cat(maps)
+    n, (h, w) = maps.shape[0], maps.shape[1:]
+    out = {"method": method, "n_clips": n, "sounding": score_maps(maps, sounding),
+           "minimum_in_box": 100.0 * points_in_boxes(map_peaks(-maps), sounding).double()
+           .mean().item()}
+    if any(silent):
+        out["silent"] = score_maps(maps, silent)
+    centre = points_in_boxes(torch.full((n, 2), 0.5, dtype=torch.float64), sounding)
+    gauss = score_maps(gaussian_map(h, w).expand(n, h, w), sounding)
+    area = [min(1.0, sum((x1 - x0) * (y1 - y0) for x0, y0, x1, y1 in bs)) for bs in sounding]
+    out["baselines"] = {"centre_point": 100.0 * centre.double().mean().item(),
+                        "random_point_expected": 100.0 * float(np.mean(area)),
+                        "gaussian": {k: v for k, v in gauss.items() if k != "hits"}}
+    return out
+
+
+def format_localization(name, score):
+    """Lines for one evaluation: model against the baselines."""
+    def row(what, s):
+        return (f"{what:<22} pointing {s['pointing_game']:5.1f}%  cIoU@0.5 {s['ciou@0.5']:5.1f}%  "
+                f"mean cIoU {s['mean_ciou']:.3f}  AUC {s['auc']:.3f}")
+    base = score["baselines"]
+    lines = [f"{name}: {score['method']} map, {score['n_clips']} clips",
+             row("  sounding object", score["sounding"])]
+    if "silent" in score:
+        lines.append(row("  silent object", score["silent"]))
+    lines.append(f"  {'baselines':<20} centre point {base['centre_point']:.1f}%, random point "
+                 f"{base['random_point_expected']:.1f}% (expected); "
+                 + row("Gaussian map", {**base["gaussian"], "pointing_game": base["centre_point"]})
+                 .split("  ", 1)[1])
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------
+# Figure 3 of the paper: the frame and its map, and the augmented view nearest
+# to the visual centroid with its own map
+# ---------------------------------------------------------------------------
+
+@torch.no_grad()
+def nearest_augmented_view(model, frame, T_v):
+    """Among the S fixed centroid augmentations T_v (S, 18) applied to frame (3, H, W)
+    in [0, 1], the one whose representation (mean-pooled tokens through norm_aug) is
+    closest (cosine) to the visual centroid representation u_v(h_v, T_v) (mean_N(h_v)
+    for a model without predictor). Returns (augmented frame (3, H, W), its t (18,))."""
+    model = _unwrap(model)
+    views = augment.apply_visual(frame.expand(T_v.shape[0], -1, -1, -1).contiguous(), T_v.cpu())
+    reps = model.visual_encoder(augment.normalize_image(views), aug=True).mean(dim=1)  # (S, D)
+    h = model.visual_encoder(augment.normalize_image(frame[None]))
+    target = model.predictor_v(h, T_v[None]) if model.predictor_v is not None else h.mean(1)
+    best = int(F.cosine_similarity(reps, target, dim=-1).argmax())
+    return views[best], T_v[best]
+
+
+def boxes_after_view(boxes, t):
+    """Boxes (fractions of the frame) moved by the crop and flip that visual vector t
+    applied; boxes that leave the view are dropped."""
+    S = augment.VISUAL_SLOTS
+    top, left, height, width = (float(t[S[k]]) for k in augment.VISUAL_CROP[1:])
+    out = []
+    for x0, y0, x1, y1 in boxes:
+        x0, x1 = sorted(min(max((x - left) / width, 0.0), 1.0) for x in (x0, x1))
+        y0, y1 = sorted(min(max((y - top) / height, 0.0), 1.0) for y in (y0, y1))
+        if float(t[S["flip_on"]]) > 0.5:
+            x0, x1 = 1.0 - x1, 1.0 - x0
+        if x1 > x0 and y1 > y0:
+            out.append([x0, y0, x1, y1])
+    return out
+
+
+def save_figure3(path, model, clips, T_a, T_v, device, method="occlusion", amp=False):
+    """One PNG in the manner of the paper's figure 3: a row per clip, the frame with
+    its sounding boxes (green) and its map, then the augmented view nearest to the
+    centroid with its map. clips: (audio (T, F), frame (3, H, W), boxes, caption)."""
+    frames, maps, boxes, captions = [], [], [], []
+    for audio, frame, clip_boxes, caption in clips:
+        view, t = nearest_augmented_view(model, frame.to(device), T_v[0].to(device))
+        both = torch.stack([frame.to(device), view])
+        maps.append(localization_maps(model, audio[None].expand(2, -1, -1).to(device), both,
+                                      T_a, T_v, method, amp).cpu())
+        frames.append(both.cpu())
+        boxes += [clip_boxes, boxes_after_view(clip_boxes, t)]
+        captions += [caption, "nearest augmented view"]
+    save_localization_grid(path, torch.cat(frames), torch.cat(maps), boxes, captions, cols=2)
 
 
 def heat_colors(m):
@@ -312,43 +605,6 @@ def save_localization_grid(path, frames, maps, boxes=None, captions=None, cols=4
     grid.save(path)
 
 
-def _clip_boxes(entry, image_size):
-    """The clip's object boxes in the evaluation frame, as fractions of the model's crop."""
-    return [data.box_in_crop(box, entry["frame_size"], image_size)
-            for box in entry["boxes"][data.EVAL_FRAME]]
-
-
-def pointing_game(model, dataset, entries, T_a, device, batch_size=32, num_workers=0, amp=False):
-    """Pointing game over every clip of `dataset` (an eval AudioVisualDataset whose
-    manifest `entries` carry per-frame "boxes" and "frame_size", as the toy's do).
-
-    A clip counts as a hit when its heat map's maximum lies inside one of its
-    objects' boxes in the evaluation frame. Returns percentages for the model,
-    for always pointing at the frame centre, and the expected score of a
-    uniformly random point (the mean box area), plus the number of clips.
-    "minimum_in_box" is a diagnostic, not a score: how often the map's minimum
-    falls in the box. SPEC 13's map applies g_inter_v to single patch tokens,
-    which the inter-modal loss never sees, so nothing in training fixes the
-    sign of the map's contrast between object and background.
-    """
-    loader = data.make_loader(dataset, batch_size, train=False, num_workers=num_workers,
-                              distributed=False)
-    hits, lows, centre, area = [], [], [], []
-    for batch in loader:
-        maps = localization_maps(model, batch["audio"].to(device), batch["frame"].to(device),
-                                 T_a, amp)
-        boxes = [_clip_boxes(entries[i], dataset.image_size) for i in batch["index"].tolist()]
-        hits.append(points_in_boxes(map_peaks(maps).cpu(), boxes))
-        lows.append(points_in_boxes(map_peaks(-maps).cpu(), boxes))
-        centre.append(points_in_boxes(torch.full((len(boxes), 2), 0.5, dtype=torch.float64), boxes))
-        area += [min(1.0, sum((x1 - x0) * (y1 - y0) for x0, y0, x1, y1 in bs)) for bs in boxes]
-    return {"pointing_game": 100.0 * torch.cat(hits).double().mean().item(),
-            "minimum_in_box": 100.0 * torch.cat(lows).double().mean().item(),
-            "centre_baseline": 100.0 * torch.cat(centre).double().mean().item(),
-            "random_point_expected": 100.0 * float(np.mean(area)),
-            "n_clips": len(area)}
-
-
 # ---------------------------------------------------------------------------
 # The script
 # ---------------------------------------------------------------------------
@@ -367,14 +623,22 @@ def run(cfg, device):
     utils.print_config(f"EquiAV retrieval on {device}; config:", cfg)
     manifest = cfg.manifest or toy.ensure_toy_dataset(cfg.toy_root)["retrieval"]
     convert.require_checkpoint(cfg.checkpoint, "checkpoint")
-    model = convert.load_equiav(cfg.checkpoint, cfg.preset).to(device).eval()
+    model = convert.load_equiav(cfg.checkpoint, cfg.preset)
+    if cfg.random_weights:
+        torch.manual_seed(cfg.seed)
+        model = EquiAV(model.cfg, equivariant=model.equivariant, inter_target=model.inter_target)
+    model = model.to(device).eval()
     mcfg = model.cfg
     stored = convert.peek_checkpoint(cfg.checkpoint).get("norm_stats")  # None: an authors' file
     mean, std = data.resolve_norm_stats(cfg.norm_stats, manifest, stored, mcfg.audio_length,
                                         mcfg.mel_bins)
-    dataset = data.AudioVisualDataset(manifest, audio_length=mcfg.audio_length,
-                                      mel_bins=mcfg.mel_bins, image_size=mcfg.image_size,
-                                      train=False, norm_mean=mean, norm_std=std)
+
+    def dataset_of(path):
+        return data.AudioVisualDataset(path, audio_length=mcfg.audio_length,
+                                       mel_bins=mcfg.mel_bins, image_size=mcfg.image_size,
+                                       train=False, norm_mean=mean, norm_std=std)
+
+    dataset = dataset_of(manifest)
     loader = data.make_loader(dataset, cfg.batch_size, train=False, num_workers=cfg.num_workers)
 
     start = time.perf_counter()
@@ -392,8 +656,12 @@ def run(cfg, device):
                "retrieval": metrics, "chance": chance, "norm_stats": [mean, std],
                "seconds": {"embeddings": embed_s, "metrics": metrics_s},
                "config": dataclasses.asdict(cfg)}
+    eq = equivariance_metrics(model, loader, device, seed=cfg.seed, amp=cfg.amp)
+    results["equivariance"] = eq
+    utils.print0("equivariance (one fixed-seed augmentation per clip): "
+                 + format_equivariance(eq))
     if cfg.localize > 0 and utils.is_main():
-        results["localization"] = _localize(model, dataset, manifest, cfg, device)
+        results["localization"] = _localize(model, dataset, dataset_of, cfg, device)
     if utils.is_main():
         os.makedirs(cfg.out_dir, exist_ok=True)
         with open(os.path.join(cfg.out_dir, "retrieval.json"), "w") as f:
@@ -403,35 +671,60 @@ def run(cfg, device):
     return results
 
 
-def _localize(model, dataset, manifest, cfg, device):
-    """The localization grid for the chosen clips and, with boxes, the pointing game."""
-    entries = data.read_manifest(manifest)
-    T_a = centroid_vectors(model.cfg, cfg.S, cfg.seed)[0].to(device)
-    if cfg.localize_indices:
-        chosen = [int(i) for i in cfg.localize_indices.split(",")]
-    else:
-        chosen = list(range(min(cfg.localize, len(dataset))))
-    batch = data.collate([dataset[i] for i in chosen])
-    maps = localization_maps(model, batch["audio"].to(device), batch["frame"].to(device), T_a,
-                             cfg.amp)
-    has_boxes = all(isinstance(e, dict) and "boxes" in e and "frame_size" in e for e in entries)
-    boxes = [_clip_boxes(entries[i], dataset.image_size) for i in chosen] if has_boxes else None
-    captions = [f"#{i} {entries[i].get('labels', '')}"[:48] for i in chosen]
-    png = os.path.join(cfg.out_dir, "localization.png")
-    save_localization_grid(png, batch["frame"], maps.cpu(), boxes, captions)
-    out = {"png": png, "clips": chosen}
-    utils.print0(f"wrote {png} ({len(chosen)} clips: frame | heat map, box in green, "
-                 f"map maximum as a white cross)")
-    if has_boxes:
-        score = pointing_game(model, dataset, entries, T_a, device, cfg.batch_size,
-                              cfg.num_workers, cfg.amp)
-        out.update(score)
-        utils.print0(f"pointing game on {score['n_clips']} clips: {score['pointing_game']:.1f}% "
-                     f"of map maxima inside the object's box; centre point "
-                     f"{score['centre_baseline']:.1f}%, random point "
-                     f"{score['random_point_expected']:.1f}% (expected); diagnostic: the map's "
-                     f"minimum is inside the box for {score['minimum_in_box']:.1f}%")
+def _localize(model, dataset, dataset_of, cfg, device):
+    """Scores on the manifest (when it has boxes) and on the distractor split, and
+    figure3.png; returns what goes under "localization" in retrieval.json."""
+    T_a, T_v = (t.to(device) for t in centroid_vectors(model.cfg, cfg.S, cfg.seed))
+    kw = dict(method=cfg.map, batch_size=cfg.batch_size, num_workers=cfg.num_workers,
+              amp=cfg.amp, chunk=cfg.occlusion_chunk)
+    out = {"method": cfg.map}
+    entries = data.read_manifest(dataset.manifest)
+    if has_boxes(entries):
+        out["manifest"] = evaluate_localization(model, dataset, entries, T_a, T_v, device, **kw)
+        utils.print0(format_localization(f"localization on {dataset.manifest}", out["manifest"]))
+    chosen = ([int(i) for i in cfg.localize_indices.split(",")] if cfg.localize_indices
+              else list(range(min(cfg.localize, len(dataset)))))
+    figure = [_figure_clip(dataset, entries, i, "") for i in chosen]
+    splits = _distractor_manifests(cfg)
+    if splits:
+        scored = []
+        for path in splits:
+            ds, ents = dataset_of(path), data.read_manifest(path)
+            scored.append(evaluate_localization(model, ds, ents, T_a, T_v, device, **kw))
+            utils.print0(format_localization(f"distractor {path}", scored[-1]))
+            if len(scored) == 1:
+                figure += [_figure_clip(ds, ents, i, "distractor ")
+                           for i in range(min(cfg.figure_distractors, len(ds)))]
+        out["distractor"] = scored[0]
+        if len(scored) == 2:
+            out["distractor_swap"] = scored[1]
+            both = [a and b for a, b in zip(scored[0]["sounding"]["hits"],
+                                            scored[1]["sounding"]["hits"])]
+            out["follows_sound"] = 100.0 * float(np.mean(both))
+            utils.print0(f"the map's maximum follows the sound (on the sounding object with "
+                         f"either sound) in {out['follows_sound']:.1f}% of the clips")
+    png = os.path.join(cfg.out_dir, "figure3.png")
+    save_figure3(png, model, figure, T_a, T_v, device, cfg.map, cfg.amp)
+    out["figure"] = png
+    utils.print0(f"wrote {png}: frame | {cfg.map} map, and the augmented view nearest to the "
+                 f"centroid | its map; sounding boxes green, map maxima white crosses")
     return out
+
+
+def _figure_clip(dataset, entries, i, prefix):
+    item = dataset[i]
+    boxes = (clip_boxes(entries[i], dataset.image_size, dataset.frame_file(i, data.EVAL_FRAME))[0]
+             if has_boxes(entries) else [])
+    return item["audio"], item["frame"], boxes, f"{prefix}#{i} {entries[i].get('labels', '')}"[:40]
+
+
+def _distractor_manifests(cfg):
+    if cfg.distractor == "none" or (cfg.distractor == "auto" and cfg.manifest):
+        return []
+    if cfg.distractor == "auto":
+        paths = toy.ensure_toy_dataset(cfg.toy_root)
+        return [paths["test_distractor"], paths["test_distractor_swap"]]
+    return [p.strip() for p in cfg.distractor.split(",") if p.strip()]
 
 
 if __name__ == "__main__":

@@ -17,8 +17,12 @@ mains hum and clicks in the audio; a low-saturation gradient background,
 grey clutter, sensor noise, object position, small rotation, brightness
 flicker and a slow drift across the 10 frames in the image.
 Each manifest entry also carries "objects" (label, pitch, rate), "boxes"
-(per frame, per object, [x0, y0, x1, y1] as fractions of the stored frame)
-and "frame_size" [W, H]; data.box_in_crop maps a box into the model's crop.
+(per frame, per object, [x0, y0, x1, y1] as fractions of the stored frame),
+"sounding" (the indices of the objects one hears) and "frame_size" [W, H];
+data.box_in_crop maps a box into the model's crop. The test_distractor split
+shows two objects of different classes and hues and sounds one of them;
+test_distractor_swap is the same frames with the other object's sound, so a
+sound-source map can be checked to follow the sound, not the more salient object.
 """
 
 import argparse
@@ -78,10 +82,11 @@ TOY_CLASSES = (  # (mid, display name, timbre, shape)
 )
 TOY_DURATION = 2.6            # s: 258 fbank frames, the tiny preset keeps 256
 TOY_FRAME_SIZE = (128, 112)   # (W, H): the tiny preset resizes to 109 x 96 and crops 96
-TOY_VERSION = 1
-_TOY_SPLITS = {"train": 0, "test": 1, "train_multilabel": 2, "test_multilabel": 3}
+TOY_VERSION = 2              # 2: the test_distractor split
+_TOY_SPLITS = {"train": 0, "test": 1, "train_multilabel": 2, "test_multilabel": 3,
+               "test_distractor": 4}
 _TOY_ID_PREFIX = {"train": "toy_train", "test": "toy_test", "train_multilabel": "toy_trainml",
-                  "test_multilabel": "toy_testml"}
+                  "test_multilabel": "toy_testml", "test_distractor": "toy_testdis"}
 
 
 def toy_pitch_to_f0(pitch):
@@ -319,11 +324,13 @@ class _ToyClips(Dataset):
         return len(self.jobs)
 
     def __getitem__(self, j):
+        """-> ([(manifest name, entry), ...], fbank moments of a training clip or None)."""
         split, i = self.jobs[j]
         rng = np.random.default_rng((self.seed, _TOY_SPLITS[split], i))
+        if split == "test_distractor":
+            return self._distractor(rng, i), None
         if split.endswith("multilabel"):
-            c1 = int(rng.integers(len(TOY_CLASSES)))
-            classes = [c1, (c1 + int(rng.integers(1, len(TOY_CLASSES)))) % len(TOY_CLASSES)]
+            classes = self._two_classes(rng)
         else:
             classes = [i % len(TOY_CLASSES)]
         objects = [{"cls": c, "pitch": round(float(rng.random()), 4),
@@ -331,25 +338,62 @@ class _ToyClips(Dataset):
         vid = f"{_TOY_ID_PREFIX[split]}_{i:05d}"
         pcm = _toy_audio(rng, objects)
         frames, boxes = _toy_frames(rng, objects)
-        with wave.open(os.path.join(self.out_dir, "audio", f"{vid}.wav"), "wb") as w:
-            w.setnchannels(1)
-            w.setsampwidth(2)
-            w.setframerate(data.SAMPLE_RATE)
-            w.writeframes(pcm.astype("<i2").tobytes())
-        for k in range(data.NUM_FRAMES):
-            path = data.frame_path(os.path.join(self.out_dir, "frames"), vid, k)
-            Image.fromarray(frames[k]).save(path, format="JPEG", quality=90)
+        self._write_wav(f"audio/{vid}.wav", pcm)
+        self._write_frames(vid, frames)
         moments = None
         if split == "train":  # fbank moments of exactly what the loader will read back
             wav = torch.from_numpy(pcm.astype(np.float32) / 32768.0)
             fbank = data.waveform_to_fbank(wav - wav.mean(), self.audio_length, self.mel_bins).double()
             moments = (float(fbank.sum()), float((fbank * fbank).sum()), fbank.numel())
-        entry = {"video_id": vid, "wav": f"audio/{vid}.wav", "video_path": "frames",
-                 "labels": ",".join(TOY_CLASSES[c][0] for c in classes),
-                 "objects": [{"label": TOY_CLASSES[o["cls"]][0], "pitch": o["pitch"],
-                              "rate": o["rate"]} for o in objects],
-                 "boxes": boxes, "frame_size": list(TOY_FRAME_SIZE)}
-        return split, entry, moments
+        return [(split, _entry(vid, f"audio/{vid}.wav", objects, boxes, list(range(len(objects)))))], \
+            moments
+
+    def _distractor(self, rng, i):
+        """Two objects of different classes and hues in every frame, the sound of one of
+        them only: the entry for the clip, and its twin with the other object's sound
+        (the same frames, the same video_id)."""
+        classes = self._two_classes(rng)
+        pitch = float(rng.random())
+        pitches = [pitch, (pitch + float(rng.uniform(0.3, 0.7))) % 1.0]  # hues >= 0.25 apart
+        objects = [{"cls": c, "pitch": round(p, 4), "rate": round(float(rng.random()), 4)}
+                   for c, p in zip(classes, pitches)]
+        sounding = int(rng.integers(2))
+        frames, boxes = _toy_frames(rng, objects)
+        vid = f"{_TOY_ID_PREFIX['test_distractor']}_{i:05d}"
+        self._write_frames(vid, frames)
+        out = []
+        for name, who in (("test_distractor", sounding), ("test_distractor_swap", 1 - sounding)):
+            sound_rng = np.random.default_rng((self.seed, _TOY_SPLITS["test_distractor"], i, who))
+            wav = f"audio/{vid}_{who}.wav"
+            self._write_wav(wav, _toy_audio(sound_rng, [objects[who]]))
+            out.append((name, _entry(vid, wav, objects, boxes, [who])))
+        return out
+
+    @staticmethod
+    def _two_classes(rng):
+        c1 = int(rng.integers(len(TOY_CLASSES)))
+        return [c1, (c1 + int(rng.integers(1, len(TOY_CLASSES)))) % len(TOY_CLASSES)]
+
+    def _write_wav(self, relative, pcm):
+        with wave.open(os.path.join(self.out_dir, relative), "wb") as w:
+            w.setnchannels(1)
+            w.setsampwidth(2)
+            w.setframerate(data.SAMPLE_RATE)
+            w.writeframes(pcm.astype("<i2").tobytes())
+
+    def _write_frames(self, vid, frames):
+        for k in range(data.NUM_FRAMES):
+            path = data.frame_path(os.path.join(self.out_dir, "frames"), vid, k)
+            Image.fromarray(frames[k]).save(path, format="JPEG", quality=90)
+
+
+def _entry(vid, wav, objects, boxes, sounding):
+    """A manifest entry: labels of the sounding objects, and every object's box per frame."""
+    return {"video_id": vid, "wav": wav, "video_path": "frames",
+            "labels": ",".join(TOY_CLASSES[objects[k]["cls"]][0] for k in sounding),
+            "objects": [{"label": TOY_CLASSES[o["cls"]][0], "pitch": o["pitch"],
+                         "rate": o["rate"]} for o in objects],
+            "boxes": boxes, "sounding": sounding, "frame_size": list(TOY_FRAME_SIZE)}
 
 
 def _as_is(x):
@@ -360,20 +404,24 @@ def toy_paths(root):
     """Paths of a toy dataset's files (absolute strings)."""
     root = Path(root).resolve()
     out = {name: str(root / f"{name}.json") for name in
-           ("train", "test", "retrieval", "train_multilabel", "test_multilabel")}
+           ("train", "test", "retrieval", "train_multilabel", "test_multilabel",
+            "test_distractor", "test_distractor_swap")}
     out.update(label_csv=str(root / "class_labels_indices.csv"), stats=str(root / "stats.json"),
                root=str(root))
     return out
 
 
 def make_toy_dataset(out_dir, n_train=2000, n_test=400, n_retrieval=300, n_train_multilabel=400,
-                     n_test_multilabel=200, seed=0, num_workers=None, audio_length=256, mel_bins=64,
-                     progress=False):
+                     n_test_multilabel=200, n_distractor=200, seed=0, num_workers=None,
+                     audio_length=256, mel_bins=64, progress=False):
     """Write the toy dataset to out_dir (see the section comment above for its design).
 
     Files: audio/{id}.wav (16 kHz, 16-bit, mono, 2.6 s), frames/frame_{k}/{id}.jpg
     (128 x 112), train / test / retrieval (first n_retrieval test clips) /
-    train_multilabel / test_multilabel .json, class_labels_indices.csv,
+    train_multilabel / test_multilabel / test_distractor / test_distractor_swap
+    .json (the distractor clips show two objects and sound one: "sounding" names
+    it; the swap split has the same frames with the other object's sound),
+    class_labels_indices.csv,
     stats.json (fbank mean/std of train at audio_length x mel_bins, the tiny
     preset), toy.json (parameters; written last, marks completion).
     The same seed gives byte-identical files whatever num_workers.
@@ -393,7 +441,7 @@ def make_toy_dataset(out_dir, n_train=2000, n_test=400, n_retrieval=300, n_train
         for k in range(data.NUM_FRAMES):
             (tmp / "frames" / f"frame_{k}").mkdir(parents=True)
         sizes = {"train": n_train, "test": n_test, "train_multilabel": n_train_multilabel,
-                 "test_multilabel": n_test_multilabel}
+                 "test_multilabel": n_test_multilabel, "test_distractor": n_distractor}
         jobs = [(split, i) for split, n in sizes.items() for i in range(n)]
         if num_workers is None:
             num_workers = min(4, data.default_num_workers()) if len(jobs) > 64 else 0
@@ -401,11 +449,12 @@ def make_toy_dataset(out_dir, n_train=2000, n_test=400, n_retrieval=300, n_train
                             num_workers=num_workers, collate_fn=_as_is)
         if progress:
             loader = tqdm(loader, total=len(jobs), desc="toy dataset")
-        entries = {split: [] for split in sizes}
+        entries = {split: [] for split in list(sizes) + ["test_distractor_swap"]}
         s = s2 = 0.0
         count = 0
-        for split, entry, moments in loader:
-            entries[split].append(entry)
+        for written, moments in loader:
+            for split, entry in written:
+                entries[split].append(entry)
             if moments is not None:
                 s, s2, count = s + moments[0], s2 + moments[1], count + moments[2]
         for split, items in entries.items():
@@ -481,13 +530,16 @@ def main(argv=None):
     parser.add_argument("--n_retrieval", type=int, default=300, help="first N test clips")
     parser.add_argument("--n_train_multilabel", type=int, default=400)
     parser.add_argument("--n_test_multilabel", type=int, default=200)
+    parser.add_argument("--n_distractor", type=int, default=200,
+                        help="test_distractor clips (two objects, one sounds)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workers", type=int, default=None, help="generation processes")
     args = parser.parse_args(argv)
     start = time.perf_counter()
     try:
         make_toy_dataset(args.out, args.n_train, args.n_test, args.n_retrieval,
-                         args.n_train_multilabel, args.n_test_multilabel, seed=args.seed,
+                         args.n_train_multilabel, args.n_test_multilabel, args.n_distractor,
+                         seed=args.seed,
                          num_workers=args.workers, progress=True)
     except (FileExistsError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)

@@ -579,7 +579,7 @@ def test_missing_stats_error_tells_how_to_fix(real):
 def toy(tmp_path_factory):
     root = tmp_path_factory.mktemp("toy") / "toy"
     toy_module.make_toy_dataset(root, num_workers=0, n_train=16, n_test=8, n_retrieval=4,
-                                n_train_multilabel=0, n_test_multilabel=0)
+                                n_train_multilabel=0, n_test_multilabel=0, n_distractor=0)
     return toy_module.toy_paths(root)
 
 

@@ -197,7 +197,7 @@ def toy_and_checkpoint(tmp_path_factory):
     from model import EquiAV, get_config
     root = tmp_path_factory.mktemp("ft") / "toy"
     toy.make_toy_dataset(root, n_train=16, n_test=8, n_retrieval=0, n_train_multilabel=8,
-                         n_test_multilabel=8, num_workers=0)
+                         n_test_multilabel=8, n_distractor=0, num_workers=0)
     torch.manual_seed(0)
     mcfg = get_config("tiny", depth=1)
     net = EquiAV(mcfg)

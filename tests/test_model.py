@@ -218,6 +218,62 @@ def test_forward_and_ablation_switches_match_manual_computation(use_centroid, eq
         assert model.predictor_a is None and model.predictor_v is None
 
 
+@pytest.mark.parametrize("target", ["centroid", "original", "augmented", "equivariant"])
+@pytest.mark.parametrize("equivariant", [True, False])
+def test_each_inter_target_embeds_what_it_names(target, equivariant):
+    """forward's z_inter and embed() per inter_target, against the submodules called
+    by hand: the centroid of T, mean-pooled original tokens, mean-pooled augmented
+    tokens (norm_aug), the single prediction of t; embed() evaluates the original
+    input the same way, with the identity in place of the augmentation."""
+    from augment import audio_identity, visual_identity
+    torch.manual_seed(9)
+    cfg = small_cfg()
+    full = EquiAV(cfg).eval()
+    model = EquiAV(cfg, equivariant=equivariant, inter_target=target).eval()
+    model.load_state_dict(full.state_dict(), strict=False)
+    x = make_inputs(cfg)
+    with torch.no_grad():
+        out = model(**x)
+        z_a, z_v = model.embed(x["x_a"], x["x_v"], x["T_a"], x["T_v"])
+        for m, enc, gi, ge, ident in (("a", full.audio_encoder, full.proj_inter_a,
+                                       full.proj_intra_a, audio_identity),
+                                      ("v", full.visual_encoder, full.proj_inter_v,
+                                       full.proj_intra_v, visual_identity)):
+            pred = getattr(full, f"predictor_{m}")
+            h, h_aug = enc(x[f"x_{m}"]), enc(x[f"x_{m}_aug"], aug=True)
+            want = {"centroid": pred(h, x[f"T_{m}"]), "original": h.mean(1),
+                    "augmented": h_aug.mean(1), "equivariant": pred(h, x[f"t_{m}"])}[target]
+            assert close(getattr(out, f"z_inter_{m}"), gi(want), 1e-4), m
+            at_eval = {"centroid": pred(h, x[f"T_{m}"]), "original": h.mean(1),
+                       "augmented": enc(x[f"x_{m}"], aug=True).mean(1),
+                       "equivariant": pred(h, ident(3))}[target]
+            assert close(z_a if m == "a" else z_v, F.normalize(gi(at_eval), dim=-1), 1e-4), m
+            intra = pred(h, x[f"t_{m}"]) if equivariant else h.mean(1)
+            assert close(getattr(out, f"z_equi_{m}"), ge(intra), 1e-4), m
+    needs = equivariant or target in ("centroid", "equivariant")
+    assert (model.predictor_a is not None) == needs
+    with pytest.raises(ValueError, match="inter_target must be one of"):
+        EquiAV(cfg, inter_target="mean")
+
+
+def test_intra_embeddings_for_the_equivariance_measures():
+    from augment import visual_identity
+    torch.manual_seed(10)
+    cfg = small_cfg()
+    model = EquiAV(cfg).eval()
+    x = make_inputs(cfg)
+    z_equi, z_aug, z_id = model.intra_embeddings("v", x["x_v"], x["x_v_aug"], x["t_v"])
+    with torch.no_grad():
+        out = model(**x)
+        h = model.visual_encoder(x["x_v"])
+        ref_id = model.proj_intra_v(model.predictor_v(h, visual_identity(3)))
+    assert close(z_equi, out.z_equi_v, 1e-4) and close(z_aug, out.z_aug_v, 1e-4)
+    assert close(z_id, ref_id, 1e-4) and not close(z_id, z_equi, 1e-3)
+    invariant = EquiAV(cfg, equivariant=False, inter_target="original").eval()
+    a, _, b = invariant.intra_embeddings("a", x["x_a"], x["x_a_aug"], x["t_a"])
+    assert torch.equal(a, b)
+
+
 def test_embed_is_normalized_forward_z_inter():
     torch.manual_seed(6)
     cfg = small_cfg()
@@ -236,7 +292,7 @@ def test_localize_matches_manual_map():
     cfg = small_cfg()
     model = EquiAV(cfg).eval()
     x = make_inputs(cfg, B=2)
-    sim = model.localize(x["x_a"], x["x_v"], x["T_a"])
+    sim = model.localize(x["x_a"], x["x_v"], x["T_a"], method="token")
     rows, cols = cfg.visual_grid
     assert sim.shape == (2, rows, cols)
     with torch.no_grad():
@@ -312,3 +368,92 @@ def test_get_config_errors_and_overrides():
         get_config("tiny", num_heads=3)
     with pytest.raises(ValueError, match="audio_length"):
         get_config("tiny", audio_length=100)
+
+
+# ------------------------------------------------------- localization maps (SPEC 13)
+
+def test_predict_each_without_equals_removing_each_token():
+    torch.manual_seed(11)
+    cfg = small_cfg()
+    pred = TransformationPredictor(cfg, AUDIO_DIM).eval()
+    h = torch.randn(2, 7, cfg.embed_dim)
+    t = torch.rand(2, 3, AUDIO_DIM)
+    drop = torch.tensor([0, 4, 6])
+    with torch.no_grad():
+        got = pred.predict_each_without(h, t, drop)                  # (2, 3, S, D)
+        for r, i in enumerate(drop.tolist()):
+            keep = [j for j in range(7) if j != i]
+            assert close(got[:, r], pred.predict_each(h[:, keep], t), 1e-5), i
+
+
+@pytest.mark.parametrize("target", ["centroid", "original", "equivariant"])
+def test_occlusion_map_equals_a_loop_of_single_token_removals(target):
+    torch.manual_seed(12)
+    cfg = small_cfg()
+    model = EquiAV(cfg, inter_target=target).eval()
+    x = make_inputs(cfg, B=2)
+    occ = model.localize(x["x_a"], x["x_v"], x["T_a"], x["T_v"], method="occlusion", chunk=5)
+    with torch.no_grad():
+        z_a = F.normalize(model.inter_embedding("a", x["x_a"], x["T_a"]), dim=-1)
+        h = model.inter_tokens("v", x["x_v"])
+        s = F.cosine_similarity(z_a, model.inter_from_tokens("v", h, x["T_v"]))
+        N = h.shape[1]
+        for i in range(N):
+            keep = [j for j in range(N) if j != i]
+            s_i = F.cosine_similarity(z_a, model.inter_from_tokens("v", h[:, keep], x["T_v"]))
+            assert close(occ.flatten(1)[:, i], s - s_i, 1e-5), i
+
+
+def test_gradient_map_equals_a_finite_difference():
+    """m_i = sum_d h_id ds/dh_id is the derivative of s when token i is scaled by 1 + eps."""
+    torch.manual_seed(13)
+    cfg = small_cfg()
+    model = EquiAV(cfg).double().eval()
+    x = {k: v.double() for k, v in make_inputs(cfg, B=2).items()}
+    grad_map = model.localize(x["x_a"], x["x_v"], x["T_a"], x["T_v"], method="gradient")
+    with torch.no_grad():
+        z_a = F.normalize(model.inter_embedding("a", x["x_a"], x["T_a"]), dim=-1)
+        h = model.inter_tokens("v", x["x_v"])
+        for i in (0, 7, 15):
+            s = []
+            for eps in (1e-6, -1e-6):
+                hi = h.clone()
+                hi[:, i] *= 1 + eps
+                s.append(F.cosine_similarity(z_a, model.inter_from_tokens("v", hi, x["T_v"])))
+            fd = (s[0] - s[1]) / 2e-6
+            assert torch.allclose(grad_map.flatten(1)[:, i], fd, atol=1e-7, rtol=1e-5), i
+
+
+@pytest.mark.parametrize("method", ["occlusion", "gradient", "token"])
+def test_each_map_peaks_at_a_planted_patch_that_dominates_the_similarity(method, monkeypatch):
+    """Identity heads and mean pooling (inter target "original"): s = cos(z_a, mean_N h).
+    One token carries z_a's direction strongly, the others are small noise: every map
+    must put its maximum on that patch."""
+    torch.manual_seed(14)
+    cfg = small_cfg()
+    model = EquiAV(cfg, inter_target="original").eval()
+    model.proj_inter_a = model.proj_inter_v = torch.nn.Identity()
+    rows, cols = cfg.visual_grid
+    x = make_inputs(cfg, B=3)
+    z_a = F.normalize(model.inter_embedding("a", x["x_a"]), dim=-1)       # (3, D)
+    h = 0.05 * torch.randn(3, rows * cols, cfg.embed_dim)
+    planted = [3, 10, 14]
+    for b, k in enumerate(planted):
+        h[b, k] = 4.0 * z_a[b]
+    monkeypatch.setattr(model, "inter_tokens",
+                        lambda m, xx: h if m == "v" else EquiAV.inter_tokens(model, m, xx))
+    maps = model.localize(x["x_a"], x["x_v"], x["T_a"], x["T_v"], method=method)
+    assert maps.flatten(1).argmax(1).tolist() == planted
+    with pytest.raises(ValueError, match="unknown localization method"):
+        model.localize(x["x_a"], x["x_v"], method="saliency")
+
+
+def test_localize_base_preset_smoke():
+    """The three maps run at the paper's size (random weights, one clip)."""
+    torch.manual_seed(15)
+    cfg = get_config("base")
+    model = EquiAV(cfg).eval()
+    x = make_inputs(cfg, B=1, S=2)
+    for method in ("occlusion", "gradient", "token"):
+        m = model.localize(x["x_a"], x["x_v"], x["T_a"], x["T_v"], method=method)
+        assert m.shape == (1, 14, 14) and torch.isfinite(m).all() and m.std() > 0, method

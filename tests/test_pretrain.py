@@ -29,7 +29,7 @@ N_TRAIN, BATCH, N_EVAL = 8, 4, 4  # 2 steps per epoch in one process
 def toy(tmp_path_factory):
     root = tmp_path_factory.mktemp("toy") / "toy"
     toy_module.make_toy_dataset(root, n_train=N_TRAIN, n_test=N_EVAL, n_retrieval=N_EVAL,
-                                n_train_multilabel=0, n_test_multilabel=0, num_workers=0)
+                                n_train_multilabel=0, n_test_multilabel=0, n_distractor=0, num_workers=0)
     return toy_module.toy_paths(root)
 
 
@@ -133,7 +133,7 @@ def test_ablation_without_centroid_and_predictor(toy, tmp_path):
     cfg = _cfg(toy, tmp_path / "run", centroid=False, equivariant=False, w_intra=0.0, w_inter=1.0)
     pretrain.main(cfg)
     ckpt = torch.load(os.path.join(cfg.run_dir, "checkpoint.pt"), weights_only=True)
-    assert ckpt["model_flags"] == {"use_centroid": False, "equivariant": False}
+    assert ckpt["model_flags"] == {"inter_target": "original", "equivariant": False}
     assert not any(k.startswith("predictor") for k in ckpt["model"])
     steps = [r for r in read_log(cfg.run_dir) if r["type"] == "step"]
     assert all(r["intra_a"] == 0 and r["intra_v"] == 0 and r["loss"] == r["inter"] for r in steps)

@@ -24,7 +24,8 @@ def test_python_example_runs():
     assert all(z.shape == (8, cfg.proj_dim) for z in out)
     assert torch.isfinite(losses["loss"]) and losses["loss"].requires_grad is True
     side = cfg.image_size // cfg.patch_size
-    assert heat.shape == (8, side, side) and heat.abs().max() <= 1.0 + 1e-5
+    # the occlusion map: differences of two cosines, not all equal
+    assert heat.shape == (8, side, side) and heat.abs().max() <= 2.0 and heat.std() > 0
     # backward() in the example reached the encoders
     assert scope["model"].audio_encoder.blocks[0].attn.qkv.weight.grad.abs().sum() > 0
 
@@ -48,12 +49,14 @@ def test_every_flag_in_the_readme_exists():
     import subprocess
     import sys
 
+    import ablate
     import bench
     import finetune
     import pretrain
     import retrieval
     configs = {"pretrain.py": pretrain.PretrainConfig, "finetune.py": finetune.FinetuneConfig,
-               "retrieval.py": retrieval.RetrievalConfig, "bench.py": bench.BenchConfig}
+               "retrieval.py": retrieval.RetrievalConfig, "bench.py": bench.BenchConfig,
+               "ablate.py": ablate.AblateConfig}
     checked = 0
     for line in _commands():
         words = line.split()
@@ -66,8 +69,9 @@ def test_every_flag_in_the_readme_exists():
         if script in configs:
             known = {f"--{f.name}" for f in dataclasses.fields(configs[script])} | {"--help"}
             assert set(flags) <= known, (line, set(flags) - known)
-        elif script == "data.py":
-            usage = subprocess.run([sys.executable, "data.py", args[0], "--help"], cwd=ROOT,
+        elif script in ("data.py", "toy.py"):
+            sub = [args[0]] if script == "data.py" else []
+            usage = subprocess.run([sys.executable, script, *sub, "--help"], cwd=ROOT,
                                    capture_output=True, text=True).stdout
             for flag in flags:
                 assert flag in usage, (line, flag)

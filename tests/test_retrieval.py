@@ -151,8 +151,8 @@ def test_upsampled_map_peaks_inside_the_planted_patch():
 def test_localization_maps_match_token_similarities(tiny_equiav):
     model = tiny_equiav
     ds = _Clips(2, model.cfg, seed=1)
-    T_a, _ = retrieval.centroid_vectors(model.cfg, 4, 0)
-    maps = retrieval.localization_maps(model, ds.audio, ds.frame, T_a)
+    T_a, T_v = retrieval.centroid_vectors(model.cfg, 4, 0)
+    maps = retrieval.localization_maps(model, ds.audio, ds.frame, T_a, T_v, method="token")
     assert maps.shape == (2, 96, 96)                   # the frame's shape
     # independent computation: z_inter_a against every visual token through g_inter_v
     import augment
@@ -197,7 +197,7 @@ def test_retrieval_script_end_to_end(tmp_path, tiny_equiav):
     import utils
     root = tmp_path / "toy"
     toy.make_toy_dataset(root, n_train=0, n_test=8, n_retrieval=8, n_train_multilabel=0,
-                          n_test_multilabel=0, num_workers=0)
+                         n_test_multilabel=0, n_distractor=4, num_workers=0)
     ckpt = tmp_path / "pretrain" / "checkpoint.pt"
     utils.save_checkpoint({"model": tiny_equiav.state_dict(),
                            "model_config": dataclasses.asdict(tiny_equiav.cfg),
@@ -205,7 +205,7 @@ def test_retrieval_script_end_to_end(tmp_path, tiny_equiav):
                            "norm_stats": [-5.0, 4.0]}, ckpt)
     cfg = retrieval.RetrievalConfig(checkpoint=str(ckpt), toy_root=str(root),
                                     out_dir=str(tmp_path / "out"), batch_size=4, num_workers=0,
-                                    localize=3, S=4, device="cpu")
+                                    localize=3, figure_distractors=2, S=4, device="cpu")
     res = retrieval.main(cfg)
     saved = json.loads((tmp_path / "out" / "retrieval.json").read_text())
     assert saved["n_clips"] == 8 and saved["norm_stats"] == [-5.0, 4.0]   # the checkpoint's
@@ -214,38 +214,49 @@ def test_retrieval_script_end_to_end(tmp_path, tiny_equiav):
         if "R@" in key:   # percentages of 8 clips
             assert value * 8 / 100 == pytest.approx(round(value * 8 / 100))
     assert saved["retrieval"]["a2v_R@10"] == 100.0
+    assert -1 <= saved["equivariance"]["similarity_v"] <= 1
     loc = saved["localization"]
-    assert loc["clips"] == [0, 1, 2] and (tmp_path / "out" / "localization.png").exists()
-    assert loc["n_clips"] == 8 and 0.0 <= loc["pointing_game"] <= 100.0
+    assert loc["method"] == "occlusion" and (tmp_path / "out" / "figure3.png").exists()
+    assert loc["manifest"]["n_clips"] == 8 and 0.0 <= loc["manifest"]["sounding"]["pointing_game"] <= 100.0
     # the centre baseline, recomputed from the manifest's boxes
     entries = data.read_manifest(toy.toy_paths(root)["retrieval"])
     centre = [any(b[0] <= 0.5 <= b[2] and b[1] <= 0.5 <= b[3]
                   for b in (data.box_in_crop(box, e["frame_size"], 96)
                             for box in e["boxes"][data.EVAL_FRAME])) for e in entries]
-    assert loc["centre_baseline"] == pytest.approx(100.0 * sum(centre) / 8)
+    assert loc["manifest"]["baselines"]["centre_point"] == pytest.approx(100.0 * sum(centre) / 8)
+    # the distractor split and its swap: sounding and silent objects scored apart, paired
+    d, w = loc["distractor"], loc["distractor_swap"]
+    assert d["n_clips"] == w["n_clips"] == 4 and "silent" in d and "silent" in w
+    both = [a and b for a, b in zip(d["sounding"]["hits"], w["sounding"]["hits"])]
+    assert loc["follows_sound"] == pytest.approx(100.0 * sum(both) / 4)
+    # 3 manifest clips and 2 distractor clips, each a row of two (frame, map) pairs
+    from PIL import Image
+    width, height = Image.open(tmp_path / "out" / "figure3.png").size
+    assert height == 5 * (2 * 96 + 14 + 6) + 6
 
 
-def test_pointing_game_scores_planted_maps(tmp_path, monkeypatch):
-    """Maps planted inside (or, negated, inside with the sign flipped) each clip's
-    box: the pointing game is 100 % (0 %) and the minimum diagnostic 0 % (100 %)."""
+def test_localization_scores_planted_maps(tmp_path, monkeypatch):
+    """Maps planted at the middle of each clip's sounding box (or, negated, with the sign
+    flipped) on a distractor split: the pointing game is 100 % on the sounding object
+    and 0 % on the silent one (the minimum diagnostic the other way round)."""
     import data
     import toy
     root = tmp_path / "toy"
-    toy.make_toy_dataset(root, n_train=0, n_test=6, n_retrieval=6, n_train_multilabel=0,
-                         n_test_multilabel=0, num_workers=0)
-    manifest = toy.toy_paths(root)["retrieval"]
+    toy.make_toy_dataset(root, n_train=0, n_test=1, n_retrieval=1, n_train_multilabel=0,
+                         n_test_multilabel=0, n_distractor=6, num_workers=0)
+    manifest = toy.toy_paths(root)["test_distractor"]
     entries = data.read_manifest(manifest)
     ds = data.AudioVisualDataset(manifest, audio_length=256, mel_bins=64, image_size=96,
                                  train=False, norm_mean=0.0, norm_std=1.0)
     size = 96
 
     def planted(sign):
-        def fake_maps(model, audio, frame, T_a, amp=False):
+        def fake_maps(model, audio, frame, T_a, T_v, method, amp=False, chunk=64):
             out = torch.zeros(audio.shape[0], size, size)
             for j in range(audio.shape[0]):
-                i = fake_maps.seen + j
-                x0, y0, x1, y1 = data.box_in_crop(entries[i]["boxes"][data.EVAL_FRAME][0],
-                                                  entries[i]["frame_size"], size)
+                e = entries[fake_maps.seen + j]
+                box = e["boxes"][data.EVAL_FRAME][e["sounding"][0]]
+                x0, y0, x1, y1 = data.box_in_crop(box, e["frame_size"], size)
                 # the box's middle pixel (the box edges hold no pixel centres safely)
                 out[j, int((y0 + y1) / 2 * size), int((x0 + x1) / 2 * size)] = sign
             fake_maps.seen += audio.shape[0]
@@ -254,9 +265,99 @@ def test_pointing_game_scores_planted_maps(tmp_path, monkeypatch):
         return fake_maps
 
     monkeypatch.setattr(retrieval, "localization_maps", planted(1.0))
-    score = retrieval.pointing_game(None, ds, entries, None, "cpu", batch_size=4)
+    score = retrieval.evaluate_localization(None, ds, entries, None, None, "cpu", batch_size=4)
     assert score["n_clips"] == 6
-    assert score["pointing_game"] == 100.0 and score["minimum_in_box"] < 100.0
+    assert score["sounding"]["pointing_game"] == 100.0 and score["silent"]["pointing_game"] == 0.0
+    assert score["minimum_in_box"] < 100.0
     monkeypatch.setattr(retrieval, "localization_maps", planted(-1.0))
-    score = retrieval.pointing_game(None, ds, entries, None, "cpu", batch_size=4)
-    assert score["minimum_in_box"] == 100.0 and score["pointing_game"] < 100.0
+    score = retrieval.evaluate_localization(None, ds, entries, None, None, "cpu", batch_size=4)
+    assert score["minimum_in_box"] == 100.0 and score["sounding"]["pointing_game"] < 100.0
+
+
+def test_ciou_auc_and_binarization_against_hand_made_masks():
+    # min-max normalised, cut at the value at position H W / 2 = 8 of the ascending order
+    m = torch.arange(16.0).view(1, 4, 4) * 3 - 5     # distinct values: the top 7 pixels
+    pred = retrieval.binarize(m)[0]
+    assert pred.flatten().tolist() == [False] * 9 + [True] * 7
+    gt = torch.zeros(1, 4, 4, dtype=torch.bool)
+    gt[0, 2:, 2:] = True        # pixels 10, 11, 14, 15: all predicted; 9, 12, 13 predicted outside
+    assert retrieval.ciou(pred[None], gt).item() == pytest.approx(4 / (4 + 3))
+    flat = retrieval.binarize(torch.ones(1, 4, 4))   # a flat map predicts nothing
+    assert not flat.any() and retrieval.ciou(flat, gt).item() == 0.0
+    # cIoU@0.5, mean and AUC by brute force over 21 thresholds (trapezoid)
+    g = torch.Generator().manual_seed(0)
+    cious = torch.rand(50, generator=g, dtype=torch.float64)
+    got = retrieval.ciou_scores(cious)
+    xs = [k / 20 for k in range(21)]
+    frac = [sum(float(c) >= x for c in cious) / 50 for x in xs]
+    auc = sum((frac[k] + frac[k + 1]) / 2 * 0.05 for k in range(20))
+    assert got["auc"] == pytest.approx(auc)
+    assert got["ciou@0.5"] == pytest.approx(100 * sum(float(c) >= 0.5 for c in cious) / 50)
+    assert got["mean_ciou"] == pytest.approx(cious.mean().item())
+    # box masks: pixel centres inside; a perfect prediction scores 1, a disjoint one 0
+    mask = retrieval.box_masks([[[0.0, 0.0, 0.5, 0.5]], [[0.5, 0.5, 1.0, 1.0]]], 4, 4)
+    assert mask[0].nonzero().tolist() == [[0, 0], [0, 1], [1, 0], [1, 1]]
+    assert retrieval.ciou(mask, mask).tolist() == [1.0, 1.0]
+    assert retrieval.ciou(mask[[1, 0]], mask).tolist() == [0.0, 0.0]
+
+
+def test_boxes_follow_the_crop_and_flip_of_a_view():
+    import augment
+    t = augment.visual_identity(1)[0]
+    S = augment.VISUAL_SLOTS
+    t[S["rrc_top"]], t[S["rrc_left"]], t[S["rrc_height"]], t[S["rrc_width"]] = 0.5, 0.25, 0.5, 0.5
+    assert retrieval.boxes_after_view([[0.25, 0.5, 0.5, 0.75]], t) == [[0.0, 0.0, 0.5, 0.5]]
+    t[S["flip_on"]] = 1.0
+    assert retrieval.boxes_after_view([[0.25, 0.5, 0.5, 0.75]], t) == [[0.5, 0.0, 1.0, 0.5]]
+    assert retrieval.boxes_after_view([[0.0, 0.0, 0.2, 0.2]], t) == []   # outside the crop
+
+
+# ---------------------------------------------------------------------------
+# Equivariance measures
+# ---------------------------------------------------------------------------
+
+def test_ridge_r2_known_answers():
+    g = torch.Generator().manual_seed(0)
+    t = torch.rand(400, 3, generator=g)
+    mix = torch.randn(3, 8, generator=g)
+    x = t @ mix + 0.5                                   # contains t linearly
+    res, tot = retrieval.ridge_r2(x[::2], t[::2], x[1::2], t[1::2], lam=1e-6)
+    assert (1 - res / tot).min() > 0.999
+    const = torch.ones(400, 8)                          # knows nothing about t
+    res, tot = retrieval.ridge_r2(const[::2], t[::2], const[1::2], t[1::2], lam=1.0)
+    assert (1 - res / tot).abs().max() < 0.05
+    # pooled per group: 1 - sum SS_res / sum SS_tot over the group's columns
+    r2 = retrieval.group_r2(torch.tensor([1.0, 3.0, 0.0]), torch.tensor([2.0, 6.0, 0.0]),
+                            {"a": 0, "b": 1, "c": 2}, {"ab": ("a", "b"), "c": ("c",)})
+    assert r2["ab"] == pytest.approx(0.5) and math.isnan(r2["c"])
+
+
+def test_equivariance_metrics_deterministic_and_known_answers(tiny_equiav, monkeypatch):
+    model = tiny_equiav
+    ds = _Clips(12, model.cfg, seed=2)
+    a = retrieval.equivariance_metrics(model, torch.utils.data.DataLoader(ds, batch_size=5),
+                                       "cpu", seed=1)
+    b = retrieval.equivariance_metrics(model, torch.utils.data.DataLoader(ds, batch_size=12),
+                                       "cpu", seed=1)
+    assert a["similarity_v"] == pytest.approx(b["similarity_v"], abs=1e-6)
+    assert a["r2_a"]["flip"] == pytest.approx(b["r2_a"]["flip"], abs=1e-6)
+    assert -1 <= a["similarity_a"] <= 1 and set(a["r2_v"]) == set(retrieval.augment.VISUAL_GROUPS)
+    # the similarity is the mean cosine of what intra_embeddings returns for t
+    import augment
+    g = torch.Generator().manual_seed(2)
+    t_a = augment.sample_audio_params(12, g, model.cfg.audio_length, model.cfg.mel_bins)
+    equi, aug, ident = model.intra_embeddings("a", ds.audio, augment.apply_audio(ds.audio, t_a), t_a)
+    assert b["similarity_a"] == pytest.approx(F.cosine_similarity(equi, aug).mean().item(), abs=1e-5)
+    assert b["identity_similarity_a"] == pytest.approx(
+        F.cosine_similarity(ident, aug).mean().item(), abs=1e-5)
+
+    # an "encoder" whose augmented embedding holds t linearly scores R^2 ~ 1 in every group
+    def holds_t(m, x, x_aug, t):
+        z = torch.cat([t, torch.full((t.shape[0], 1), 1e3)], dim=1)
+        return z, z, z
+    monkeypatch.setattr(model, "intra_embeddings", holds_t)
+    big = _Clips(200, model.cfg, seed=3)
+    eq = retrieval.equivariance_metrics(model, torch.utils.data.DataLoader(big, batch_size=50),
+                                        "cpu", lam=1e-9)
+    for m in ("a", "v"):
+        assert min(eq[f"r2_{m}"].values()) > 0.99, eq[f"r2_{m}"]

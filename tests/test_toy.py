@@ -31,7 +31,8 @@ def _one_thread():
 # Toy dataset
 # ---------------------------------------------------------------------------
 
-TOY_SIZES = dict(n_train=16, n_test=8, n_retrieval=4, n_train_multilabel=6, n_test_multilabel=2)
+TOY_SIZES = dict(n_train=16, n_test=8, n_retrieval=4, n_train_multilabel=6, n_test_multilabel=2,
+                 n_distractor=3)
 
 
 @pytest.fixture(scope="module")
@@ -52,12 +53,14 @@ def test_toy_is_deterministic_and_independent_of_workers(toy, tmp_path):
     toy_module.make_toy_dataset(again, num_workers=2, **TOY_SIZES)
     first, second = _all_files(toy["root"]), _all_files(again)
     assert first.keys() == second.keys()
-    assert len(first) == 32 * 11 + 8  # 32 clips of 11 files; manifests, csv, stats, toy.json
+    # 32 clips of 11 files, 3 distractor clips of 10 frames and 2 WAVs; 7 manifests, csv,
+    # stats, toy.json
+    assert len(first) == 32 * 11 + 3 * 12 + 10
     for name in first:
         assert first[name] == second[name], name
     other = tmp_path / "other"
     toy_module.make_toy_dataset(other, seed=1, num_workers=0, n_train=2, n_test=1, n_retrieval=1,
-                          n_train_multilabel=0, n_test_multilabel=0)
+                          n_train_multilabel=0, n_test_multilabel=0, n_distractor=0)
     wav = "audio/toy_train_00000.wav"
     assert (other / wav).read_bytes() != first[wav]
     with pytest.raises(FileExistsError):
@@ -137,7 +140,7 @@ def test_toy_loads_with_its_stats(toy):
 
 def _ensure(root, queue):
     queue.put(toy_module.ensure_toy_dataset(root, num_workers=0, n_train=4, n_test=2, n_retrieval=1,
-                                      n_train_multilabel=0, n_test_multilabel=0))
+                                      n_train_multilabel=0, n_test_multilabel=0, n_distractor=0))
 
 
 def test_ensure_toy_dataset_is_safe_with_concurrent_callers(tmp_path):
@@ -163,3 +166,35 @@ def test_ensure_toy_dataset_is_safe_with_concurrent_callers(tmp_path):
     (tmp_path / "junk" / "toy.json").write_text('{"version": 0}')
     with pytest.raises(data.DataError, match="another version of toy.py"):
         toy_module.ensure_toy_dataset(tmp_path / "junk")
+
+
+def test_distractor_split_two_objects_one_sounds_and_its_swap(toy, capsys):
+    root = Path(toy["root"])
+    clips = data.read_manifest(toy["test_distractor"])
+    swaps = data.read_manifest(toy["test_distractor_swap"])
+    assert len(clips) == len(swaps) == 3
+    w, h = toy_module.TOY_FRAME_SIZE
+    for e, x in zip(clips, swaps):
+        labels = [o["label"] for o in e["objects"]]
+        assert len(labels) == 2 and labels[0] != labels[1]                  # two classes
+        hues = [0.83 * o["pitch"] for o in e["objects"]]
+        assert min(abs(hues[0] - hues[1]), 1 - abs(hues[0] - hues[1])) >= 0.25  # two hues
+        # the same frames (video_id) with the other object's sound
+        assert x["video_id"] == e["video_id"] and x["wav"] != e["wav"]
+        assert sorted(e["sounding"] + x["sounding"]) == [0, 1]
+        assert e["labels"] == labels[e["sounding"][0]] and x["labels"] == labels[x["sounding"][0]]
+        assert all(len(frame_boxes) == 2 for frame_boxes in e["boxes"]) and x["boxes"] == e["boxes"]
+        # each object is drawn in its own box, in the hue of its pitch
+        img = np.asarray(Image.open(root / data.frame_path(e["video_path"], e["video_id"], 0)))
+        for o, box in zip(e["objects"], e["boxes"][0]):
+            x0, y0, x1, y1 = round(box[0] * w), round(box[1] * h), round(box[2] * w), round(box[3] * h)
+            hsv = np.array([colorsys.rgb_to_hsv(*p) for p in img[y0:y1, x0:x1].reshape(-1, 3) / 255])
+            hue = np.median(hsv[hsv[:, 1] > 0.6][:, 0])
+            want = 0.83 * o["pitch"]
+            assert min(abs(hue - want), 1 - abs(hue - want)) < 0.03
+        a, b = (np.frombuffer((root / m["wav"]).read_bytes()[44:], "<i2") for m in (e, x))
+        assert a.shape == b.shape and not np.array_equal(a, b)
+    # a valid manifest: data.py check passes (labels checked against the toy's class CSV)
+    for manifest in (toy["test_distractor"], toy["test_distractor_swap"]):
+        assert data.main(["check", manifest]) == 0
+        assert "labels checked against" in capsys.readouterr().out
