@@ -42,7 +42,6 @@ import sys
 import tempfile
 import time
 import traceback
-import typing
 from typing import Optional
 
 import torch
@@ -69,8 +68,7 @@ class BenchConfig:
     quick: bool = option(False, "smoke-test sizes: tiny step in fp32 eager only, small batches, "
                                 "few repeats, N=1,725 retrieval only")
     parts: str = option("step,augment,data,retrieval", "comma-separated parts to run")
-    presets: Optional[str] = option(None, "model presets of the step part (full: tiny,base; "
-                                          "quick: tiny)")
+    presets: Optional[str] = option(None, "step part's presets (full: tiny,base; quick: tiny)")
     precisions: Optional[str] = option(None, "fp32 and/or bf16 autocast, which pretrain.py "
                                              "uses on CUDA only (full: fp32,bf16; quick: fp32)")
     compile: Optional[bool] = option(None, "also measure torch.compile (full: true, quick: false)")
@@ -123,19 +121,6 @@ def resolve_config(cfg):
 
 def _items(text):
     return [s.strip() for s in (text or "").split(",") if s.strip()]
-
-
-def _expand_bare_flags(argv, cls):
-    """`--quick` alone -> `--quick true` for the bool fields (parse_config wants a value)."""
-    hints = typing.get_type_hints(cls)
-    flags = {f"--{f.name}" for f in dataclasses.fields(cls) if hints[f.name] in (bool, Optional[bool])}
-    out = []
-    for i, arg in enumerate(argv):
-        out.append(arg)
-        nxt = argv[i + 1] if i + 1 < len(argv) else None
-        if arg in flags and (nxt is None or nxt.startswith("--")):
-            out.append("true")
-    return out
 
 
 # =============================================================================
@@ -631,5 +616,4 @@ def main(cfg):
 
 
 if __name__ == "__main__":
-    argv = _expand_bare_flags(sys.argv[1:], BenchConfig)
-    main(utils.parse_config(BenchConfig, argv, description=__doc__.splitlines()[0]))
+    main(utils.parse_config(BenchConfig, description=__doc__.splitlines()[0]))

@@ -270,6 +270,16 @@ def detect_format(state) -> str:
     return "mae" if "cls_token" in keys or any(k.startswith("blocks.") for k in keys) else "authors"
 
 
+def model_flags(state) -> dict:
+    """The EquiAV switches our checkpoint `state` was trained with, {"inter_target",
+    "equivariant"}; checkpoints from before inter_target stored "use_centroid"."""
+    flags = dict(state.get("model_flags", {}))
+    if "use_centroid" in flags:
+        flags["inter_target"] = "centroid" if flags.pop("use_centroid") else "original"
+    return {"inter_target": flags.get("inter_target", "centroid"),
+            "equivariant": flags.get("equivariant", True)}
+
+
 def print_report(what: str, report: LoadReport) -> None:
     """One line of counts, then the keys (at most 12 of each kind), on rank 0."""
     utils.print0(f"loaded {what}: {len(report.missing)} missing, "
@@ -289,7 +299,7 @@ def load_equiav(path, preset="base") -> EquiAV:
     """
     state = utils.load_checkpoint(path)
     if detect_format(state) == "ours":
-        net = EquiAV(ModelConfig(**state["model_config"]), **state.get("model_flags", {}))
+        net = EquiAV(ModelConfig(**state["model_config"]), **model_flags(state))
         net.load_state_dict(state["model"])
         return net
     net = EquiAV(preset if isinstance(preset, ModelConfig) else get_config(preset))

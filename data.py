@@ -322,11 +322,45 @@ def read_wav(path):
     return x.reshape(n, channels).T, rate  # (C, N)
 
 
+PYAV_INSTALL = "pip install -r requirements-prepare.txt"  # PyAV: FFmpeg's decoders in a wheel
+
+
+def import_av(why="PyAV is needed"):
+    """The PyAV module, or a DataError saying `why` and the command that installs it."""
+    try:
+        import av  # an optional extra: only non-WAV audio and prepare.py need it
+    except ImportError:
+        raise DataError(f"{why}, and it is not installed: `{PYAV_INSTALL}` (or `pip install av`; "
+                        f"its wheels bundle FFmpeg, no system FFmpeg is needed)") from None
+    return av
+
+
+def decode_audio(path, sample_rate=SAMPLE_RATE):
+    """Any audio FFmpeg decodes (the first audio stream of a file: mp3, ogg, flac, m4a,
+    a video's track) through PyAV, downmixed to mono and resampled to `sample_rate` by
+    FFmpeg's libswresample: (N,) float32 in [-1, 1]. Raises DataError on failure."""
+    av = import_av(f"{path}: not a WAV file; reading it needs PyAV")
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.audio:
+                raise DataError(f"{path}: no audio track")
+            resampler = av.AudioResampler(format="flt", layout="mono", rate=sample_rate)
+            chunks = []
+            for frame in container.decode(audio=0):
+                chunks += [f.to_ndarray().reshape(-1) for f in resampler.resample(frame)]
+            chunks += [f.to_ndarray().reshape(-1) for f in resampler.resample(None)]  # flush
+    except av.FFmpegError as err:
+        raise DataError(f"{path}: cannot decode audio ({err})") from err
+    if not chunks or sum(c.size for c in chunks) == 0:
+        raise DataError(f"{path}: zero-length audio (no samples)")
+    return torch.from_numpy(np.concatenate(chunks).astype(np.float32))
+
+
 def load_waveform(path):
     """Mono 16 kHz waveform with the mean removed (SPEC 1); returns (N,) float32.
 
-    WAV files (recognized by their RIFF header) are decoded by read_wav; other
-    containers go through torchaudio.load, which needs torchcodec.
+    WAV files (recognized by their RIFF header) are decoded by read_wav, with no
+    dependency; other formats through PyAV (decode_audio), an optional extra.
     """
     path = str(path)
     try:
@@ -338,21 +372,11 @@ def load_waveform(path):
         raise DataError(f"{path}: cannot read audio file ({err.strerror or err})") from err
     if head[:4] == b"RIFF" or path.lower().endswith(".wav"):
         samples, rate = read_wav(path)
-        wav = torch.from_numpy(samples)
+        wav = torch.from_numpy(samples).mean(dim=0)  # downmix channels, (N,)
+        if rate != SAMPLE_RATE:
+            wav = torchaudio.functional.resample(wav, int(rate), SAMPLE_RATE)
     else:
-        try:
-            wav, rate = torchaudio.load(path)
-        except Exception as err:  # torchaudio raises ImportError/RuntimeError/... by backend
-            reason = f"{type(err).__name__}: {err}".splitlines()[0][:200]
-            raise DataError(
-                f"{path}: not a WAV file, and torchaudio could not decode it ({reason}). "
-                f"Install torchcodec (`pip install torchcodec`, needs FFmpeg) or convert the "
-                f"audio to WAV, e.g. `ffmpeg -i IN -ac 1 -ar 16000 OUT.wav`") from err
-        if wav.numel() == 0:
-            raise DataError(f"{path}: zero-length audio (no samples)")
-    wav = wav.float().mean(dim=0)  # downmix channels, (N,)
-    if rate != SAMPLE_RATE:
-        wav = torchaudio.functional.resample(wav, int(rate), SAMPLE_RATE)
+        wav = decode_audio(path)
     if wav.numel() < _MIN_SAMPLES:
         raise DataError(f"{path}: audio too short ({wav.numel()} samples at 16 kHz; one 25 ms "
                         f"window needs {_MIN_SAMPLES})")
@@ -383,7 +407,7 @@ def load_audio_fbank(path, audio_length=1024, mel_bins=128):
 # Frames (SPEC 1): any PIL image -> RGB -> resize short side -> centre crop
 # ===========================================================================
 
-def _to_rgb(img):
+def to_rgb(img):
     """Convert any PIL mode to 8-bit RGB. 16-bit grayscale is scaled from 0..65535;
     alpha is dropped (the stored colours are kept)."""
     if img.mode.startswith("I;16") or img.mode == "I":
@@ -403,7 +427,7 @@ def _open_rgb(path):
     try:
         with Image.open(path) as img:
             img.load()  # decode now, so a truncated file fails here and not later
-            return _to_rgb(img)
+            return to_rgb(img)
     except FileNotFoundError:
         folder = os.path.dirname(path)
         where = "" if os.path.isdir(folder) else f" (folder {folder} does not exist)"
@@ -489,17 +513,20 @@ def resolve_norm_stats(option="auto", manifest=None, checkpoint_stats=None, audi
     "auto": the statistics stored in our pretraining checkpoint (the ones the
     model was trained with) when `checkpoint_stats` is given, else stats.json
     next to `manifest` (written by `python data.py stats MANIFEST --write`, or by
-    toy.py); "audioset" / "vggsound": KNOWN_STATS; "MEAN,STD": those numbers.
+    toy.py); "dataset": that stats.json even when a checkpoint's are given;
+    "audioset" / "vggsound": KNOWN_STATS; "MEAN,STD": those numbers.
     audio_length / mel_bins: the dataset's sizes, compared with stats.json's.
     """
     text = option.strip().lower()
     if text in KNOWN_STATS:
         return KNOWN_STATS[text]
+    if text == "dataset":  # stats.json next to the manifest, whatever a checkpoint stored
+        text, checkpoint_stats = "auto", None
     if text != "auto":
         try:
             mean, std = (float(v) for v in text.split(","))
         except ValueError:
-            raise ValueError(f"--norm_stats must be auto, {', '.join(KNOWN_STATS)} or MEAN,STD; "
+            raise ValueError(f"--norm_stats must be auto, dataset, {', '.join(KNOWN_STATS)} or MEAN,STD; "
                              f"got {option!r}") from None
         return mean, std
     if checkpoint_stats:
@@ -778,9 +805,6 @@ class SkipCounter:
                             f"({100 * self.fraction:.2f}% > {100 * self.max_fraction:.2f}% "
                             f"allowed); "
                             f"first errors:\n  " + "\n  ".join(self.errors))
-
-    def summary(self):
-        return f"skipped {self.skipped} of {self.seen} samples as bad"
 
 
 class BadDataPolicy:

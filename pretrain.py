@@ -66,8 +66,10 @@ class PretrainConfig(utils.TrainConfig):
     S: int = option(16, "sampled augmentation vectors per centroid (SPEC 6)")
     init_mae: Optional[str] = option(None, "initialise both encoders from an ImageNet MAE "
                                            "ViT-B/16 checkpoint (SPEC 10)")
-    init_official: Optional[str] = option(None, "initialise from an authors' EquiAV "
-                                                "checkpoint (SPEC 10)")
+    init_official: Optional[str] = option(None, "initialise from the authors' EquiAV (SPEC 10)")
+    init_from: Optional[str] = option(None, "initialise from our pretrain.py checkpoint of the "
+                                            "same model: its weights start a new run (new "
+                                            "optimizer, epoch 0), e.g. on another dataset")
     # -- loss (SPEC 7) --
     temperature: float = option(0.07, "InfoNCE temperature tau")
     learnable_temperature: bool = option(False, "learn tau along with the model")
@@ -110,8 +112,8 @@ def resolve_config(cfg):
     if not cfg.centroid and target != "original":
         raise ValueError(f"--centroid false means --inter_target original, not {target!r}")
     cfg = dataclasses.replace(cfg, inter_target=target, centroid=target == "centroid")
-    if cfg.init_mae and cfg.init_official:
-        raise ValueError("give at most one of --init_mae and --init_official")
+    if sum(bool(x) for x in (cfg.init_mae, cfg.init_official, cfg.init_from)) > 1:
+        raise ValueError("give at most one of --init_mae, --init_official and --init_from")
     for name in ("epochs", "batch_size", "S", "log_every", "eval_batch_size"):
         if getattr(cfg, name) < 1:
             raise ValueError(f"--{name} must be at least 1, got {getattr(cfg, name)}")
@@ -311,13 +313,14 @@ def resume_or_init(path, cfg, mcfg, net, criterion, optimizer, scaler):
         elif cfg.init_official:
             convert.print_report(f"authors' EquiAV checkpoint {cfg.init_official}",
                                  convert.load_official_checkpoint(net, cfg.init_official))
+        elif cfg.init_from:
+            source = utils.load_checkpoint(cfg.init_from)
+            _check_same_model(cfg.init_from, source, cfg, mcfg)
+            net.load_state_dict(source["model"])
+            utils.print0(f"initialised from {cfg.init_from}")
         return 0, 0
     ckpt = utils.load_checkpoint(path)
-    if ckpt["model_config"] != dataclasses.asdict(mcfg) or ckpt["model_flags"] != _model_flags(cfg):
-        raise ValueError(
-            f"{path} holds a different model ({ckpt['model_config']}, {ckpt['model_flags']}) "
-            f"than this command builds ({dataclasses.asdict(mcfg)}, {_model_flags(cfg)}): give "
-            f"the same --preset/--model_overrides/--inter_target/--equivariant, or another --run_dir")
+    _check_same_model(path, ckpt, cfg, mcfg)
     net.load_state_dict(ckpt["model"])
     criterion.load_state_dict(ckpt["loss"])
     optimizer.load_state_dict(ckpt["optimizer"])
@@ -326,9 +329,19 @@ def resume_or_init(path, cfg, mcfg, net, criterion, optimizer, scaler):
                if getattr(cfg, k, v) != v}
     utils.print0(f"resumed from {path}: {ckpt['epoch']} epoch(s), step {ckpt['step']} done"
                  + (f"; config changed since (old, new): {changed}" if changed else ""))
-    if cfg.init_mae or cfg.init_official:
-        utils.print0("  (--init_mae/--init_official ignored: resuming wins)")
+    if cfg.init_mae or cfg.init_official or cfg.init_from:
+        utils.print0("  (--init_mae/--init_official/--init_from ignored: resuming wins)")
     return ckpt["epoch"], ckpt["step"]
+
+
+def _check_same_model(path, ckpt, cfg, mcfg):
+    if ckpt.get("model_config") != dataclasses.asdict(mcfg) or \
+            convert.model_flags(ckpt) != _model_flags(cfg):
+        raise ValueError(
+            f"{path} holds a different model ({ckpt.get('model_config')}, "
+            f"{convert.model_flags(ckpt)}) than this command builds ({dataclasses.asdict(mcfg)}, "
+            f"{_model_flags(cfg)}): give the same --preset/--model_overrides/--inter_target/"
+            f"--equivariant" + (", or another --run_dir" if path.endswith("checkpoint.pt") else ""))
 
 
 # =============================================================================

@@ -6,11 +6,19 @@ fixed set of centroid vectors, so the embeddings are deterministic (SPEC 9);
 audio->visual and visual->audio Recall@1/5/10 and median rank come from the
 cosine-similarity matrix, computed in row chunks so memory stays bounded.
 
-Localization: the similarity between a clip's audio embedding and every visual
-patch token (EquiAV.localize), upsampled to the frame and drawn over it as a
-heat map (figure 3 of the paper). On the toy dataset, whose manifests carry
-the sounding object's box, a pointing-game score is reported next to the score
-of always pointing at the frame centre.
+Equivariance (the paper's figure 1 and its predictor-similarity column): how
+close the predicted embedding of an augmentation is to the embedding of the
+augmented input, and how much of t a ridge regression reads back from the
+latter (equivariance_metrics).
+
+Localization (figure 3 of the paper; SPEC 13): a map over the patch grid of how
+much each patch contributes to the clip's audio-visual similarity (occlusion,
+gradient x input), or the literal token map, upsampled to the frame. Where a
+manifest carries boxes it is scored as the localization literature scores it
+(pointing game, cIoU@0.5, mean cIoU, AUC; LVS, EZ-VSL) against the centre
+point, a random point and a centred Gaussian map; on the toy distractor split
+the sounding and the silent object are scored apart. figure3.png draws the
+frame and its map beside the augmented view nearest to the visual centroid.
 
     python retrieval.py                                   # toy data, default checkpoint
     python retrieval.py --checkpoint equiav.pth --preset base \\
@@ -49,8 +57,8 @@ class RetrievalConfig:
     manifest: str = option("", "clips to retrieve among; empty = the toy dataset's retrieval split")
     toy_root: str = option("data/toy", "where the toy dataset lives (generated if absent)")
     norm_stats: str = option("auto", "fbank normalization: auto (the checkpoint's stats, else "
-                                     "stats.json next to the manifest), audioset, vggsound, or "
-                                     "MEAN,STD")
+                                     "stats.json next to the manifest), dataset (that "
+                                     "stats.json), audioset, vggsound, or MEAN,STD")
     out_dir: str = option("runs/retrieval", "retrieval.json and figure3.png are written here")
     S: int = option(16, "augmentation vectors per centroid (SPEC 6), as in pretraining")
     seed: int = option(0, "seed of the centroid vectors")

@@ -136,8 +136,9 @@ def parse_config(cls, argv=None, description="", profiles=None):
                  if field.name in values}
         if given:
             text += " [" + "; ".join(f"{name}: {value}" for name, value in given.items()) + "]"
+        flag = {"nargs": "?", "const": True} if convert is _parse_bool else {}  # `--x` = `--x true`
         parser.add_argument(f"--{field.name}", type=parse, default=default,
-                            metavar=field.name.upper().replace("_", ""), help=text)
+                            metavar=field.name.upper().replace("_", ""), help=text, **flag)
     args = parser.parse_args(argv)
     return cls(**vars(args))
 

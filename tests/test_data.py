@@ -8,6 +8,7 @@ kaldi.fbank, frames with PIL + torchvision transforms.
 import json
 import os
 import struct
+import sys
 import wave
 from pathlib import Path
 
@@ -480,17 +481,20 @@ def test_missing_frame_folder_and_corrupt_frame(tmp_path, real):
         data.load_frame(tmp_path / "broken.jpg", 24)
 
 
-def test_other_containers_need_torchcodec(tmp_path):
+def test_other_containers_go_through_pyav(tmp_path, monkeypatch):
     (tmp_path / "a.flac").write_bytes(b"fLaC" + bytes(64))
-    try:
-        data.load_waveform(tmp_path / "a.flac")
-    except data.DataError as err:
-        assert "a.flac: not a WAV file" in str(err) and "torchcodec" in str(err)
-    else:  # a torchaudio backend decoded it: then it must not be garbage
-        pytest.skip("a torchaudio backend decoded the file")
+    with monkeypatch.context() as m:
+        m.setitem(sys.modules, "av", None)  # as if PyAV were not installed
+        with pytest.raises(data.DataError, match=r"a.flac: not a WAV file; reading it needs PyAV, "
+                                                 r"and it is not installed: `pip install -r "
+                                                 r"requirements-prepare.txt`"):
+            data.load_waveform(tmp_path / "a.flac")
     (tmp_path / "x.wav").write_bytes(b"ID3" + bytes(64))
     with pytest.raises(data.DataError, match="x.wav: not a RIFF/WAVE file"):
         data.load_waveform(tmp_path / "x.wav")
+    pytest.importorskip("av", reason=f"PyAV is an optional extra: {data.PYAV_INSTALL}")
+    with pytest.raises(data.DataError, match="a.flac: cannot decode audio"):
+        data.load_waveform(tmp_path / "a.flac")  # garbage after the magic bytes
 
 
 def test_skip_bad_loader_and_skip_counter(tmp_path, real):
@@ -603,7 +607,8 @@ def test_resolve_norm_stats_options(toy):
     assert data.resolve_norm_stats("auto", toy["train"], [-3.0, 2.5]) == (-3.0, 2.5)
     assert data.resolve_norm_stats("AudioSet") == data.KNOWN_STATS["audioset"]
     assert data.resolve_norm_stats(" -4.5, 3 ") == (-4.5, 3.0)
-    with pytest.raises(ValueError, match="--norm_stats must be auto, audioset, vggsound or MEAN,STD"):
+    assert data.resolve_norm_stats("dataset", toy["train"], [-3.0, 2.5]) == (stats["mean"], stats["std"])
+    with pytest.raises(ValueError, match="--norm_stats must be auto, dataset, audioset, vggsound or MEAN,STD"):
         data.resolve_norm_stats("imagenet")
     with pytest.warns(UserWarning, match="computed with mel_bins=64, the dataset uses 128"):
         data.resolve_norm_stats("auto", toy["train"], None, audio_length=256, mel_bins=128)

@@ -62,7 +62,7 @@ def test_profiles_fill_only_unset_fields():
     cfg = pretrain.resolve_config(utils.parse_config(
         pretrain.PretrainConfig, ["--w_intra", "0", "--w_v", "0.5", "--centroid", "false"]))
     assert (cfg.w_a, cfg.w_v, cfg.centroid) == (0.0, 0.5, False)
-    with pytest.raises(ValueError, match="at most one of --init_mae and --init_official"):
+    with pytest.raises(ValueError, match="at most one of --init_mae, --init_official and --init_from"):
         pretrain.resolve_config(pretrain.PretrainConfig(init_mae="a", init_official="b"))
     with pytest.raises(ValueError, match="unknown profile"):
         pretrain.resolve_config(pretrain.PretrainConfig(profile="huge"))
@@ -243,3 +243,22 @@ def test_compile_gives_the_eager_losses(toy, tmp_path):
     # the checkpoint holds plain EquiAV keys, not the compiled wrapper's
     ckpt = torch.load(os.path.join(compiled.run_dir, "checkpoint.pt"), weights_only=True)
     assert not any("_orig_mod" in k for k in ckpt["model"])
+
+
+def test_init_from_our_checkpoint_starts_a_new_run_with_its_weights(toy, tmp_path):
+    first = _cfg(toy, tmp_path / "first")
+    pretrain.main(first)
+    source = torch.load(tmp_path / "first" / "checkpoint.pt", weights_only=True)
+    # a checkpoint from before --inter_target stored use_centroid; it still loads
+    utils.save_checkpoint({**source, "model_flags": {"use_centroid": True, "equivariant": True}},
+                          tmp_path / "first" / "checkpoint.pt")
+    second = _cfg(toy, tmp_path / "second", init_from=str(tmp_path / "first" / "checkpoint.pt"),
+                  epochs=1, lr=0.0, warmup_start_lr=0.0, final_lr=0.0)   # lr 0: weights kept
+    pretrain.main(second)
+    ckpt = torch.load(tmp_path / "second" / "checkpoint.pt", weights_only=True)
+    assert ckpt["epoch"] == 1 and ckpt["step"] == N_TRAIN // BATCH          # a new run
+    for k, v in source["model"].items():
+        assert torch.equal(ckpt["model"][k], v), k
+    with pytest.raises(ValueError, match="holds a different model"):
+        pretrain.main(_cfg(toy, tmp_path / "third", init_from=second.init_from,
+                           inter_target="original"))
