@@ -52,11 +52,12 @@ def test_every_flag_in_the_readme_exists():
     import ablate
     import bench
     import finetune
+    import prepare
     import pretrain
     import retrieval
     configs = {"pretrain.py": pretrain.PretrainConfig, "finetune.py": finetune.FinetuneConfig,
                "retrieval.py": retrieval.RetrievalConfig, "bench.py": bench.BenchConfig,
-               "ablate.py": ablate.AblateConfig}
+               "ablate.py": ablate.AblateConfig, "prepare.py": prepare.PrepareConfig}
     checked = 0
     for line in _commands():
         words = line.split()
