@@ -227,7 +227,8 @@ def _pair_jobs(pairs_csv):
 
 def _folder_jobs(folder):
     """Every sound beside a picture of the same name; label = its folder relative to
-    `folder`, video_id = its path with / as _ (so names may repeat across folders)."""
+    `folder` (the folder's own name for files directly in it), video_id = its path with
+    / as _ (so names may repeat across folders)."""
     root = Path(folder)
     jobs = []
     for sound in sorted(p for p in root.rglob("*") if p.suffix.lower() in AUDIO_SUFFIXES):
@@ -236,7 +237,8 @@ def _folder_jobs(folder):
         if image is not None:
             relative = sound.relative_to(root).with_suffix("")
             jobs.append(Job("_".join(relative.parts), "pair", str(sound), str(image),
-                            relative.parent.as_posix() if relative.parent.parts else "."))
+                            relative.parent.as_posix() if relative.parent.parts
+                            else root.resolve().name))
     return jobs
 
 
