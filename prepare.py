@@ -88,7 +88,7 @@ class Job(NamedTuple):
     kind: str       # "video" or "pair"
     source: str     # the video, or the sound of a pair
     image: str      # the picture of a pair ("" for a video)
-    labels: str
+    labels: Optional[str]  # None: --labels does not list it
 
 
 class ClipError(Exception):
@@ -210,7 +210,9 @@ def _video_jobs(videos, labels_csv):
     if labels_csv:
         for row in _read_rows(labels_csv, ("video_id", "labels")):
             labels[row["video_id"]] = row["labels"]
-    jobs = [Job(Path(p).stem, "video", p, "", labels.get(Path(p).stem, "")) for p in paths]
+    # with --labels, a video it does not list gets None: reported, not left unlabelled
+    jobs = [Job(Path(p).stem, "video", p, "", labels.get(Path(p).stem, None if labels_csv else ""))
+            for p in paths]
     _check_unique(jobs, videos)
     return jobs
 
@@ -269,6 +271,8 @@ def prepare_clip(job, cfg, known):
     """Decode job's inputs, write its WAV and 10 frames under OUT/.partial, move them into
     place, then record the entry in OUT/clips/{video_id}.json. Raises ClipError."""
     out = Path(cfg.out)
+    if job.labels is None:
+        raise ClipError(f"{job.source}: video_id {job.video_id!r} is not in {cfg.labels}")
     labels = ",".join(x.strip() for x in job.labels.split(",") if x.strip())
     if known is not None and any(x not in known for x in labels.split(",") if x):
         unknown = [x for x in labels.split(",") if x and x not in known]

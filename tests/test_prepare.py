@@ -152,6 +152,11 @@ def test_every_failure_is_named_and_blocks_the_manifest(tmp_path, capsys):
     cfg = prepare.PrepareConfig(videos=str(media), out=str(out))
     entries, failures = prepare.main(cfg)
     assert sorted(failures) == ["broken", "mute"]
+    # with --labels, a video it does not list is reported too
+    (tmp_path / "labels.csv").write_text("video_id,labels\nmute,x\nbroken,x\n")
+    _, listed = prepare.main(prepare.PrepareConfig(videos=str(media), out=str(tmp_path / "l"),
+                                                   labels=str(tmp_path / "labels.csv")))
+    assert "good.mp4: video_id 'good' is not in" in listed["good"]
     assert "broken.mp4: cannot decode" in failures["broken"]
     assert "mute.mp4: no audio track" in failures["mute"]
     report = capsys.readouterr().err
