@@ -118,7 +118,7 @@ def tables(results):
         sim = (f"{_f(eq['similarity_a'], 3)} / {_f(eq['similarity_v'], 3)} "
                f"({_f(eq['identity_similarity_a'], 3)} / {_f(eq['identity_similarity_v'], 3)})")
         if r["row"] == "default":
-            sim += f"; paper {PAPER_SIMILARITY[0]} / {PAPER_SIMILARITY[1]}"
+            sim += f"; paper {PAPER_SIMILARITY[0]:.2f} / {PAPER_SIMILARITY[1]:.2f}"
         lines.append(f"| {r['row']} | {r['seed']} | {rec['a2v']} | {rec['v2a']} | "
                      f"{_f(r['probe_top1'])} | {sim} | {_f(paper[0])} / {_f(paper[1])} |")
     groups = {m: list(results[0]["equivariance"][f"r2_{m}"]) for m in ("a", "v")}
