@@ -15,8 +15,9 @@ step       pretrain.train_step itself, built by pretrain.build_model for the pap
            pipeline alone (pretrain.prepare_inputs) as a share of the step, and the
            analytic FLOP count of the step (`step_flops`) over the time, against the
            measured peak of a large matmul of the same dtype (MFU).
-augment    batched augmentation (augment.augment_audio / augment_visual) at the base
-           sizes, next to augment.py's per-sample loop of the same ops, on CPU and CUDA.
+augment    augmentation (augment.augment_audio / augment_visual) at the base sizes, on
+           CPU and CUDA, and the device ops (kernel launches and copies) of one step's
+           input pipeline (pretrain.prepare_inputs), counted on the meta device.
 data       data loading from the toy dataset files (tiny sizes), 0 and 2 workers:
            samples over the wall time from creating the iterator to the last batch.
 retrieval  retrieval.retrieval_metrics on random unit embeddings of the presets' sizes.
@@ -46,6 +47,8 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+import torch.utils._pytree as pytree
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import augment
 import data
@@ -213,13 +216,13 @@ def step_flops(cfg, B, S):
     (the data) needs no gradient: 2 x forward. Per modality m with N_m tokens,
     C_m input channels, p the patch size, D the width, r the MLP ratio, L the depth:
 
-      encoder, on 2B inputs (original and augmented, one pass; SPEC 2, 6):
+      encoder, on 2B inputs (B originals, B augmented views; SPEC 2, 6):
         2 (2B) N_m [C_m p^2 D + L (4 + 2r) D^2]      patch embedding, qkv + proj, MLP
         + L (2B) 4 N_m^2 D                           attention scores q k^T and a v
-      transformation predictor on Q = 1 + S queries (t_m and the S centroid vectors,
-      one call; SPEC 3, 4) with aug width A, inner width I = heads x head_dim:
+      transformation predictor on Q = 1 + S queries in two calls (t_m; the S centroid
+      vectors; SPEC 3, 4) with aug width A, inner width I = heads x head_dim:
         2 B Q [d_t A + 2 A^2 + A I + I D + 2 r D^2]  aug encoder, to_q, to_out, MLP
-        + 2 B N_m (2 D I) + 4 B Q N_m I              to_k, to_v; cross-attention
+        + 2 x 2 B N_m (2 D I) + 4 B Q N_m I          to_k, to_v (each call); cross-attention
       projection heads (SPEC 5), g_inter on B rows, g_intra on 2B rows, hidden H, out P:
         2 (3B) [D H + H^2 + H P]
 
@@ -238,7 +241,7 @@ def step_flops(cfg, B, S):
         enc = 2 * (2 * B) * n_tokens * (chans * p * p * D + L * (4 + 2 * r) * D * D)
         enc += L * (2 * B) * 4 * n_tokens ** 2 * D
         pred = 2 * B * Q * (d_t * A + 2 * A * A + A * I + I * D + 2 * r * D * D)
-        pred += 2 * B * n_tokens * 2 * D * I + 4 * B * Q * n_tokens * I
+        pred += 2 * (2 * B * n_tokens * 2 * D * I) + 4 * B * Q * n_tokens * I
         heads = 2 * (3 * B) * (D * H + H * H + H * P)
         total += enc + pred + heads
     return 3 * total - patch
@@ -395,31 +398,64 @@ def _measure_step(cfg, preset, B, device, precision, compiled):
 
 
 # =============================================================================
-# Part 2: batched augmentation vs. the per-sample loop
+# Part 2: augmentation (augment.py's one implementation) and its kernel launches
 # =============================================================================
+
+class LaunchCounter(TorchDispatchMode):
+    """Counts the aten ops that run on a non-CPU device, views and allocations left out:
+    on CUDA each is one kernel launch or one copy. Run the code on the meta device to
+    count without a GPU (the same dispatch, no data)."""
+
+    FREE = {"empty", "empty_like", "empty_strided", "detach", "lift_fresh", "alias"}
+
+    def __init__(self):
+        super().__init__()
+        self.count, self.ops = 0, {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        leaves = [x for x in pytree.tree_leaves((args, kwargs, out)) if isinstance(x, torch.Tensor)]
+        name = func.overloadpacket.__name__
+        if any(x.device.type != "cpu" for x in leaves) and not func.is_view and name not in self.FREE:
+            self.count += 1
+            self.ops[name] = self.ops.get(name, 0) + 1
+        return out
+
+
+def augment_launches(B, seed=0):
+    """Device ops of one step's augmentation (time roll, both views, ImageNet
+    normalization of both frames, the centroid vectors' copies) at the base sizes,
+    batch B, counted on the meta device: (total, {op: count})."""
+    base, meta = get_config("base"), torch.device("meta")
+    batch = {"audio": torch.randn(B, base.audio_length, base.mel_bins),
+             "frame": torch.rand(B, 3, base.image_size, base.image_size)}
+    with LaunchCounter() as counter:
+        pretrain.prepare_inputs(batch, torch.Generator().manual_seed(seed), base, 16, meta)
+    return counter.count, counter.ops
+
 
 def bench_augment(cfg, devices):
     base = get_config("base")
     B = cfg.aug_batch
     rows = []
     gen = torch.Generator().manual_seed(cfg.seed)
+    launches, ops = augment_launches(B, cfg.seed)
+    top = ", ".join(f"{k} {v}" for k, v in sorted(ops.items(), key=lambda kv: -kv[1])[:6])
+    print(f"  device ops per step at batch {B} (meta count): {launches} ({top}, ...)", flush=True)
     for device in devices:
         inputs = {
-            "audio": torch.randn(B, base.audio_length, base.mel_bins, device=device),
-            "visual": torch.rand(B, 3, base.image_size, base.image_size, device=device),
+            "audio": (augment.augment_audio,
+                      torch.randn(B, base.audio_length, base.mel_bins, device=device)),
+            "visual": (augment.augment_visual,
+                       torch.rand(B, 3, base.image_size, base.image_size, device=device)),
         }
-        fns = {"audio": (augment.augment_audio, augment.augment_audio_loop_reference),
-               "visual": (augment.augment_visual, augment.augment_visual_loop_reference)}
-        for name, x in inputs.items():
-            batched, loop = fns[name]
-            t_b, _ = timed(lambda: batched(x, gen), device, cfg.warmup, max(3, cfg.repeats))
-            t_l, _ = timed(lambda: loop(x, gen), device, cfg.warmup, max(3, cfg.repeats))
-            row = {"device": device.type, "input": name, "shape": list(x.shape[1:]), "batch": B,
-                   "batched_samples_per_s": B / t_b, "loop_samples_per_s": B / t_l,
-                   "speedup": t_l / t_b, "batched_ms_per_sample": 1e3 * t_b / B,
-                   "loop_ms_per_sample": 1e3 * t_l / B}
-            rows.append(row)
-            _print_row(row)
+        for name, (fn, x) in inputs.items():
+            t, _ = timed(lambda: fn(x, gen), device, cfg.warmup, max(3, cfg.repeats))
+            rows.append({"device": device.type, "input": name, "shape": list(x.shape[1:]),
+                         "batch": B, "samples_per_s": B / t, "ms_per_sample": 1e3 * t / B,
+                         "step_launches": launches})
+            _print_row(rows[-1])
     return rows
 
 
@@ -522,8 +558,8 @@ TABLES = {
              ("peak MiB", "peak_mem_mib"), ("inputs %", "inputs_share"),
              ("GFLOP/step", "step_gflop"), ("TFLOP/s", "flops_per_s"), ("MFU %", "mfu")],
     "augment": [("device", "device"), ("input", "input"), ("B", "batch"),
-                ("batched /s", "batched_samples_per_s"), ("loop /s", "loop_samples_per_s"),
-                ("speed-up", "speedup")],
+                ("samples/s", "samples_per_s"), ("ms/sample", "ms_per_sample"),
+                ("launches/step", "step_launches")],
     "data": [("workers", "workers"), ("B", "batch"), ("samples/s", "samples_per_s"),
              ("ms/batch", "ms_per_batch"), ("first batch s", "first_batch_s")],
     "retrieval": [("device", "device"), ("N", "N"), ("dim", "dim"), ("seconds", "seconds")],

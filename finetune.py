@@ -26,6 +26,7 @@ import time
 from typing import Optional
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
@@ -35,8 +36,64 @@ import convert
 import data
 import toy
 import utils
-from model import EquiAVClassifier, ModelConfig, get_config
+from model import EquiAV, ModelConfig, ViTEncoder, get_config
 from utils import option
+
+
+# =============================================================================
+# The fine-tuning classifier (SPEC 11)
+# =============================================================================
+
+class EquiAVClassifier(nn.Module):
+    """Pretrained encoders (with their final norm_m) + one Linear head on the
+    mean-pooled tokens; multimodal concatenates [audio, visual] features."""
+
+    MODES = ("audio", "visual", "multimodal")
+
+    def __init__(self, cfg: ModelConfig, num_classes: int, mode: str = "multimodal",
+                 drop_path: float = 0.1):
+        super().__init__()
+        if mode not in self.MODES:
+            raise ValueError(f"unknown classifier mode {mode!r}; choose from {self.MODES}")
+        cfg = dataclasses.replace(cfg, drop_path=drop_path)
+        self.cfg, self.mode = cfg, mode
+        use_a, use_v = mode in ("audio", "multimodal"), mode in ("visual", "multimodal")
+        self.audio_encoder = ViTEncoder(cfg, 1, cfg.audio_grid, with_aug_norm=False) if use_a else None
+        self.visual_encoder = ViTEncoder(cfg, 3, cfg.visual_grid, with_aug_norm=False) if use_v else None
+        self.head = nn.Linear(cfg.embed_dim * (use_a + use_v), num_classes)
+        nn.init.xavier_uniform_(self.head.weight)   # SPEC 2's initialisation
+        nn.init.zeros_(self.head.bias)
+
+    @classmethod
+    def from_pretrained(cls, equiav: EquiAV, num_classes: int, mode: str = "multimodal",
+                        drop_path: float = 0.1) -> "EquiAVClassifier":
+        """A classifier whose encoders are copies of `equiav`'s (norm_m_aug left out)."""
+        model = cls(equiav.cfg, num_classes, mode, drop_path)
+        for name in ("audio_encoder", "visual_encoder"):
+            encoder = getattr(model, name)
+            if encoder is not None:
+                src = getattr(equiav, name).state_dict()
+                encoder.load_state_dict({k: v for k, v in src.items() if not k.startswith("norm_aug.")})
+        return model.to(next(equiav.parameters()).device)
+
+    def forward_features(self, x_a=None, x_v=None) -> torch.Tensor:
+        """(B, D) for one modality or (B, 2D) = [audio, visual] for multimodal."""
+        feats = []
+        if self.audio_encoder is not None:
+            feats.append(self.audio_encoder(x_a).mean(dim=1))
+        if self.visual_encoder is not None:
+            feats.append(self.visual_encoder(x_v).mean(dim=1))
+        return feats[0] if len(feats) == 1 else torch.cat(feats, dim=-1)
+
+    def forward(self, x_a=None, x_v=None) -> torch.Tensor:
+        """x_a (B, T, F), x_v (B, 3, H, W) (the unused one may be None) -> logits (B, C)."""
+        return self.head(self.forward_features(x_a, x_v))
+
+    def encoder_parameters(self) -> list[nn.Parameter]:
+        return [p for n, p in self.named_parameters() if not n.startswith("head.")]
+
+    def head_parameters(self) -> list[nn.Parameter]:
+        return list(self.head.parameters())
 
 
 # =============================================================================

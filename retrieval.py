@@ -11,14 +11,9 @@ close the predicted embedding of an augmentation is to the embedding of the
 augmented input, and how much of t a ridge regression reads back from the
 latter (equivariance_metrics).
 
-Localization (figure 3 of the paper; SPEC 13): a map over the patch grid of how
-much each patch contributes to the clip's audio-visual similarity (occlusion,
-gradient x input), or the literal token map, upsampled to the frame. Where a
-manifest carries boxes it is scored as the localization literature scores it
-(pointing game, cIoU@0.5, mean cIoU, AUC; LVS, EZ-VSL) against the centre
-point, a random point and a centred Gaussian map; on the toy distractor split
-the sounding and the silent object are scored apart. figure3.png draws the
-frame and its map beside the augmented view nearest to the visual centroid.
+Localization (figure 3 of the paper; SPEC 13): the script scores localize.py's
+maps where the manifest carries boxes and on the toy distractor split, and draws
+figure3.png.
 
     python retrieval.py                                   # toy data, default checkpoint
     python retrieval.py --checkpoint equiav.pth --preset base \\
@@ -35,11 +30,11 @@ from typing import Optional
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageDraw
 
 import augment
 import convert
 import data
+import localize
 import toy
 import utils
 from model import EquiAV
@@ -170,10 +165,6 @@ def centroid_vectors(cfg, S, seed):
     return T_a, T_v
 
 
-def _unwrap(model):
-    return model.module if hasattr(model, "module") else model
-
-
 @torch.no_grad()
 def extract_embeddings(model, loader, device, S=16, seed=0, amp=False):
     """Deterministic inter-modal embeddings of every clip of `loader` (SPEC 13).
@@ -186,7 +177,7 @@ def extract_embeddings(model, loader, device, S=16, seed=0, amp=False):
     if getattr(loader.dataset, "train", False):
         raise ValueError("extract_embeddings needs an evaluation dataset (train=False): "
                          "training datasets pick random frames and mix clips")
-    model = _unwrap(model)
+    model = utils.unwrap(model)
     was_training = model.training
     model.eval()
     T_a, T_v = (t.to(device) for t in centroid_vectors(model.cfg, S, seed))
@@ -266,6 +257,26 @@ def group_r2(ss_res, ss_tot, slots, groups):
 
 
 @torch.no_grad()
+def intra_embeddings(model, m, x, x_aug, t):
+    """The intra-modal embeddings the equivariance measures compare, not normalized,
+    each (B, proj_dim), for modality m ("a", "v"): z_equi = g_intra(u(h, t)) predicted
+    from the original, z_aug = g_intra(mean_N(h')) encoded from x_aug = t(x), and
+    z_identity = g_intra(u(h, t_identity)), the prediction told "no augmentation".
+    An invariant model predicts g_intra(mean_N(h)) for both. t (B, d_t) on the CPU."""
+    encoder, predictor, identity = ((model.audio_encoder, model.predictor_a, augment.audio_identity)
+                                    if m == "a" else
+                                    (model.visual_encoder, model.predictor_v, augment.visual_identity))
+    proj_intra = model.proj_intra_a if m == "a" else model.proj_intra_v
+    h, h_aug = encoder(x), encoder(x_aug, aug=True)
+    if model.equivariant:
+        both = augment.to_device(torch.stack([t, identity(t.shape[0])], dim=1), h.device)
+        z_equi, z_id = proj_intra(predictor.predict_each(h, both.to(h.dtype))).unbind(dim=1)
+    else:
+        z_equi = z_id = proj_intra(h.mean(dim=1))
+    return z_equi, proj_intra(h_aug.mean(dim=1)), z_id
+
+
+@torch.no_grad()
 def equivariance_metrics(model, loader, device, seed=0, amp=False, lam=1.0):
     """Two measures of how much of the augmentation an encoder keeps (collective
     under torchrun), on an evaluation loader, with one fixed-seed augmentation per
@@ -281,7 +292,7 @@ def equivariance_metrics(model, loader, device, seed=0, amp=False, lam=1.0):
       of even dataset index and scored on the odd ones, R^2 per augmentation group
       (augment.AUDIO_GROUPS / VISUAL_GROUPS). An invariant encoder should score low.
     """
-    model = _unwrap(model)
+    model = utils.unwrap(model)
     was_training = model.training
     model.eval()
     c, n = model.cfg, len(loader.dataset)
@@ -298,7 +309,7 @@ def equivariance_metrics(model, loader, device, seed=0, amp=False, lam=1.0):
         rows["index"].append(index.to(device))
         for m in ("a", "v"):
             with utils.autocast_context(device, amp):
-                z = model.intra_embeddings(m, x[m], x_aug[m], t_all[m][index].to(device))
+                z = intra_embeddings(model, m, x[m], x_aug[m], t_all[m][index])
             for key, value in zip(("equi", "aug", "id"), z):
                 rows[f"{key}_{m}"].append(F.normalize(value.float(), dim=-1))
     model.train(was_training)
@@ -324,293 +335,6 @@ def format_equivariance(eq):
     for m, name in (("a", "audio"), ("v", "visual")):
         lines.append(f"R^2 {name}: " + ", ".join(f"{k} {v:.2f}" for k, v in eq[f"r2_{m}"].items()))
     return "\n  ".join(lines)
-
-
-# ---------------------------------------------------------------------------
-# Sound-source localization (SPEC 13): maps, and the literature's scores
-# ---------------------------------------------------------------------------
-
-MAPS = ("occlusion", "gradient", "token")
-
-
-def upsample_maps(sim, size):
-    """Patch-grid maps (B, H/p, W/p) -> (B, H, W), bilinear (pixel-centre aligned)."""
-    return F.interpolate(sim[:, None].float(), size=tuple(size), mode="bilinear",
-                         align_corners=False)[:, 0]
-
-
-def localization_maps(model, audio, frame, T_a, T_v, method="occlusion", amp=False, chunk=64):
-    """Heat maps of where the sound is, at the frame's resolution (EquiAV.localize).
-
-    audio (B, T, F) normalized fbank; frame (B, 3, H, W) in [0, 1]; T_a (1 or B,
-    S, 24), T_v (1 or B, S, 18) the fixed centroid vectors. Returns (B, H, W).
-    """
-    model = _unwrap(model)
-    b = audio.shape[0]
-    with utils.autocast_context(audio.device, amp):
-        sim = model.localize(audio, augment.normalize_image(frame), T_a.expand(b, -1, -1),
-                             T_v.expand(b, -1, -1), method=method, chunk=chunk)
-    return upsample_maps(sim.detach(), frame.shape[-2:])               # (B, H, W)
-
-
-def map_peaks(maps):
-    """(B, H, W) -> (B, 2) float (x, y) of each map's maximum as fractions of the
-    frame, at the pixel centre; the first maximum in row-major order on ties."""
-    b, h, w = maps.shape
-    flat = maps.reshape(b, -1).argmax(1)
-    return torch.stack([(flat % w + 0.5) / w, (flat // w + 0.5) / h], 1).double()
-
-
-def points_in_boxes(points, boxes):
-    """points (B, 2) (x, y), boxes: a list of B lists of [x0, y0, x1, y1] (fractions).
-    A point hits when it lies in any of its clip's boxes. Returns (B,) bool."""
-    hits = []
-    for (x, y), clip_boxes in zip(points.tolist(), boxes):
-        hits.append(any(x0 <= x <= x1 and y0 <= y <= y1 for x0, y0, x1, y1 in clip_boxes))
-    return torch.tensor(hits, dtype=torch.bool)
-
-
-def box_masks(boxes, h, w):
-    """B lists of [x0, y0, x1, y1] (fractions) -> (B, h, w) bool, the union of each
-    clip's boxes: the pixels whose centre lies inside one."""
-    xs = (torch.arange(w, dtype=torch.float64) + 0.5) / w
-    ys = (torch.arange(h, dtype=torch.float64) + 0.5) / h
-    out = torch.zeros(len(boxes), h, w, dtype=torch.bool)
-    for i, clip_boxes in enumerate(boxes):
-        for x0, y0, x1, y1 in clip_boxes:
-            out[i] |= ((ys >= y0) & (ys <= y1))[:, None] & ((xs >= x0) & (xs <= x1))[None, :]
-    return out
-
-
-def binarize(maps):
-    """The localization literature's prediction (LVS; EZ-VSL): each map min-max
-    normalised and cut at its median, the pixels above the value at position H W / 2
-    of its ascending order: the top half (fewer where values tie). (B, H, W) -> bool."""
-    flat = maps.reshape(maps.shape[0], -1).double()
-    lo, hi = flat.min(1, keepdim=True).values, flat.max(1, keepdim=True).values
-    flat = (flat - lo) / (hi - lo).clamp_min(1e-12)
-    median = flat.sort(dim=1).values[:, flat.shape[1] // 2, None]
-    return (flat > median).view(maps.shape)
-
-
-def ciou(pred, gt):
-    """Consensus IoU per clip (LVS, Chen et al. 2021): sum(p g) / (sum g + sum p (1 - g)),
-    pred and gt (B, H, W) bool. A clip without ground truth pixels scores 0."""
-    inter = (pred & gt).flatten(1).sum(1).double()
-    return inter / (gt.flatten(1).sum(1) + (pred & ~gt).flatten(1).sum(1)).double().clamp_min(1)
-
-
-def ciou_scores(cious):
-    """cIoU@0.5 (% of clips with cIoU >= 0.5), mean cIoU, and AUC: the area under the
-    fraction of clips with cIoU >= x over x = 0, 0.05, ..., 1 (21 points, trapezoid)."""
-    xs = torch.linspace(0, 1, 21, dtype=torch.float64)
-    frac = (cious[None, :] >= xs[:, None]).double().mean(1)
-    return {"ciou@0.5": 100.0 * (cious >= 0.5).double().mean().item(),
-            "mean_ciou": cious.mean().item(), "auc": torch.trapezoid(frac, xs).item()}
-
-
-def gaussian_map(h, w, sigma=0.25):
-    """A centred Gaussian, (h, w), sigma a fraction of each side: the baseline map."""
-    ys = ((torch.arange(h) + 0.5) / h - 0.5) / sigma
-    xs = ((torch.arange(w) + 0.5) / w - 0.5) / sigma
-    return torch.exp(-0.5 * (ys[:, None] ** 2 + xs[None, :] ** 2))
-
-
-def has_boxes(entries):
-    return all(isinstance(e, dict) and e.get("boxes") for e in entries)
-
-
-def clip_boxes(entry, image_size, frame_file):
-    """(sounding boxes, silent boxes) of a manifest entry in the evaluation frame, as
-    fractions of the model's centre crop.
-
-    entry["boxes"]: per frame, per object (the toy's layout), or one list of boxes
-    for the evaluation frame (VGG-SS / Flickr-SoundNet style); [x0, y0, x1, y1] as
-    fractions of the stored frame. entry["sounding"]: the indices of the objects
-    that sound (default all). entry["frame_size"] [W, H], else read from frame_file.
-    """
-    boxes = entry["boxes"]
-    if isinstance(boxes[0][0], (list, tuple)):
-        boxes = boxes[data.EVAL_FRAME]
-    size = entry.get("frame_size")
-    if size is None:
-        with Image.open(frame_file) as img:
-            size = img.size
-    mapped = [data.box_in_crop(box, size, image_size) for box in boxes]
-    sounding = set(entry.get("sounding", range(len(mapped))))
-    return ([b for k, b in enumerate(mapped) if k in sounding],
-            [b for k, b in enumerate(mapped) if k not in sounding])
-
-
-def score_maps(maps, boxes):
-    """Pointing game and cIoU scores of maps (B, H, W) against B lists of boxes; also
-    the per-clip hits (for pairing two splits clip by clip)."""
-    hits = points_in_boxes(map_peaks(maps), boxes)
-    cious = ciou(binarize(maps), box_masks(boxes, *maps.shape[1:]))
-    return {"pointing_game": 100.0 * hits.double().mean().item(), **ciou_scores(cious),
-            "hits": hits.tolist()}
-
-
-def evaluate_localization(model, dataset, entries, T_a, T_v, device, method="occlusion",
-                          batch_size=32, num_workers=0, amp=False, chunk=64):
-    """Every clip of an evaluation dataset whose manifest `entries` carry boxes, scored
-    against its sounding objects' boxes (and its silent ones', when some object does
-    not sound): the pointing game and cIoU@0.5 / mean cIoU / AUC. Baselines on the
-    sounding boxes: always the centre point, a uniformly random point (its expected
-    score: the mean box area), and the centred Gaussian map scored like the maps.
-    "minimum_in_box" is a diagnostic: how often the map's minimum is in a sounding box.
-    """
-    loader = data.make_loader(dataset, batch_size, train=False, num_workers=num_workers,
-                              distributed=False)
-    maps, sounding, silent = [], [], []
-    for batch in loader:
-        maps.append(localization_maps(model, batch["audio"].to(device), batch["frame"].to(device),
-                                      T_a, T_v, method, amp, chunk).cpu())
-        for i in batch["index"].tolist():
-            on, off = clip_boxes(entries[i], dataset.image_size,
-                                 dataset.frame_file(i, data.EVAL_FRAME))
-            sounding.append(on)
-            silent.append(off)
-    maps = torch.cat(maps)
-    n, (h, w) = maps.shape[0], maps.shape[1:]
-    out = {"method": method, "n_clips": n, "sounding": score_maps(maps, sounding),
-           "minimum_in_box": 100.0 * points_in_boxes(map_peaks(-maps), sounding).double()
-           .mean().item()}
-    if any(silent):
-        out["silent"] = score_maps(maps, silent)
-    centre = points_in_boxes(torch.full((n, 2), 0.5, dtype=torch.float64), sounding)
-    gauss = score_maps(gaussian_map(h, w).expand(n, h, w), sounding)
-    area = [min(1.0, sum((x1 - x0) * (y1 - y0) for x0, y0, x1, y1 in bs)) for bs in sounding]
-    out["baselines"] = {"centre_point": 100.0 * centre.double().mean().item(),
-                        "random_point_expected": 100.0 * float(np.mean(area)),
-                        "gaussian": {k: v for k, v in gauss.items() if k != "hits"}}
-    return out
-
-
-def format_localization(name, score):
-    """Lines for one evaluation: model against the baselines."""
-    def row(what, s):
-        return (f"{what:<22} pointing {s['pointing_game']:5.1f}%  cIoU@0.5 {s['ciou@0.5']:5.1f}%  "
-                f"mean cIoU {s['mean_ciou']:.3f}  AUC {s['auc']:.3f}")
-    base = score["baselines"]
-    lines = [f"{name}: {score['method']} map, {score['n_clips']} clips",
-             row("  sounding object", score["sounding"])]
-    if "silent" in score:
-        lines.append(row("  silent object", score["silent"]))
-    lines.append(f"  {'baselines':<20} centre point {base['centre_point']:.1f}%, random point "
-                 f"{base['random_point_expected']:.1f}% (expected); "
-                 + row("Gaussian map", {**base["gaussian"], "pointing_game": base["centre_point"]})
-                 .split("  ", 1)[1])
-    return "\n".join(lines)
-
-
-# ---------------------------------------------------------------------------
-# Figure 3 of the paper: the frame and its map, and the augmented view nearest
-# to the visual centroid with its own map
-# ---------------------------------------------------------------------------
-
-@torch.no_grad()
-def nearest_augmented_view(model, frame, T_v):
-    """Among the S fixed centroid augmentations T_v (S, 18) applied to frame (3, H, W)
-    in [0, 1], the one whose representation (mean-pooled tokens through norm_aug) is
-    closest (cosine) to the visual centroid representation u_v(h_v, T_v) (mean_N(h_v)
-    for a model without predictor). Returns (augmented frame (3, H, W), its t (18,))."""
-    model = _unwrap(model)
-    views = augment.apply_visual(frame.expand(T_v.shape[0], -1, -1, -1).contiguous(), T_v.cpu())
-    reps = model.visual_encoder(augment.normalize_image(views), aug=True).mean(dim=1)  # (S, D)
-    h = model.visual_encoder(augment.normalize_image(frame[None]))
-    target = model.predictor_v(h, T_v[None]) if model.predictor_v is not None else h.mean(1)
-    best = int(F.cosine_similarity(reps, target, dim=-1).argmax())
-    return views[best], T_v[best]
-
-
-def boxes_after_view(boxes, t):
-    """Boxes (fractions of the frame) moved by the crop and flip that visual vector t
-    applied; boxes that leave the view are dropped."""
-    S = augment.VISUAL_SLOTS
-    top, left, height, width = (float(t[S[k]]) for k in augment.VISUAL_CROP[1:])
-    out = []
-    for x0, y0, x1, y1 in boxes:
-        x0, x1 = sorted(min(max((x - left) / width, 0.0), 1.0) for x in (x0, x1))
-        y0, y1 = sorted(min(max((y - top) / height, 0.0), 1.0) for y in (y0, y1))
-        if float(t[S["flip_on"]]) > 0.5:
-            x0, x1 = 1.0 - x1, 1.0 - x0
-        if x1 > x0 and y1 > y0:
-            out.append([x0, y0, x1, y1])
-    return out
-
-
-def save_figure3(path, model, clips, T_a, T_v, device, method="occlusion", amp=False):
-    """One PNG in the manner of the paper's figure 3: a row per clip, the frame with
-    its sounding boxes (green) and its map, then the augmented view nearest to the
-    centroid with its map. clips: (audio (T, F), frame (3, H, W), boxes, caption)."""
-    frames, maps, boxes, captions = [], [], [], []
-    for audio, frame, clip_boxes, caption in clips:
-        view, t = nearest_augmented_view(model, frame.to(device), T_v[0].to(device))
-        both = torch.stack([frame.to(device), view])
-        maps.append(localization_maps(model, audio[None].expand(2, -1, -1).to(device), both,
-                                      T_a, T_v, method, amp).cpu())
-        frames.append(both.cpu())
-        boxes += [clip_boxes, boxes_after_view(clip_boxes, t)]
-        captions += [caption, "nearest augmented view"]
-    save_localization_grid(path, torch.cat(frames), torch.cat(maps), boxes, captions, cols=2)
-
-
-def heat_colors(m):
-    """A jet-like colormap: (H, W) in [0, 1] -> (3, H, W) RGB in [0, 1]
-    (blue -> cyan -> yellow -> red), built from three clipped ramps."""
-    return torch.stack([(1.5 - (4 * m - c).abs()).clamp(0, 1) for c in (3.0, 2.0, 1.0)])
-
-
-def overlay(frame, m, alpha=0.5):
-    """frame (3, H, W) in [0, 1], map (H, W) -> the map, min-max scaled per clip,
-    coloured and blended over the frame: (3, H, W) in [0, 1]."""
-    m = (m - m.min()) / (m.max() - m.min()).clamp_min(1e-8)
-    return (1 - alpha) * frame + alpha * heat_colors(m)
-
-
-def _to_pil(img, scale):
-    arr = (img.clamp(0, 1) * 255 + 0.5).byte().permute(1, 2, 0).cpu().numpy()
-    pil = Image.fromarray(arr)
-    return pil.resize((pil.width * scale, pil.height * scale), Image.NEAREST) if scale > 1 else pil
-
-
-def save_localization_grid(path, frames, maps, boxes=None, captions=None, cols=4, scale=2):
-    """One PNG: for every clip the frame (with its box, if known) next to the
-    heat-map overlay (with the map's maximum marked by a white cross).
-
-    frames (B, 3, H, W) in [0, 1]; maps (B, H, W); boxes: None or B lists of
-    [x0, y0, x1, y1] fractions; captions: None or B strings.
-    """
-    b, _, h, w = frames.shape
-    gap, pad, text_h = 2, 6, 14 if captions else 0
-    tile_w, tile_h = w * scale, h * scale
-    cell_w, cell_h = 2 * tile_w + gap, tile_h + text_h
-    cols = max(1, min(cols, b))
-    rows = math.ceil(b / cols)
-    grid = Image.new("RGB", (cols * (cell_w + pad) + pad, rows * (cell_h + pad) + pad),
-                     (255, 255, 255))
-    draw = ImageDraw.Draw(grid)
-    peaks = map_peaks(maps)
-    for i in range(b):
-        x0 = pad + (i % cols) * (cell_w + pad)
-        y0 = pad + (i // cols) * (cell_h + pad)
-        left, right = (x0, y0 + text_h), (x0 + tile_w + gap, y0 + text_h)
-        grid.paste(_to_pil(frames[i], scale), left)
-        grid.paste(_to_pil(overlay(frames[i].cpu(), maps[i].cpu()), scale), right)
-        for ox, oy in (left, right):
-            for bx0, by0, bx1, by1 in (boxes[i] if boxes else []):
-                draw.rectangle([ox + bx0 * tile_w, oy + by0 * tile_h,
-                                ox + bx1 * tile_w - 1, oy + by1 * tile_h - 1],
-                               outline=(0, 255, 0), width=2)
-        px = right[0] + peaks[i, 0].item() * tile_w
-        py = right[1] + peaks[i, 1].item() * tile_h
-        draw.line([px - 6, py, px + 6, py], fill=(255, 255, 255), width=2)
-        draw.line([px, py - 6, px, py + 6], fill=(255, 255, 255), width=2)
-        if captions:
-            draw.text((x0, y0), captions[i], fill=(0, 0, 0))
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    grid.save(path)
 
 
 # ---------------------------------------------------------------------------
@@ -687,9 +411,9 @@ def _localize(model, dataset, dataset_of, cfg, device):
               amp=cfg.amp, chunk=cfg.occlusion_chunk)
     out = {"method": cfg.map}
     entries = data.read_manifest(dataset.manifest)
-    if has_boxes(entries):
-        out["manifest"] = evaluate_localization(model, dataset, entries, T_a, T_v, device, **kw)
-        utils.print0(format_localization(f"localization on {dataset.manifest}", out["manifest"]))
+    if localize.has_boxes(entries):
+        out["manifest"] = localize.evaluate_localization(model, dataset, entries, T_a, T_v, device, **kw)
+        utils.print0(localize.format_localization(f"localization on {dataset.manifest}", out["manifest"]))
     chosen = ([int(i) for i in cfg.localize_indices.split(",")] if cfg.localize_indices
               else list(range(min(cfg.localize, len(dataset)))))
     figure = [_figure_clip(dataset, entries, i, "") for i in chosen]
@@ -698,8 +422,8 @@ def _localize(model, dataset, dataset_of, cfg, device):
         scored = []
         for path in splits:
             ds, ents = dataset_of(path), data.read_manifest(path)
-            scored.append(evaluate_localization(model, ds, ents, T_a, T_v, device, **kw))
-            utils.print0(format_localization(f"distractor {path}", scored[-1]))
+            scored.append(localize.evaluate_localization(model, ds, ents, T_a, T_v, device, **kw))
+            utils.print0(localize.format_localization(f"distractor {path}", scored[-1]))
             if len(scored) == 1:
                 figure += [_figure_clip(ds, ents, i, "distractor ")
                            for i in range(min(cfg.figure_distractors, len(ds)))]
@@ -712,7 +436,7 @@ def _localize(model, dataset, dataset_of, cfg, device):
             utils.print0(f"the map's maximum follows the sound (on the sounding object with "
                          f"either sound) in {out['follows_sound']:.1f}% of the clips")
     png = os.path.join(cfg.out_dir, "figure3.png")
-    save_figure3(png, model, figure, T_a, T_v, device, cfg.map, cfg.amp)
+    localize.save_figure3(png, model, figure, T_a, T_v, device, cfg.map, cfg.amp)
     out["figure"] = png
     utils.print0(f"wrote {png}: frame | {cfg.map} map, and the augmented view nearest to the "
                  f"centroid | its map; sounding boxes green, map maxima white crosses")
@@ -721,8 +445,8 @@ def _localize(model, dataset, dataset_of, cfg, device):
 
 def _figure_clip(dataset, entries, i, prefix):
     item = dataset[i]
-    boxes = (clip_boxes(entries[i], dataset.image_size, dataset.frame_file(i, data.EVAL_FRAME))[0]
-             if has_boxes(entries) else [])
+    boxes = (localize.clip_boxes(entries[i], dataset.image_size, dataset.frame_file(i, data.EVAL_FRAME))[0]
+             if localize.has_boxes(entries) else [])
     return item["audio"], item["frame"], boxes, f"{prefix}#{i} {entries[i].get('labels', '')}"[:40]
 
 

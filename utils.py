@@ -176,6 +176,12 @@ def print0(*args, **kwargs):
         print(*args, **kwargs, flush=True)
 
 
+def unwrap(model):
+    """The module inside a DistributedDataParallel (or torch.compile) wrapper."""
+    model = getattr(model, "_orig_mod", model)
+    return model.module if hasattr(model, "module") else model
+
+
 def barrier():
     if is_distributed():
         dist.barrier()

@@ -11,6 +11,7 @@ import torch
 from torchvision.transforms.v2 import functional as TF
 
 import augment as A
+from helpers import BlockingTransfers
 from augment import AUDIO_SLOTS as AS
 from augment import VISUAL_SLOTS as VS
 
@@ -404,18 +405,6 @@ def test_audio_pipeline_matches_composition():
     torch.testing.assert_close(A.apply_audio(spec, t), per_sample(ref_audio, spec, t), rtol=0, atol=2e-5)
 
 
-def test_loop_baselines_do_the_same_work():
-    img, spec = images(6), spectrograms(6)
-    out, t = A.augment_visual(img, gen(12))
-    out_loop, t_loop = A.augment_visual_loop_reference(img, gen(12))
-    assert torch.equal(t, t_loop)
-    torch.testing.assert_close(out, out_loop, rtol=0, atol=2e-5)
-    out, t = A.augment_audio(spec, gen(13))
-    out_loop, t_loop = A.augment_audio_loop_reference(spec, gen(13))
-    assert torch.equal(t, t_loop)
-    torch.testing.assert_close(out, out_loop, rtol=0, atol=2e-5)
-
-
 def test_random_time_roll_shifts_each_sample_circularly():
     B, T, F = 8, 64, 4
     spec = torch.arange(T * F, dtype=torch.float32).view(1, T, F).repeat(B, 1, 1)   # every value unique
@@ -576,3 +565,39 @@ def test_audio_crop_ratio_is_relative_to_the_plane():
     fw = ints_t(t[:, AS["rrc_freq_width"]], F).double()
     check_crop_distribution(tl, fw, T, F, (2 / 10, 2 * 1.5 / 8))
     assert (fw == F).any()   # full-width crops remain possible
+
+
+# ---------------------------------------------------------------------------
+# Fit for the GPU step: no blocking host-to-device transfer (meta stands in for CUDA)
+# ---------------------------------------------------------------------------
+
+def test_blocking_transfer_recorder_sees_each_kind():
+    x = torch.zeros(4, 3, device="meta")
+    for blocking in (lambda: torch.tensor([1.0, 2.0], device="meta"),
+                     lambda: torch.ones(3).to("meta"),
+                     lambda: x[[0, 1]],
+                     lambda: x.index_select(0, torch.tensor([0, 1])),
+                     lambda: TF.normalize(torch.zeros(2, 3, 4, 4, device="meta"),
+                                          list(A.IMAGENET_MEAN), list(A.IMAGENET_STD))):
+        with BlockingTransfers() as rec:
+            blocking()
+        assert rec.found, blocking
+    with BlockingTransfers() as rec:
+        A.to_device(torch.ones(3), torch.device("meta"))
+        x * torch.tensor(2.0)          # a 0-d CPU scalar is passed by value
+    assert rec.found == []
+
+
+def test_training_input_pipelines_never_block_on_the_device():
+    import finetune
+    import pretrain
+    from model import get_config
+    mcfg = get_config("tiny", audio_length=64, mel_bins=32, image_size=32)
+    meta = torch.device("meta")
+    batch = {"audio": spectrograms(6, 64, 32), "frame": images(6), "label": torch.ones(6, 3)}
+    with BlockingTransfers() as rec:
+        inputs = pretrain.prepare_inputs(batch, gen(0), mcfg, 4, meta)
+        x_a, x_v = finetune._inputs(batch, "multimodal", meta)
+        finetune.finetune_specaugment(x_a, gen(1))
+    assert all(x.device == meta for x in inputs) and x_v.device == meta
+    assert rec.found == []

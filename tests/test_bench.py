@@ -57,11 +57,22 @@ def test_bench_cheap_parts_write_json(tmp_path):
     assert saved["meta"]["torch"] == torch.__version__
     assert {r["input"] for r in saved["augment"]} == {"audio", "visual"}
     for row in saved["augment"]:
-        assert row["batch"] == 2 and row["batched_samples_per_s"] > 0
-        assert math.isclose(row["speedup"], row["batched_samples_per_s"] / row["loop_samples_per_s"],
-                            rel_tol=1e-9)
+        assert row["batch"] == 2 and row["samples_per_s"] > 0
+        assert math.isclose(row["ms_per_sample"], 1e3 / row["samples_per_s"], rel_tol=1e-9)
+        assert row["step_launches"] == bench.augment_launches(2)[0]
     assert [r["N"] for r in saved["retrieval"]] == [50, 50]  # both embedding widths
     assert "step" not in results and "data" not in results
+
+
+def test_launch_counter_counts_device_ops_not_views():
+    x = torch.zeros(4, 3, device="meta")
+    with bench.LaunchCounter() as counter:
+        (x * 2 + 1).view(12)                # 2 kernels and a view
+        torch.ones(3) * 2                                                  # CPU: not counted
+    assert counter.count == 2 and counter.ops == {"mul": 1, "add": 1}
+    n2, ops2 = bench.augment_launches(2)
+    n4, _ = bench.augment_launches(4)
+    assert n4 > n2 > 0 and ops2.get("_to_copy", 0) > 0   # per-sample crops; small uploads
 
 
 def test_bad_options_are_rejected():

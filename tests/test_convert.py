@@ -8,10 +8,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import localize
 from augment import AUDIO_SLOTS
 from convert import (_fold_raw_affine, convert_official_state_dict, load_equiav,
                      load_mae_checkpoint, load_official_checkpoint)
-from model import EquiAV, EquiAVClassifier, EquiAVOutput, get_config
+from finetune import EquiAVClassifier
+from model import EquiAV, EquiAVOutput, get_config
 
 CFG = get_config("tiny", audio_length=48, mel_bins=16, image_size=32, patch_size=8, embed_dim=64,
                  depth=2, num_heads=4, aug_hidden=32, pred_heads=2, pred_head_dim=16,
@@ -322,6 +324,6 @@ def test_scripts_load_an_authors_checkpoint_through_the_conversion(tmp_path):
 
     # the three localization maps of SPEC 13 run on the converted model
     for method in ("occlusion", "gradient", "token"):
-        m = model.localize(x["x_a"].float(), x["x_v"].float(), x["T_a"].float(),
+        m = localize.localize(model, x["x_a"].float(), x["x_v"].float(), x["T_a"].float(),
                            x["T_v"].float(), method=method)
         assert m.shape == (x["x_a"].shape[0], *CFG.visual_grid) and torch.isfinite(m).all()

@@ -113,7 +113,8 @@ def test_topk_accuracy_hand_cases():
 # ---------------------------------------------------------------------------
 
 def _tiny_classifier(mode="multimodal", num_classes=5):
-    from model import EquiAVClassifier, get_config
+    from finetune import EquiAVClassifier
+    from model import get_config
     return EquiAVClassifier(get_config("tiny", depth=1), num_classes, mode)
 
 

@@ -7,8 +7,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import localize
+import retrieval
 from augment import AUDIO_DIM, AUDIO_SLOTS, VISUAL_DIM
-from model import (EquiAV, EquiAVClassifier, EquiAVOutput, PatchEmbed, TransformationPredictor,
+from finetune import EquiAVClassifier
+from model import (EquiAV, EquiAVOutput, PatchEmbed, TransformationPredictor,
                    ViTEncoder, drop_path, get_config)
 
 # Smaller than `tiny`: T != F and a non-square audio grid so layout mistakes show.
@@ -122,7 +125,7 @@ def test_audio_layout_rows_are_frequency_cols_are_time():
     spec = torch.zeros(1, 48, 16)                 # (B, T, F)
     spec[0, 8 * 4 + 3, 8 * 1 + 5] = 1.0            # frame in time patch 4, bin in freq patch 1
     with torch.no_grad():
-        diff = (enc.forward_blocks(spec) - enc.forward_blocks(torch.zeros_like(spec))).abs().sum(-1)
+        diff = (enc(spec) - enc(torch.zeros_like(spec))).abs().sum(-1)
     assert diff[0].nonzero().flatten().tolist() == [1 * cols + 4]
 
 
@@ -262,7 +265,7 @@ def test_intra_embeddings_for_the_equivariance_measures():
     cfg = small_cfg()
     model = EquiAV(cfg).eval()
     x = make_inputs(cfg)
-    z_equi, z_aug, z_id = model.intra_embeddings("v", x["x_v"], x["x_v_aug"], x["t_v"])
+    z_equi, z_aug, z_id = retrieval.intra_embeddings(model, "v", x["x_v"], x["x_v_aug"], x["t_v"])
     with torch.no_grad():
         out = model(**x)
         h = model.visual_encoder(x["x_v"])
@@ -270,7 +273,7 @@ def test_intra_embeddings_for_the_equivariance_measures():
     assert close(z_equi, out.z_equi_v, 1e-4) and close(z_aug, out.z_aug_v, 1e-4)
     assert close(z_id, ref_id, 1e-4) and not close(z_id, z_equi, 1e-3)
     invariant = EquiAV(cfg, equivariant=False, inter_target="original").eval()
-    a, _, b = invariant.intra_embeddings("a", x["x_a"], x["x_a_aug"], x["t_a"])
+    a, _, b = retrieval.intra_embeddings(invariant, "a", x["x_a"], x["x_a_aug"], x["t_a"])
     assert torch.equal(a, b)
 
 
@@ -292,7 +295,7 @@ def test_localize_matches_manual_map():
     cfg = small_cfg()
     model = EquiAV(cfg).eval()
     x = make_inputs(cfg, B=2)
-    sim = model.localize(x["x_a"], x["x_v"], x["T_a"], method="token")
+    sim = localize.localize(model, x["x_a"], x["x_v"], x["T_a"], method="token")
     rows, cols = cfg.visual_grid
     assert sim.shape == (2, rows, cols)
     with torch.no_grad():
@@ -380,7 +383,7 @@ def test_predict_each_without_equals_removing_each_token():
     t = torch.rand(2, 3, AUDIO_DIM)
     drop = torch.tensor([0, 4, 6])
     with torch.no_grad():
-        got = pred.predict_each_without(h, t, drop)                  # (2, 3, S, D)
+        got = localize.predict_each_without(pred, h, t, drop)                  # (2, 3, S, D)
         for r, i in enumerate(drop.tolist()):
             keep = [j for j in range(7) if j != i]
             assert close(got[:, r], pred.predict_each(h[:, keep], t), 1e-5), i
@@ -392,9 +395,9 @@ def test_occlusion_map_equals_a_loop_of_single_token_removals(target):
     cfg = small_cfg()
     model = EquiAV(cfg, inter_target=target).eval()
     x = make_inputs(cfg, B=2)
-    occ = model.localize(x["x_a"], x["x_v"], x["T_a"], x["T_v"], method="occlusion", chunk=5)
+    occ = localize.localize(model, x["x_a"], x["x_v"], x["T_a"], x["T_v"], method="occlusion", chunk=5)
     with torch.no_grad():
-        z_a = F.normalize(model.inter_embedding("a", x["x_a"], x["T_a"]), dim=-1)
+        z_a = F.normalize(model.inter_from_tokens("a", model.inter_tokens("a", x["x_a"]), x["T_a"]), dim=-1)
         h = model.inter_tokens("v", x["x_v"])
         s = F.cosine_similarity(z_a, model.inter_from_tokens("v", h, x["T_v"]))
         N = h.shape[1]
@@ -410,9 +413,9 @@ def test_gradient_map_equals_a_finite_difference():
     cfg = small_cfg()
     model = EquiAV(cfg).double().eval()
     x = {k: v.double() for k, v in make_inputs(cfg, B=2).items()}
-    grad_map = model.localize(x["x_a"], x["x_v"], x["T_a"], x["T_v"], method="gradient")
+    grad_map = localize.localize(model, x["x_a"], x["x_v"], x["T_a"], x["T_v"], method="gradient")
     with torch.no_grad():
-        z_a = F.normalize(model.inter_embedding("a", x["x_a"], x["T_a"]), dim=-1)
+        z_a = F.normalize(model.inter_from_tokens("a", model.inter_tokens("a", x["x_a"]), x["T_a"]), dim=-1)
         h = model.inter_tokens("v", x["x_v"])
         for i in (0, 7, 15):
             s = []
@@ -435,17 +438,17 @@ def test_each_map_peaks_at_a_planted_patch_that_dominates_the_similarity(method,
     model.proj_inter_a = model.proj_inter_v = torch.nn.Identity()
     rows, cols = cfg.visual_grid
     x = make_inputs(cfg, B=3)
-    z_a = F.normalize(model.inter_embedding("a", x["x_a"]), dim=-1)       # (3, D)
+    z_a = F.normalize(model.inter_from_tokens("a", model.inter_tokens("a", x["x_a"])), dim=-1)       # (3, D)
     h = 0.05 * torch.randn(3, rows * cols, cfg.embed_dim)
     planted = [3, 10, 14]
     for b, k in enumerate(planted):
         h[b, k] = 4.0 * z_a[b]
     monkeypatch.setattr(model, "inter_tokens",
                         lambda m, xx: h if m == "v" else EquiAV.inter_tokens(model, m, xx))
-    maps = model.localize(x["x_a"], x["x_v"], x["T_a"], x["T_v"], method=method)
+    maps = localize.localize(model, x["x_a"], x["x_v"], x["T_a"], x["T_v"], method=method)
     assert maps.flatten(1).argmax(1).tolist() == planted
     with pytest.raises(ValueError, match="unknown localization method"):
-        model.localize(x["x_a"], x["x_v"], method="saliency")
+        localize.localize(model, x["x_a"], x["x_v"], method="saliency")
 
 
 def test_localize_base_preset_smoke():
@@ -455,5 +458,5 @@ def test_localize_base_preset_smoke():
     model = EquiAV(cfg).eval()
     x = make_inputs(cfg, B=1, S=2)
     for method in ("occlusion", "gradient", "token"):
-        m = model.localize(x["x_a"], x["x_v"], x["T_a"], x["T_v"], method=method)
+        m = localize.localize(model, x["x_a"], x["x_v"], x["T_a"], x["T_v"], method=method)
         assert m.shape == (1, 14, 14) and torch.isfinite(m).all() and m.std() > 0, method

@@ -138,7 +138,7 @@ def test_ablation_without_centroid_and_predictor(toy, tmp_path):
     steps = [r for r in read_log(cfg.run_dir) if r["type"] == "step"]
     assert all(r["intra_a"] == 0 and r["intra_v"] == 0 and r["loss"] == r["inter"] for r in steps)
     net = convert.load_equiav(os.path.join(cfg.run_dir, "checkpoint.pt"))
-    assert (net.use_centroid, net.equivariant) == (False, False)
+    assert (net.inter_target, net.equivariant) == ("original", False)
 
 
 # ---------------------------------------------------------------------------

@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import localize
 import retrieval
 
 
@@ -135,24 +136,24 @@ def test_upsampled_map_peaks_inside_the_planted_patch():
     planted = [(0, 0), (2, 5), (4, 3)]                # (row, col) of the most similar patch
     for b, (r, c) in enumerate(planted):
         grid[b, r, c] = 1.0
-    maps = retrieval.upsample_maps(grid, (96, 96))
+    maps = localize.upsample_maps(grid, (96, 96))
     assert maps.shape == (3, 96, 96)
-    peaks = retrieval.map_peaks(maps)                  # (x, y) fractions
+    peaks = localize.map_peaks(maps)                  # (x, y) fractions
     for b, (r, c) in enumerate(planted):
         x, y = peaks[b].tolist()
         assert c / 6 <= x < (c + 1) / 6 and r / 6 <= y < (r + 1) / 6
         # points_in_boxes agrees: inside the planted patch's box, outside a far one
         box = [[c / 6, r / 6, (c + 1) / 6, (r + 1) / 6]]
-        assert retrieval.points_in_boxes(peaks[b:b + 1], [box]).item()
+        assert localize.points_in_boxes(peaks[b:b + 1], [box]).item()
         far = [[(c + 3) % 6 / 6, (r + 3) % 6 / 6, ((c + 3) % 6 + 1) / 6, ((r + 3) % 6 + 1) / 6]]
-        assert not retrieval.points_in_boxes(peaks[b:b + 1], [far]).item()
+        assert not localize.points_in_boxes(peaks[b:b + 1], [far]).item()
 
 
 def test_localization_maps_match_token_similarities(tiny_equiav):
     model = tiny_equiav
     ds = _Clips(2, model.cfg, seed=1)
     T_a, T_v = retrieval.centroid_vectors(model.cfg, 4, 0)
-    maps = retrieval.localization_maps(model, ds.audio, ds.frame, T_a, T_v, method="token")
+    maps = localize.localization_maps(model, ds.audio, ds.frame, T_a, T_v, method="token")
     assert maps.shape == (2, 96, 96)                   # the frame's shape
     # independent computation: z_inter_a against every visual token through g_inter_v
     import augment
@@ -160,10 +161,10 @@ def test_localization_maps_match_token_similarities(tiny_equiav):
                          retrieval.centroid_vectors(model.cfg, 4, 0)[1].expand(2, -1, -1))
     tokens = F.normalize(model.proj_inter_v(model.visual_encoder(augment.normalize_image(ds.frame))), dim=-1)
     sim = torch.einsum("bd,bnd->bn", z_a, tokens).view(2, 6, 6)   # rows, cols of the patch grid
-    torch.testing.assert_close(maps, retrieval.upsample_maps(sim, (96, 96)), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(maps, localize.upsample_maps(sim, (96, 96)), atol=1e-5, rtol=1e-4)
     # the peak lies in the patch of the highest token similarity
     r, c = divmod(sim[0].argmax().item(), 6)
-    x, y = retrieval.map_peaks(maps)[0].tolist()
+    x, y = localize.map_peaks(maps)[0].tolist()
     assert c / 6 <= x < (c + 1) / 6 and r / 6 <= y < (r + 1) / 6
 
 
@@ -173,12 +174,12 @@ def test_localization_grid_png(tmp_path):
     maps = torch.zeros(3, 16, 20)
     maps[:, 4, 10] = 1.0                               # the hottest pixel
     path = tmp_path / "grid.png"
-    retrieval.save_localization_grid(str(path), frames, maps, boxes=[[[0, 0, 0.5, 0.5]]] * 3,
+    localize.save_localization_grid(str(path), frames, maps, boxes=[[[0, 0, 0.5, 0.5]]] * 3,
                                      captions=["a", "b", "c"], cols=2, scale=1)
     img = Image.open(path)
     assert img.size == (2 * (2 * 20 + 2 + 6) + 6, 2 * (16 + 14 + 6) + 6)
     # heat colours: cold is blue, hot is red; the overlay is half frame, half colour
-    torch.testing.assert_close(retrieval.heat_colors(torch.tensor([[0.0, 1.0]]))[:, 0],
+    torch.testing.assert_close(localize.heat_colors(torch.tensor([[0.0, 1.0]]))[:, 0],
                                torch.tensor([[0.0, 0.5], [0.0, 0.0], [0.5, 0.0]]))
     px = img.getpixel((6 + 20 + 2 + 3, 6 + 14 + 12))   # a cold pixel of clip 0's overlay
     assert px[2] > px[0]
@@ -264,30 +265,30 @@ def test_localization_scores_planted_maps(tmp_path, monkeypatch):
         fake_maps.seen = 0
         return fake_maps
 
-    monkeypatch.setattr(retrieval, "localization_maps", planted(1.0))
-    score = retrieval.evaluate_localization(None, ds, entries, None, None, "cpu", batch_size=4)
+    monkeypatch.setattr(localize, "localization_maps", planted(1.0))
+    score = localize.evaluate_localization(None, ds, entries, None, None, "cpu", batch_size=4)
     assert score["n_clips"] == 6
     assert score["sounding"]["pointing_game"] == 100.0 and score["silent"]["pointing_game"] == 0.0
     assert score["minimum_in_box"] < 100.0
-    monkeypatch.setattr(retrieval, "localization_maps", planted(-1.0))
-    score = retrieval.evaluate_localization(None, ds, entries, None, None, "cpu", batch_size=4)
+    monkeypatch.setattr(localize, "localization_maps", planted(-1.0))
+    score = localize.evaluate_localization(None, ds, entries, None, None, "cpu", batch_size=4)
     assert score["minimum_in_box"] == 100.0 and score["sounding"]["pointing_game"] < 100.0
 
 
 def test_ciou_auc_and_binarization_against_hand_made_masks():
     # min-max normalised, cut at the value at position H W / 2 = 8 of the ascending order
     m = torch.arange(16.0).view(1, 4, 4) * 3 - 5     # distinct values: the top 7 pixels
-    pred = retrieval.binarize(m)[0]
+    pred = localize.binarize(m)[0]
     assert pred.flatten().tolist() == [False] * 9 + [True] * 7
     gt = torch.zeros(1, 4, 4, dtype=torch.bool)
     gt[0, 2:, 2:] = True        # pixels 10, 11, 14, 15: all predicted; 9, 12, 13 predicted outside
-    assert retrieval.ciou(pred[None], gt).item() == pytest.approx(4 / (4 + 3))
-    flat = retrieval.binarize(torch.ones(1, 4, 4))   # a flat map predicts nothing
-    assert not flat.any() and retrieval.ciou(flat, gt).item() == 0.0
+    assert localize.ciou(pred[None], gt).item() == pytest.approx(4 / (4 + 3))
+    flat = localize.binarize(torch.ones(1, 4, 4))   # a flat map predicts nothing
+    assert not flat.any() and localize.ciou(flat, gt).item() == 0.0
     # cIoU@0.5, mean and AUC by brute force over 21 thresholds (trapezoid)
     g = torch.Generator().manual_seed(0)
     cious = torch.rand(50, generator=g, dtype=torch.float64)
-    got = retrieval.ciou_scores(cious)
+    got = localize.ciou_scores(cious)
     xs = [k / 20 for k in range(21)]
     frac = [sum(float(c) >= x for c in cious) / 50 for x in xs]
     auc = sum((frac[k] + frac[k + 1]) / 2 * 0.05 for k in range(20))
@@ -295,10 +296,10 @@ def test_ciou_auc_and_binarization_against_hand_made_masks():
     assert got["ciou@0.5"] == pytest.approx(100 * sum(float(c) >= 0.5 for c in cious) / 50)
     assert got["mean_ciou"] == pytest.approx(cious.mean().item())
     # box masks: pixel centres inside; a perfect prediction scores 1, a disjoint one 0
-    mask = retrieval.box_masks([[[0.0, 0.0, 0.5, 0.5]], [[0.5, 0.5, 1.0, 1.0]]], 4, 4)
+    mask = localize.box_masks([[[0.0, 0.0, 0.5, 0.5]], [[0.5, 0.5, 1.0, 1.0]]], 4, 4)
     assert mask[0].nonzero().tolist() == [[0, 0], [0, 1], [1, 0], [1, 1]]
-    assert retrieval.ciou(mask, mask).tolist() == [1.0, 1.0]
-    assert retrieval.ciou(mask[[1, 0]], mask).tolist() == [0.0, 0.0]
+    assert localize.ciou(mask, mask).tolist() == [1.0, 1.0]
+    assert localize.ciou(mask[[1, 0]], mask).tolist() == [0.0, 0.0]
 
 
 def test_boxes_follow_the_crop_and_flip_of_a_view():
@@ -306,10 +307,10 @@ def test_boxes_follow_the_crop_and_flip_of_a_view():
     t = augment.visual_identity(1)[0]
     S = augment.VISUAL_SLOTS
     t[S["rrc_top"]], t[S["rrc_left"]], t[S["rrc_height"]], t[S["rrc_width"]] = 0.5, 0.25, 0.5, 0.5
-    assert retrieval.boxes_after_view([[0.25, 0.5, 0.5, 0.75]], t) == [[0.0, 0.0, 0.5, 0.5]]
+    assert localize.boxes_after_view([[0.25, 0.5, 0.5, 0.75]], t) == [[0.0, 0.0, 0.5, 0.5]]
     t[S["flip_on"]] = 1.0
-    assert retrieval.boxes_after_view([[0.25, 0.5, 0.5, 0.75]], t) == [[0.5, 0.0, 1.0, 0.5]]
-    assert retrieval.boxes_after_view([[0.0, 0.0, 0.2, 0.2]], t) == []   # outside the crop
+    assert localize.boxes_after_view([[0.25, 0.5, 0.5, 0.75]], t) == [[0.5, 0.0, 1.0, 0.5]]
+    assert localize.boxes_after_view([[0.0, 0.0, 0.2, 0.2]], t) == []   # outside the crop
 
 
 # ---------------------------------------------------------------------------
@@ -346,16 +347,16 @@ def test_equivariance_metrics_deterministic_and_known_answers(tiny_equiav, monke
     import augment
     g = torch.Generator().manual_seed(2)
     t_a = augment.sample_audio_params(12, g, model.cfg.audio_length, model.cfg.mel_bins)
-    equi, aug, ident = model.intra_embeddings("a", ds.audio, augment.apply_audio(ds.audio, t_a), t_a)
+    equi, aug, ident = retrieval.intra_embeddings(model, "a", ds.audio, augment.apply_audio(ds.audio, t_a), t_a)
     assert b["similarity_a"] == pytest.approx(F.cosine_similarity(equi, aug).mean().item(), abs=1e-5)
     assert b["identity_similarity_a"] == pytest.approx(
         F.cosine_similarity(ident, aug).mean().item(), abs=1e-5)
 
     # an "encoder" whose augmented embedding holds t linearly scores R^2 ~ 1 in every group
-    def holds_t(m, x, x_aug, t):
+    def holds_t(model, m, x, x_aug, t):
         z = torch.cat([t, torch.full((t.shape[0], 1), 1e3)], dim=1)
         return z, z, z
-    monkeypatch.setattr(model, "intra_embeddings", holds_t)
+    monkeypatch.setattr(retrieval, "intra_embeddings", holds_t)
     big = _Clips(200, model.cfg, seed=3)
     eq = retrieval.equivariance_metrics(model, torch.utils.data.DataLoader(big, batch_size=50),
                                         "cpu", lam=1e-9)

@@ -1,0 +1,383 @@
+"""Sound-source localization (SPEC 13; the paper's figure 3): maps over the visual
+patch grid of how much each patch contributes to a clip's audio-visual similarity
+s = cos(z_inter_a, z_inter_v), and the localization literature's scores.
+
+Maps: occlusion (s - s without patch token i: exact, one predictor pass per token,
+batched), gradient x input (its first-order estimate, one backward) and the literal
+token map cos(z_inter_a, g_inter_v(h_i)), upsampled to the frame. Where a manifest
+carries boxes the maps are scored as LVS and EZ-VSL score them (pointing game,
+cIoU@0.5, mean cIoU, AUC) against the centre point, a random point and a centred
+Gaussian; on the toy distractor split the sounding and the silent object apart.
+figure3.png draws the frame and its map beside the augmented view nearest to the
+visual centroid. retrieval.py runs all of this.
+"""
+import math
+import os
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw
+
+import augment
+import data
+import utils
+
+MAPS = ("occlusion", "gradient", "token")
+
+
+# ---------------------------------------------------------------------------
+# The maps (SPEC 13)
+# ---------------------------------------------------------------------------
+
+def predict_each_without(predictor, h, t, drop):
+    """u's predict_each with one token removed from what u reads (the mean over N and
+    the keys/values), for every token index i in drop (c,): h (B, N, D), t (B, S, d_t)
+    -> (B, c, S, D); row [:, r] equals predict_each(h without token drop[r], t). Keys
+    and values are projected once; only the softmax over the N - 1 remaining tokens is
+    recomputed per removed token."""
+    B, N, _ = h.shape
+    S, H, c = t.shape[1], predictor.num_heads, drop.numel()
+    q = predictor.to_q(predictor.norm_aug(predictor.aug_encoder(t)))    # (B, S, H*hd)
+    q = q.view(B, S, H, -1).transpose(1, 2)                              # (B, H, S, hd)
+    k = predictor.to_k(h).view(B, N, H, -1).transpose(1, 2)              # (B, H, N, hd)
+    v = predictor.to_v(h).view(B, N, H, -1).transpose(1, 2)              # (B, H, N, hd)
+    scores = q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5               # (B, H, S, N)
+    gone = drop.view(c, 1) == torch.arange(N, device=h.device)           # (c, N): token drop[r] out of row r
+    scores = scores.unsqueeze(1).masked_fill(gone[None, :, None, None, :], float("-inf"))
+    a = torch.einsum("bchsn,bhnd->bchsd", scores.softmax(dim=-1), v)     # (B, c, H, S, hd)
+    a = predictor.to_out(a.permute(0, 1, 3, 2, 4).reshape(B, c, S, -1))  # (B, c, S, D)
+    mean = (h.sum(dim=1, keepdim=True) - h[:, drop]) / (N - 1)           # (B, c, D)
+    y = mean.unsqueeze(2) + a
+    return y + predictor.mlp(predictor.norm(y))
+
+
+def visual_inter_without(model, h, T, drop):
+    """model.inter_from_tokens("v", h, T) with token i removed from h, for every i in
+    drop (c,) -> (B, c, proj_dim)."""
+    if model.inter_target in ("centroid", "equivariant"):
+        if model.inter_target == "equivariant":
+            T = augment.visual_identity(h.shape[0], h.device).unsqueeze(1)   # (B, 1, 18)
+        return model.proj_inter_v(predict_each_without(model.predictor_v, h, T, drop).mean(dim=2))
+    return model.proj_inter_v((h.sum(dim=1, keepdim=True) - h[:, drop]) / (h.shape[1] - 1))
+
+
+def localize(model, x_a, x_v, T_a=None, T_v=None, method="occlusion", chunk=64):
+    """Sound-source maps over the visual patch grid (SPEC 13) -> (B, rows, cols).
+
+    x_a (B, T, F) normalized fbank, x_v (B, 3, H, W) ImageNet-normalized; T_a, T_v the
+    fixed evaluation vectors (B, S, d_t). With s = cos(z_inter_a, z_inter_v):
+    "occlusion": m_i = s - s_{-i}, s recomputed with patch token i removed from the
+      tokens the visual inter path reads (chunk tokens at a time);
+    "gradient": m_i = sum_d h_id ds/dh_id on those tokens (gradient x input);
+    "token": m_i = cos(z_inter_a, g_inter_v(h_i)), the literal reading, which
+      g_inter_v, trained on whole-frame embeddings only, was never fit for.
+    """
+    if method not in MAPS:
+        raise ValueError(f"unknown localization method {method!r}: occlusion, gradient, token")
+    model = utils.unwrap(model)
+    with torch.no_grad():
+        z_a = F.normalize(model.inter_from_tokens("a", model.inter_tokens("a", x_a), T_a), dim=-1)
+        h = model.inter_tokens("v", x_v)                                     # (B, N, D)
+    if method == "token":
+        with torch.no_grad():
+            z_tok = F.normalize(model.proj_inter_v(h), dim=-1)              # (B, N, P)
+            m = torch.einsum("bp,bnp->bn", z_a, z_tok)
+    elif method == "gradient":
+        with torch.enable_grad():
+            h = h.detach().requires_grad_(True)
+            s = F.cosine_similarity(z_a, model.inter_from_tokens("v", h, T_v), dim=-1)
+            grad, = torch.autograd.grad(s.sum(), h)   # clips do not interact: one backward
+        m = (h.detach() * grad).sum(dim=-1)
+    else:
+        with torch.no_grad():
+            s = F.cosine_similarity(z_a, model.inter_from_tokens("v", h, T_v), dim=-1)
+            parts = []
+            for drop in torch.arange(h.shape[1], device=h.device).split(chunk):
+                z = visual_inter_without(model, h, T_v, drop)                # (B, c, P)
+                parts.append(s[:, None] - F.cosine_similarity(z_a[:, None], z, dim=-1))
+            m = torch.cat(parts, dim=1)
+    return m.view(m.shape[0], *model.visual_encoder.grid)                  # (B, rows, cols)
+
+
+# ---------------------------------------------------------------------------
+# Maps at the frame's resolution, and the literature's scores
+# ---------------------------------------------------------------------------
+
+def upsample_maps(sim, size):
+    """Patch-grid maps (B, H/p, W/p) -> (B, H, W), bilinear (pixel-centre aligned)."""
+    return F.interpolate(sim[:, None].float(), size=tuple(size), mode="bilinear",
+                         align_corners=False)[:, 0]
+
+
+def localization_maps(model, audio, frame, T_a, T_v, method="occlusion", amp=False, chunk=64):
+    """Heat maps of where the sound is, at the frame's resolution (localize).
+
+    audio (B, T, F) normalized fbank; frame (B, 3, H, W) in [0, 1]; T_a (1 or B,
+    S, 24), T_v (1 or B, S, 18) the fixed centroid vectors. Returns (B, H, W).
+    """
+    b = audio.shape[0]
+    with utils.autocast_context(audio.device, amp):
+        sim = localize(model, audio, augment.normalize_image(frame), T_a.expand(b, -1, -1),
+                       T_v.expand(b, -1, -1), method=method, chunk=chunk)
+    return upsample_maps(sim.detach(), frame.shape[-2:])               # (B, H, W)
+
+
+def map_peaks(maps):
+    """(B, H, W) -> (B, 2) float (x, y) of each map's maximum as fractions of the
+    frame, at the pixel centre; the first maximum in row-major order on ties."""
+    b, h, w = maps.shape
+    flat = maps.reshape(b, -1).argmax(1)
+    return torch.stack([(flat % w + 0.5) / w, (flat // w + 0.5) / h], 1).double()
+
+
+def points_in_boxes(points, boxes):
+    """points (B, 2) (x, y), boxes: a list of B lists of [x0, y0, x1, y1] (fractions).
+    A point hits when it lies in any of its clip's boxes. Returns (B,) bool."""
+    hits = []
+    for (x, y), clip_boxes in zip(points.tolist(), boxes):
+        hits.append(any(x0 <= x <= x1 and y0 <= y <= y1 for x0, y0, x1, y1 in clip_boxes))
+    return torch.tensor(hits, dtype=torch.bool)
+
+
+def box_masks(boxes, h, w):
+    """B lists of [x0, y0, x1, y1] (fractions) -> (B, h, w) bool, the union of each
+    clip's boxes: the pixels whose centre lies inside one."""
+    xs = (torch.arange(w, dtype=torch.float64) + 0.5) / w
+    ys = (torch.arange(h, dtype=torch.float64) + 0.5) / h
+    out = torch.zeros(len(boxes), h, w, dtype=torch.bool)
+    for i, clip_boxes in enumerate(boxes):
+        for x0, y0, x1, y1 in clip_boxes:
+            out[i] |= ((ys >= y0) & (ys <= y1))[:, None] & ((xs >= x0) & (xs <= x1))[None, :]
+    return out
+
+
+def binarize(maps):
+    """The localization literature's prediction (LVS; EZ-VSL): each map min-max
+    normalised and cut at its median, the pixels above the value at position H W / 2
+    of its ascending order: the top half (fewer where values tie). (B, H, W) -> bool."""
+    flat = maps.reshape(maps.shape[0], -1).double()
+    lo, hi = flat.min(1, keepdim=True).values, flat.max(1, keepdim=True).values
+    flat = (flat - lo) / (hi - lo).clamp_min(1e-12)
+    median = flat.sort(dim=1).values[:, flat.shape[1] // 2, None]
+    return (flat > median).view(maps.shape)
+
+
+def ciou(pred, gt):
+    """Consensus IoU per clip (LVS, Chen et al. 2021): sum(p g) / (sum g + sum p (1 - g)),
+    pred and gt (B, H, W) bool. A clip without ground truth pixels scores 0."""
+    inter = (pred & gt).flatten(1).sum(1).double()
+    return inter / (gt.flatten(1).sum(1) + (pred & ~gt).flatten(1).sum(1)).double().clamp_min(1)
+
+
+def ciou_scores(cious):
+    """cIoU@0.5 (% of clips with cIoU >= 0.5), mean cIoU, and AUC: the area under the
+    fraction of clips with cIoU >= x over x = 0, 0.05, ..., 1 (21 points, trapezoid)."""
+    xs = torch.linspace(0, 1, 21, dtype=torch.float64)
+    frac = (cious[None, :] >= xs[:, None]).double().mean(1)
+    return {"ciou@0.5": 100.0 * (cious >= 0.5).double().mean().item(),
+            "mean_ciou": cious.mean().item(), "auc": torch.trapezoid(frac, xs).item()}
+
+
+def gaussian_map(h, w, sigma=0.25):
+    """A centred Gaussian, (h, w), sigma a fraction of each side: the baseline map."""
+    ys = ((torch.arange(h) + 0.5) / h - 0.5) / sigma
+    xs = ((torch.arange(w) + 0.5) / w - 0.5) / sigma
+    return torch.exp(-0.5 * (ys[:, None] ** 2 + xs[None, :] ** 2))
+
+
+def has_boxes(entries):
+    return all(isinstance(e, dict) and e.get("boxes") for e in entries)
+
+
+def clip_boxes(entry, image_size, frame_file):
+    """(sounding boxes, silent boxes) of a manifest entry in the evaluation frame, as
+    fractions of the model's centre crop.
+
+    entry["boxes"]: per frame, per object (the toy's layout), or one list of boxes
+    for the evaluation frame (VGG-SS / Flickr-SoundNet style); [x0, y0, x1, y1] as
+    fractions of the stored frame. entry["sounding"]: the indices of the objects
+    that sound (default all). entry["frame_size"] [W, H], else read from frame_file.
+    """
+    boxes = entry["boxes"]
+    if isinstance(boxes[0][0], (list, tuple)):
+        boxes = boxes[data.EVAL_FRAME]
+    size = entry.get("frame_size")
+    if size is None:
+        with Image.open(frame_file) as img:
+            size = img.size
+    mapped = [data.box_in_crop(box, size, image_size) for box in boxes]
+    sounding = set(entry.get("sounding", range(len(mapped))))
+    return ([b for k, b in enumerate(mapped) if k in sounding],
+            [b for k, b in enumerate(mapped) if k not in sounding])
+
+
+def score_maps(maps, boxes):
+    """Pointing game and cIoU scores of maps (B, H, W) against B lists of boxes; also
+    the per-clip hits (for pairing two splits clip by clip)."""
+    hits = points_in_boxes(map_peaks(maps), boxes)
+    cious = ciou(binarize(maps), box_masks(boxes, *maps.shape[1:]))
+    return {"pointing_game": 100.0 * hits.double().mean().item(), **ciou_scores(cious),
+            "hits": hits.tolist()}
+
+
+def evaluate_localization(model, dataset, entries, T_a, T_v, device, method="occlusion",
+                          batch_size=32, num_workers=0, amp=False, chunk=64):
+    """Every clip of an evaluation dataset whose manifest `entries` carry boxes, scored
+    against its sounding objects' boxes (and its silent ones', when some object does
+    not sound): the pointing game and cIoU@0.5 / mean cIoU / AUC. Baselines on the
+    sounding boxes: always the centre point, a uniformly random point (its expected
+    score: the mean box area), and the centred Gaussian map scored like the maps.
+    "minimum_in_box" is a diagnostic: how often the map's minimum is in a sounding box.
+    """
+    loader = data.make_loader(dataset, batch_size, train=False, num_workers=num_workers,
+                              distributed=False)
+    maps, sounding, silent = [], [], []
+    for batch in loader:
+        maps.append(localization_maps(model, batch["audio"].to(device), batch["frame"].to(device),
+                                      T_a, T_v, method, amp, chunk).cpu())
+        for i in batch["index"].tolist():
+            on, off = clip_boxes(entries[i], dataset.image_size,
+                                 dataset.frame_file(i, data.EVAL_FRAME))
+            sounding.append(on)
+            silent.append(off)
+    maps = torch.cat(maps)
+    n, (h, w) = maps.shape[0], maps.shape[1:]
+    out = {"method": method, "n_clips": n, "sounding": score_maps(maps, sounding),
+           "minimum_in_box": 100.0 * points_in_boxes(map_peaks(-maps), sounding).double()
+           .mean().item()}
+    if any(silent):
+        out["silent"] = score_maps(maps, silent)
+    centre = points_in_boxes(torch.full((n, 2), 0.5, dtype=torch.float64), sounding)
+    gauss = score_maps(gaussian_map(h, w).expand(n, h, w), sounding)
+    area = [min(1.0, sum((x1 - x0) * (y1 - y0) for x0, y0, x1, y1 in bs)) for bs in sounding]
+    out["baselines"] = {"centre_point": 100.0 * centre.double().mean().item(),
+                        "random_point_expected": 100.0 * float(np.mean(area)),
+                        "gaussian": {k: v for k, v in gauss.items() if k != "hits"}}
+    return out
+
+
+def format_localization(name, score):
+    """Lines for one evaluation: model against the baselines."""
+    def row(what, s):
+        return (f"{what:<22} pointing {s['pointing_game']:5.1f}%  cIoU@0.5 {s['ciou@0.5']:5.1f}%  "
+                f"mean cIoU {s['mean_ciou']:.3f}  AUC {s['auc']:.3f}")
+    base = score["baselines"]
+    lines = [f"{name}: {score['method']} map, {score['n_clips']} clips",
+             row("  sounding object", score["sounding"])]
+    if "silent" in score:
+        lines.append(row("  silent object", score["silent"]))
+    lines.append(f"  {'baselines':<20} centre point {base['centre_point']:.1f}%, random point "
+                 f"{base['random_point_expected']:.1f}% (expected); "
+                 + row("Gaussian map", {**base["gaussian"], "pointing_game": base["centre_point"]})
+                 .split("  ", 1)[1])
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------
+# Figure 3 of the paper: the frame and its map, and the augmented view nearest
+# to the visual centroid with its own map
+# ---------------------------------------------------------------------------
+
+@torch.no_grad()
+def nearest_augmented_view(model, frame, T_v):
+    """Among the S fixed centroid augmentations T_v (S, 18) applied to frame (3, H, W)
+    in [0, 1], the one whose representation (mean-pooled tokens through norm_aug) is
+    closest (cosine) to the visual centroid representation u_v(h_v, T_v) (mean_N(h_v)
+    for a model without predictor). Returns (augmented frame (3, H, W), its t (18,))."""
+    model = utils.unwrap(model)
+    views = augment.apply_visual(frame.expand(T_v.shape[0], -1, -1, -1).contiguous(), T_v.cpu())
+    reps = model.visual_encoder(augment.normalize_image(views), aug=True).mean(dim=1)  # (S, D)
+    h = model.visual_encoder(augment.normalize_image(frame[None]))
+    target = model.predictor_v(h, T_v[None]) if model.predictor_v is not None else h.mean(1)
+    best = int(F.cosine_similarity(reps, target, dim=-1).argmax())
+    return views[best], T_v[best]
+
+
+def boxes_after_view(boxes, t):
+    """Boxes (fractions of the frame) moved by the crop and flip that visual vector t
+    applied; boxes that leave the view are dropped."""
+    S = augment.VISUAL_SLOTS
+    top, left, height, width = (float(t[S[k]]) for k in augment.VISUAL_CROP[1:])
+    out = []
+    for x0, y0, x1, y1 in boxes:
+        x0, x1 = sorted(min(max((x - left) / width, 0.0), 1.0) for x in (x0, x1))
+        y0, y1 = sorted(min(max((y - top) / height, 0.0), 1.0) for y in (y0, y1))
+        if float(t[S["flip_on"]]) > 0.5:
+            x0, x1 = 1.0 - x1, 1.0 - x0
+        if x1 > x0 and y1 > y0:
+            out.append([x0, y0, x1, y1])
+    return out
+
+
+def save_figure3(path, model, clips, T_a, T_v, device, method="occlusion", amp=False):
+    """One PNG in the manner of the paper's figure 3: a row per clip, the frame with
+    its sounding boxes (green) and its map, then the augmented view nearest to the
+    centroid with its map. clips: (audio (T, F), frame (3, H, W), boxes, caption)."""
+    frames, maps, boxes, captions = [], [], [], []
+    for audio, frame, clip_boxes, caption in clips:
+        view, t = nearest_augmented_view(model, frame.to(device), T_v[0].to(device))
+        both = torch.stack([frame.to(device), view])
+        maps.append(localization_maps(model, audio[None].expand(2, -1, -1).to(device), both,
+                                      T_a, T_v, method, amp).cpu())
+        frames.append(both.cpu())
+        boxes += [clip_boxes, boxes_after_view(clip_boxes, t)]
+        captions += [caption, "nearest augmented view"]
+    save_localization_grid(path, torch.cat(frames), torch.cat(maps), boxes, captions, cols=2)
+
+
+def heat_colors(m):
+    """A jet-like colormap: (H, W) in [0, 1] -> (3, H, W) RGB in [0, 1]
+    (blue -> cyan -> yellow -> red), built from three clipped ramps."""
+    return torch.stack([(1.5 - (4 * m - c).abs()).clamp(0, 1) for c in (3.0, 2.0, 1.0)])
+
+
+def overlay(frame, m, alpha=0.5):
+    """frame (3, H, W) in [0, 1], map (H, W) -> the map, min-max scaled per clip,
+    coloured and blended over the frame: (3, H, W) in [0, 1]."""
+    m = (m - m.min()) / (m.max() - m.min()).clamp_min(1e-8)
+    return (1 - alpha) * frame + alpha * heat_colors(m)
+
+
+def _to_pil(img, scale):
+    arr = (img.clamp(0, 1) * 255 + 0.5).byte().permute(1, 2, 0).cpu().numpy()
+    pil = Image.fromarray(arr)
+    return pil.resize((pil.width * scale, pil.height * scale), Image.NEAREST) if scale > 1 else pil
+
+
+def save_localization_grid(path, frames, maps, boxes=None, captions=None, cols=4, scale=2):
+    """One PNG: for every clip the frame (with its box, if known) next to the
+    heat-map overlay (with the map's maximum marked by a white cross).
+
+    frames (B, 3, H, W) in [0, 1]; maps (B, H, W); boxes: None or B lists of
+    [x0, y0, x1, y1] fractions; captions: None or B strings.
+    """
+    b, _, h, w = frames.shape
+    gap, pad, text_h = 2, 6, 14 if captions else 0
+    tile_w, tile_h = w * scale, h * scale
+    cell_w, cell_h = 2 * tile_w + gap, tile_h + text_h
+    cols = max(1, min(cols, b))
+    rows = math.ceil(b / cols)
+    grid = Image.new("RGB", (cols * (cell_w + pad) + pad, rows * (cell_h + pad) + pad),
+                     (255, 255, 255))
+    draw = ImageDraw.Draw(grid)
+    peaks = map_peaks(maps)
+    for i in range(b):
+        x0 = pad + (i % cols) * (cell_w + pad)
+        y0 = pad + (i // cols) * (cell_h + pad)
+        left, right = (x0, y0 + text_h), (x0 + tile_w + gap, y0 + text_h)
+        grid.paste(_to_pil(frames[i], scale), left)
+        grid.paste(_to_pil(overlay(frames[i].cpu(), maps[i].cpu()), scale), right)
+        for ox, oy in (left, right):
+            for bx0, by0, bx1, by1 in (boxes[i] if boxes else []):
+                draw.rectangle([ox + bx0 * tile_w, oy + by0 * tile_h,
+                                ox + bx1 * tile_w - 1, oy + by1 * tile_h - 1],
+                               outline=(0, 255, 0), width=2)
+        px = right[0] + peaks[i, 0].item() * tile_w
+        py = right[1] + peaks[i, 1].item() * tile_h
+        draw.line([px - 6, py, px + 6, py], fill=(255, 255, 255), width=2)
+        draw.line([px, py - 6, px, py + 6], fill=(255, 255, 255), width=2)
+        if captions:
+            draw.text((x0, y0), captions[i], fill=(0, 0, 0))
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    grid.save(path)
