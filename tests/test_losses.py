@@ -370,20 +370,26 @@ def _worker(rank, init_file, out_dir):
                 "tau_grad": crit.log_temperature.grad.clone(),
             }
         # Same run with a broken gather backward, to show the test would notice.
-        def stop_backward(ctx, grad):  # only this rank's own loss reaches its inputs
-            return grad[ctx.rank * ctx.local_batch:(ctx.rank + 1) * ctx.local_batch]
+        real_gather = losses.gather_with_grad
 
-        def mean_backward(ctx, grad):
-            grad = grad.clone()
-            dist.all_reduce(grad)
-            return stop_backward(ctx, grad / WORLD)
+        def stop_gather(x):  # the public code: only this rank's own loss reaches its inputs
+            parts = [torch.empty_like(x) for _ in range(WORLD)]
+            dist.all_gather(parts, x.detach())
+            parts[rank] = x
+            return torch.cat(parts)
 
-        for mutant, backward in (("stop", stop_backward), ("mean", mean_backward)):
-            losses._GatherWithGrad.backward = staticmethod(backward)
+        def mean_gather(x):  # averaging over ranks in the backward instead of summing
+            y = real_gather(x)
+            y.register_hook(lambda g: g / WORLD)
+            return y
+
+        for mutant, gather in (("stop", stop_gather), ("mean", mean_gather)):
+            losses.gather_with_grad = gather
             model, crit, xs = _setup(torch.float64)
             ddp = DDP(model)
             crit(ddp(xs[rank * b:(rank + 1) * b]))["loss"].backward()
             results[mutant] = [p.grad.clone() for p in model.parameters()]
+        losses.gather_with_grad = real_gather
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
         dist.barrier()  # neither rank closes its connections while the other still reads
     finally:
