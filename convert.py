@@ -16,6 +16,7 @@ its weights twice.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Mapping, NamedTuple
 
@@ -280,6 +281,17 @@ def model_flags(state) -> dict:
             "equivariant": flags.get("equivariant", True)}
 
 
+def check_same_model(path, ckpt, mcfg, flags):
+    """Raise unless checkpoint `ckpt` (read from `path`) holds the model that ModelConfig
+    mcfg and the flags {"inter_target", "equivariant"} build."""
+    if ckpt.get("model_config") != dataclasses.asdict(mcfg) or model_flags(ckpt) != flags:
+        raise ValueError(
+            f"{path} holds a different model ({ckpt.get('model_config')}, {model_flags(ckpt)}) "
+            f"than this command builds ({dataclasses.asdict(mcfg)}, {flags}): give the same "
+            f"--preset/--model_overrides/--inter_target/--equivariant"
+            + (", or another --run_dir" if path.endswith("checkpoint.pt") else ""))
+
+
 def print_report(what: str, report: LoadReport) -> None:
     """One line of counts, then the keys (at most 12 of each kind), on rank 0."""
     utils.print0(f"loaded {what}: {len(report.missing)} missing, "
@@ -305,3 +317,55 @@ def load_equiav(path, preset="base") -> EquiAV:
     net = EquiAV(preset if isinstance(preset, ModelConfig) else get_config(preset))
     print_report(f"authors' EquiAV checkpoint {path}", load_official_checkpoint(net, state))
     return net
+
+
+# ---------------------------------------------------------------------------
+# Our pretraining checkpoints: written by rank 0 after every epoch (pretrain.py);
+# a run resumes from its own
+# ---------------------------------------------------------------------------
+
+def save_pretraining(path, cfg, mcfg, net, criterion, optimizer, scaler, step, epoch, norm_stats):
+    """Write {run_dir}/checkpoint.pt atomically (rank 0), plain tensors and values only.
+    `epoch` counts completed epochs: resuming is epoch-granular, and all randomness of
+    an epoch is a function of (seed, epoch, rank), so no random state is saved."""
+    if utils.is_main():
+        utils.save_checkpoint({
+            "model": net.state_dict(),   # unwrapped and uncompiled: plain EquiAV keys
+            "model_config": dataclasses.asdict(mcfg), "model_flags": _model_flags(cfg),
+            "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+            "loss": criterion.state_dict(), "step": step, "epoch": epoch,
+            "config": dataclasses.asdict(cfg), "norm_stats": norm_stats}, path)
+
+
+def _model_flags(cfg):   # what a pretrain.py config builds beyond its ModelConfig
+    return {"inter_target": cfg.inter_target, "equivariant": cfg.equivariant}
+
+
+def resume_or_init(path, cfg, mcfg, net, criterion, optimizer, scaler):
+    """Resume from our checkpoint at `path` if there is one (it wins over --init_*),
+    else initialise from --init_mae / --init_official / --init_from. Returns (epoch, step)."""
+    if not os.path.exists(path):
+        if cfg.init_mae:
+            print_report(f"ImageNet MAE checkpoint {cfg.init_mae}",
+                                 load_mae_checkpoint(net, cfg.init_mae))
+        elif cfg.init_official:
+            print_report(f"authors' EquiAV checkpoint {cfg.init_official}",
+                                 load_official_checkpoint(net, cfg.init_official))
+        elif cfg.init_from:
+            source = utils.load_checkpoint(cfg.init_from)
+            check_same_model(cfg.init_from, source, mcfg, _model_flags(cfg))
+            net.load_state_dict(source["model"])
+            utils.print0(f"initialised from {cfg.init_from}")
+        return 0, 0
+    ckpt = utils.load_checkpoint(path)
+    check_same_model(path, ckpt, mcfg, _model_flags(cfg))
+    net.load_state_dict(ckpt["model"])
+    criterion.load_state_dict(ckpt["loss"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    utils.load_scaler_state(scaler, ckpt["scaler"], path)
+    changed = {k: (v, getattr(cfg, k)) for k, v in ckpt["config"].items() if getattr(cfg, k, v) != v}
+    utils.print0(f"resumed from {path}: {ckpt['epoch']} epoch(s), step {ckpt['step']} done"
+                 + (f"; config changed since (old, new): {changed}" if changed else "")
+                 + ("; --init_* ignored: resuming wins" if cfg.init_mae or cfg.init_official
+                    or cfg.init_from else ""))
+    return ckpt["epoch"], ckpt["step"]

@@ -399,7 +399,7 @@ def run(cfg, device):
         with open(os.path.join(cfg.out_dir, "retrieval.json"), "w") as f:
             json.dump(results, f, indent=1)
         utils.print0(f"wrote {os.path.join(cfg.out_dir, 'retrieval.json')}")
-    utils.barrier()
+    utils.barrier(utils.RANK0_WORK_TIMEOUT_S)   # rank 0 alone localizes and draws
     return results
 
 

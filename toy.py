@@ -506,7 +506,7 @@ def ensure_toy_dataset(root="data/toy", **toy_kwargs):
         except FileExistsError:
             if not marker.exists():  # not another process's finished dataset
                 raise
-    utils.barrier()
+    utils.barrier(utils.RANK0_WORK_TIMEOUT_S)   # rank 0 may have generated the toy set
     try:
         version = json.loads(marker.read_text()).get("version")
     except (OSError, ValueError) as err:

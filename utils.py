@@ -9,6 +9,7 @@ atomic checkpoints and JSON-lines logs.
 import argparse
 import contextlib
 import dataclasses
+import datetime
 import json
 import math
 import os
@@ -143,6 +144,18 @@ def parse_config(cls, argv=None, description="", profiles=None):
     return cls(**vars(args))
 
 
+def parse_overrides(text, base):
+    """"depth=2,embed_dim=96" -> {"depth": 2, "embed_dim": 96}, each value of the type
+    of that field in the dataclass `base` (e.g. --model_overrides on a preset)."""
+    out = {}
+    for item in filter(None, (text or "").split(",")):
+        key, _, value = (s.strip() for s in item.partition("="))
+        if not hasattr(base, key):
+            raise ValueError(f"--model_overrides: unknown {type(base).__name__} field {key!r}")
+        out[key] = type(getattr(base, key))(value)
+    return out
+
+
 def print_config(title, cfg):
     """`title`, then every field of dataclass `cfg` on a line of its own (rank 0)."""
     print0(title)
@@ -182,9 +195,19 @@ def unwrap(model):
     return model.module if hasattr(model, "module") else model
 
 
-def barrier():
-    if is_distributed():
+RANK0_WORK_TIMEOUT_S = 3600   # the other ranks' wait for rank-0-only work (toy data, figures)
+_CPU_GROUP = None              # a gloo group for barriers with a timeout (NCCL has none of its own)
+
+
+def barrier(timeout_s=None):
+    """Wait for every rank. timeout_s: the wait allowed (e.g. while rank 0 alone writes
+    files), past the process group's default of 10 minutes."""
+    if not is_distributed():
+        return
+    if timeout_s is None:
         dist.barrier()
+    else:
+        dist.monitored_barrier(group=_CPU_GROUP, timeout=datetime.timedelta(seconds=timeout_s))
 
 
 def init_distributed(device=None):
@@ -199,14 +222,38 @@ def init_distributed(device=None):
     rank = int(os.environ["RANK"])
     world_size = int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    global _CPU_GROUP
     if use_cuda:
         torch.cuda.set_device(local_rank)
         dev = torch.device("cuda", local_rank)
         dist.init_process_group("nccl", device_id=dev)
+        _CPU_GROUP = dist.new_group(backend="gloo")
     else:
         dev = torch.device("cpu")
         dist.init_process_group("gloo")
+        _CPU_GROUP = None   # the default group is gloo
     return rank, world_size, local_rank, dev
+
+
+@contextlib.contextmanager
+def cpu_threads(device, threads, num_workers, world):
+    """On the CPU, run with `threads` torch threads per process (0: the cores left after
+    the loader workers, at least 1; None: torch's default), then restore the old count
+    (main() may be called in-process: tests, notebooks)."""
+    before = torch.get_num_threads()
+    if device.type == "cpu" and threads is not None:
+        torch.set_num_threads(threads or max(1, available_cores() // world - num_workers))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def available_cores():
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
 
 
 def cleanup_distributed():
@@ -308,6 +355,14 @@ def set_lr(optimizer, step, total_steps, warmup_steps, cfg):
     return lr
 
 
+def average_grads(params):
+    """All-reduce the gradients of parameters that live outside DDP (a learnable tau)."""
+    for p in params:
+        if p.grad is not None:
+            dist.all_reduce(p.grad)
+            p.grad /= get_world_size()
+
+
 def optimizer_step(optimizer, scaler, loss, clip_grad=0.0, after_backward=None):
     """One update: zero the gradients, backward through the (fp16-)scaled loss, call
     `after_backward` (e.g. averaging gradients DDP does not see), unscale and clip
@@ -329,11 +384,14 @@ def optimizer_step(optimizer, scaler, loss, clip_grad=0.0, after_backward=None):
 # ---------------------------------------------------------------------------
 
 def amp_dtype(device, amp):
-    """The autocast dtype for `device`, or None when AMP is off."""
+    """The autocast dtype for `device`, or None when AMP is off: bf16 where the GPU has
+    it natively (compute capability 8.0 and up), fp16 with a scaler where bf16 would
+    only be emulated (V100, T4: is_bf16_supported() alone counts emulation)."""
     device = torch.device(device)
     if not amp or device.type != "cuda":
         return None
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    native = torch.cuda.is_bf16_supported(including_emulation=False)
+    return torch.bfloat16 if native else torch.float16
 
 
 def autocast_context(device, amp):
@@ -346,6 +404,18 @@ def autocast_context(device, amp):
 def make_grad_scaler(device, amp):
     """A GradScaler that is only enabled for fp16 autocast."""
     return torch.amp.GradScaler("cuda", enabled=amp_dtype(device, amp) == torch.float16)
+
+
+def load_scaler_state(scaler, state, path):
+    """Restore a GradScaler only when both runs used one: a run resumed on another kind
+    of GPU (bf16 <-> fp16) or on the CPU starts with a fresh scale instead of failing on
+    the other run's empty (or unusable) state."""
+    if scaler.is_enabled() and state:
+        scaler.load_state_dict(state)
+    elif scaler.is_enabled() != bool(state):
+        print0(f"{path}: the saved run {'used' if state else 'had no'} fp16 loss scaling and "
+               f"this one {'does not' if not scaler.is_enabled() else 'does'}: the scaler "
+               f"starts afresh")
 
 
 # ---------------------------------------------------------------------------
