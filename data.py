@@ -35,7 +35,6 @@ import json
 import math
 import os
 import re
-import struct
 import sys
 import warnings
 from pathlib import Path
@@ -45,29 +44,21 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-import torchaudio
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from torchaudio.compliance import kaldi
 
+from audio_io import SAMPLE_RATE, load_waveform
+import utils
+from utils import DataError
+
 # Dataset fbank statistics (SPEC 1): (mean, std) of the 128-bin fbank.
 KNOWN_STATS = {"audioset": (-4.346, 4.332), "vggsound": (-4.956, 4.486)}
 
-SAMPLE_RATE = 16000          # SPEC 1: every clip is resampled to 16 kHz
 NUM_FRAMES = 10              # frames stored per clip (1 fps)
 EVAL_FRAME = 5               # SPEC 1: evaluation takes the middle frame
 MIXUP_ALPHA = 10.0           # SPEC 11: lambda ~ Beta(10, 10)
-_MIN_SAMPLES = 400           # one 25 ms Kaldi window at 16 kHz
 LABEL_CSV_NAME = "class_labels_indices.csv"
-
-
-class DataError(Exception):
-    """A manifest, label file or media file that cannot be used, with the reason.
-
-    Messages name the manifest, the entry index (and JSON line when known),
-    the file and the reason, e.g.
-    ``train.json: entry 12 (line 14, video_id abc): /d/abc.wav: zero-length audio``.
-    """
 
 
 # ===========================================================================
@@ -247,141 +238,6 @@ class _StringArray:
 # ===========================================================================
 # Audio (SPEC 1): WAV decoding, downmix, resampling, Kaldi fbank
 # ===========================================================================
-
-_WAV_PCM, _WAV_FLOAT, _WAV_EXTENSIBLE = 1, 3, 0xFFFE
-
-
-def read_wav(path):
-    """Decode a RIFF/WAVE file; returns (samples (C, N) float32 in [-1, 1], sample_rate).
-
-    Reads 8/16/24/32-bit integer PCM and 32/64-bit float (format 3), plain or
-    WAVE_FORMAT_EXTENSIBLE, any channel count and rate. The RIFF chunks are
-    parsed here (stdlib `struct` + numpy) because `wave` rejects float files.
-    """
-    path = str(path)
-    with open(path, "rb") as f:
-        raw = f.read()
-    if len(raw) < 12:
-        raise DataError(f"{path}: truncated WAV header ({len(raw)} bytes)")
-    riff, _, wave_id = struct.unpack_from("<4sI4s", raw, 0)
-    if riff != b"RIFF" or wave_id != b"WAVE":
-        raise DataError(f"{path}: not a RIFF/WAVE file")
-    fmt, pcm, pos = None, None, 12
-    while pos + 8 <= len(raw):
-        chunk_id, size = struct.unpack_from("<4sI", raw, pos)
-        body = pos + 8
-        if chunk_id == b"fmt ":
-            if size < 16 or body + 16 > len(raw):
-                raise DataError(f"{path}: truncated WAV header (fmt chunk)")
-            tag, channels, rate, _, block_align, bits = struct.unpack_from("<HHIIHH", raw, body)
-            if tag == _WAV_EXTENSIBLE:
-                if size < 40 or body + 26 > len(raw):
-                    raise DataError(f"{path}: truncated WAV header (extensible fmt chunk)")
-                tag = struct.unpack_from("<H", raw, body + 24)[0]  # SubFormat GUID's first field
-            fmt = (tag, channels, rate, block_align, bits)
-        elif chunk_id == b"data":
-            if fmt is None:
-                raise DataError(f"{path}: WAV data chunk comes before the fmt chunk")
-            if body + size > len(raw):
-                raise DataError(f"{path}: truncated WAV file (data chunk declares {size} bytes, "
-                                f"{len(raw) - body} present)")
-            pcm = raw[body:body + size]
-            break
-        pos = body + size + (size & 1)  # chunks are padded to even sizes
-    if fmt is None:
-        raise DataError(f"{path}: truncated WAV header (no fmt chunk)")
-    if pcm is None:
-        raise DataError(f"{path}: truncated WAV file (no data chunk)")
-    tag, channels, rate, block_align, bits = fmt
-    if channels == 0 or rate == 0 or block_align == 0 or block_align % channels:
-        raise DataError(f"{path}: invalid WAV header ({channels} channels, {rate} Hz, "
-                        f"block align {block_align})")
-    width = block_align // channels
-    n = len(pcm) // block_align
-    if n == 0:
-        raise DataError(f"{path}: zero-length audio (no samples)")
-    pcm = pcm[:n * block_align]
-    if tag == _WAV_PCM and width == 1:
-        x = (np.frombuffer(pcm, np.uint8).astype(np.float32) - 128.0) / 128.0
-    elif tag == _WAV_PCM and width == 2:
-        x = np.frombuffer(pcm, "<i2").astype(np.float32) / 32768.0
-    elif tag == _WAV_PCM and width == 3:
-        b = np.frombuffer(pcm, np.uint8).reshape(-1, 3).astype(np.int32)
-        v = b[:, 0] | (b[:, 1] << 8) | (b[:, 2] << 16)
-        v = np.where(v >= 1 << 23, v - (1 << 24), v)  # sign-extend 24-bit two's complement
-        x = v.astype(np.float32) / float(1 << 23)
-    elif tag == _WAV_PCM and width == 4:
-        x = (np.frombuffer(pcm, "<i4").astype(np.float64) / float(1 << 31)).astype(np.float32)
-    elif tag == _WAV_FLOAT and width in (4, 8):
-        x = np.frombuffer(pcm, "<f4" if width == 4 else "<f8").astype(np.float32)
-        if not np.all(np.isfinite(x)):
-            raise DataError(f"{path}: float WAV contains NaN or infinite samples")
-    else:
-        raise DataError(f"{path}: unsupported WAV encoding (format tag {tag}, {bits} bits); "
-                        f"convert it to PCM, e.g. `ffmpeg -i IN -acodec pcm_s16le OUT.wav`")
-    return x.reshape(n, channels).T, rate  # (C, N)
-
-
-PYAV_INSTALL = "pip install -r requirements-prepare.txt"  # PyAV: FFmpeg's decoders in a wheel
-
-
-def import_av(why="PyAV is needed"):
-    """The PyAV module, or a DataError saying `why` and the command that installs it."""
-    try:
-        import av  # an optional extra: only non-WAV audio and prepare.py need it
-    except ImportError:
-        raise DataError(f"{why}, and it is not installed: `{PYAV_INSTALL}` (or `pip install av`; "
-                        f"its wheels bundle FFmpeg, no system FFmpeg is needed)") from None
-    return av
-
-
-def decode_audio(path, sample_rate=SAMPLE_RATE):
-    """Any audio FFmpeg decodes (the first audio stream of a file: mp3, ogg, flac, m4a,
-    a video's track) through PyAV, downmixed to mono and resampled to `sample_rate` by
-    FFmpeg's libswresample: (N,) float32 in [-1, 1]. Raises DataError on failure."""
-    av = import_av(f"{path}: not a WAV file; reading it needs PyAV")
-    try:
-        with av.open(str(path)) as container:
-            if not container.streams.audio:
-                raise DataError(f"{path}: no audio track")
-            resampler = av.AudioResampler(format="flt", layout="mono", rate=sample_rate)
-            chunks = []
-            for frame in container.decode(audio=0):
-                chunks += [f.to_ndarray().reshape(-1) for f in resampler.resample(frame)]
-            chunks += [f.to_ndarray().reshape(-1) for f in resampler.resample(None)]  # flush
-    except av.FFmpegError as err:
-        raise DataError(f"{path}: cannot decode audio ({err})") from err
-    if not chunks or sum(c.size for c in chunks) == 0:
-        raise DataError(f"{path}: zero-length audio (no samples)")
-    return torch.from_numpy(np.concatenate(chunks).astype(np.float32))
-
-
-def load_waveform(path):
-    """Mono 16 kHz waveform with the mean removed (SPEC 1); returns (N,) float32.
-
-    WAV files (recognized by their RIFF header) are decoded by read_wav, with no
-    dependency; other formats through PyAV (decode_audio), an optional extra.
-    """
-    path = str(path)
-    try:
-        with open(path, "rb") as f:
-            head = f.read(12)
-    except FileNotFoundError:
-        raise DataError(f"{path}: audio file not found") from None
-    except OSError as err:
-        raise DataError(f"{path}: cannot read audio file ({err.strerror or err})") from err
-    if head[:4] == b"RIFF" or path.lower().endswith(".wav"):
-        samples, rate = read_wav(path)
-        wav = torch.from_numpy(samples).mean(dim=0)  # downmix channels, (N,)
-        if rate != SAMPLE_RATE:
-            wav = torchaudio.functional.resample(wav, int(rate), SAMPLE_RATE)
-    else:
-        wav = decode_audio(path)
-    if wav.numel() < _MIN_SAMPLES:
-        raise DataError(f"{path}: audio too short ({wav.numel()} samples at 16 kHz; one 25 ms "
-                        f"window needs {_MIN_SAMPLES})")
-    return wav - wav.mean()
-
 
 def waveform_to_fbank(waveform, audio_length, mel_bins):
     """Kaldi log-mel filterbank (SPEC 1), cut or zero-padded to audio_length frames.
@@ -642,6 +498,10 @@ class AudioVisualDataset(Dataset):
         np.cumsum([len(ls) for ls in label_lists], out=self._label_ptr[1:])
         self._label_idx = np.fromiter((c for ls in label_lists for c in ls), dtype=np.int64,
                                       count=int(self._label_ptr[-1]))
+        if self.num_classes and n and all(self._entry_errors.get(i) == "no labels" for i in range(n)):
+            raise DataError(f"{self.manifest}: no entry has labels (an unlabelled manifest, as "
+                            f"prepare.py writes without --labels): fine-tuning against "
+                            f"{self.label_csv} needs labelled clips")
         if self._entry_errors and not skip_bad:
             first = min(self._entry_errors)
             raise DataError(f"{self._where(first)}: {self._entry_errors[first]}"
@@ -721,8 +581,19 @@ class AudioVisualDataset(Dataset):
             wav = wav - wav.mean()
             frame = lam * frame + (1.0 - lam) * frame2
             label = lam * label + (1.0 - lam) * self.label_vector(j)
-        audio = self._normalize(waveform_to_fbank(wav, self.audio_length, self.mel_bins))
+        audio = self._normalize(self.fbank(wav, self._wav[i]))
+        if not torch.isfinite(frame).all():
+            raise DataError(f"{self.frame_file(i, k)}: non-finite pixel values")
         return {"audio": audio, "frame": frame, "label": label, "index": i}
+
+    def fbank(self, wav, path):
+        """(T, F) un-normalized fbank of waveform `wav` (read from `path`), checked to be
+        finite: a float WAV's samples may be finite yet so large that their power is not."""
+        fbank = waveform_to_fbank(wav, self.audio_length, self.mel_bins)
+        if not torch.isfinite(fbank).all():
+            raise DataError(f"{path}: non-finite features (float samples up to "
+                            f"{wav.abs().max().item():.3g})")
+        return fbank
 
     def __getitem__(self, key):
         if not isinstance(key, SampleKey):
@@ -909,15 +780,6 @@ class EpochKeySampler(Sampler):
             yield SampleKey(int(i), self.epoch, self.seed, pos + 1 if self.with_replacement else 0)
 
 
-def default_num_workers():
-    """Workers per process: the CPUs available to this process, at most 8."""
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except AttributeError:
-        cpus = os.cpu_count() or 1
-    return max(1, min(8, cpus))
-
-
 def make_loader(dataset, batch_size, train, num_workers=None, distributed=None, seed=0,
                 weights=None, num_samples=None, pin_memory=None):
     """DataLoader over an AudioVisualDataset that keeps a GPU fed.
@@ -944,7 +806,7 @@ def make_loader(dataset, batch_size, train, num_workers=None, distributed=None, 
                                   drop_last=train)
     sampler = EpochKeySampler(base, seed=seed, with_replacement=weights is not None)
     if num_workers is None:
-        num_workers = default_num_workers()
+        num_workers = utils.default_num_workers()
     if pin_memory is None:
         pin_memory = torch.cuda.is_available()
     loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
@@ -1028,7 +890,7 @@ class _EntryCheck(Dataset):
         if i in ds._entry_errors:
             return i, [ds._entry_errors[i]]
         try:
-            ds.load_waveform(i)
+            ds.fbank(ds.load_waveform(i), ds._wav[i])
         except DataError as err:
             reasons.append(str(err))
         missing = []
@@ -1068,7 +930,11 @@ def check_manifest(manifest, label_csv=None, num_workers=0):
     Returns (number of entries, list of BadEntry, the label CSV used or None).
     Whole-manifest problems (missing, malformed, empty) raise DataError.
     """
+    given = label_csv
     label_csv = label_csv or find_label_csv(manifest)
+    if given is None and not any(isinstance(e, dict) and e.get("labels")
+                                 for e in read_manifest(manifest)):
+        label_csv = None   # an unlabelled manifest (pretraining data): nothing to check against
     ds = AudioVisualDataset(manifest, label_csv=label_csv, train=False, norm_mean=0.0,
                             norm_std=1.0, skip_bad=True)
     found = {}
@@ -1138,7 +1004,11 @@ def main(argv=None):
                 print(f"BAD {b.where}:")
                 for reason in b.reasons:
                     print(f"    {reason}")
+            unlabelled = not any(isinstance(e, dict) and e.get("labels")
+                                 for e in read_manifest(args.manifest))
             print(f"labels checked against {label_csv}" if label_csv else
+                  "labels NOT checked: no entry has labels (an unlabelled manifest: fine for "
+                  "pretraining; fine-tuning needs labels)" if unlabelled else
                   f"labels NOT checked: no --label_csv given and no {LABEL_CSV_NAME} next to "
                   f"the manifest")
             print(f"{args.manifest}: {n} entries, {len(bad)} bad")

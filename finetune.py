@@ -147,7 +147,7 @@ class FinetuneConfig(utils.TrainConfig):
 # (times each group's multiplier) and clip no gradients.
 PROFILES = {
     "paper": dict(preset="base", epochs=50, batch_size=48, lr=1e-4, warmup_epochs=2.0,
-                  warmup_start_lr=0.0, clip_grad=0.0, mixup=0.5, num_workers=8),
+                  warmup_start_lr=0.0, clip_grad=0.0, mixup=0.5),
     "toy": dict(preset="tiny", epochs=6, batch_size=32, lr=2e-4, warmup_epochs=1.0,
                 warmup_start_lr=0.0, clip_grad=0.0, mixup=0.0, num_workers=0),
 }

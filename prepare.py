@@ -47,6 +47,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+import audio_io
 import data
 import utils
 from utils import option
@@ -101,7 +102,7 @@ class ClipError(Exception):
 
 def main(cfg):
     """Prepare every input of `cfg`; returns (the manifest entries, the failures)."""
-    data.import_av()  # fail at once, naming the install command, when PyAV is missing
+    audio_io.import_av()  # fail at once, naming the install command, when PyAV is missing
     out = Path(cfg.out)
     jobs = list_jobs(cfg)
     if not jobs:
@@ -175,11 +176,13 @@ def write_outputs(cfg, out, entries):
             written.append(out / name)
         stats_from = out / "train.json"
     label_csv = out / data.LABEL_CSV_NAME
+    ids = sorted({x for e in entries for x in e["labels"].split(",") if x})
     if cfg.label_csv:
         if Path(cfg.label_csv).resolve() != label_csv.resolve():
             shutil.copyfile(cfg.label_csv, label_csv)
+    elif not ids:   # unlabelled clips (pretraining data): no class list to write
+        label_csv = "no class CSV (no clip has labels: an unlabelled set, for pretraining)"
     else:
-        ids = sorted({x for e in entries for x in e["labels"].split(",") if x})
         with open(label_csv, "w", newline="", encoding="utf-8") as f:
             writer = csv.writer(f, lineterminator="\n")
             writer.writerow(["index", "mid", "display_name"])
@@ -281,7 +284,7 @@ def prepare_clip(job, cfg, known):
         frames, repeated = read_video_frames(job.source)
     else:
         frames, repeated = [_read_image(job.image)] * data.NUM_FRAMES, 0
-    wave_16k = data.decode_audio(job.source)                       # (N,) float32, 16 kHz
+    wave_16k = audio_io.decode_audio(job.source)                       # (N,) float32, 16 kHz
     peak = float(np.abs(wave_16k.numpy()).max())
     peak_db = 20 * np.log10(peak) if peak > 0 else -np.inf
     if peak_db < cfg.min_peak_db:
@@ -293,7 +296,7 @@ def prepare_clip(job, cfg, known):
     with wave.open(str(partial / "audio.wav"), "wb") as w:
         w.setnchannels(1)
         w.setsampwidth(2)
-        w.setframerate(data.SAMPLE_RATE)
+        w.setframerate(audio_io.SAMPLE_RATE)
         w.writeframes(pcm.tobytes())
     for k, img in enumerate(frames):
         img.save(partial / f"frame_{k}.jpg", format="JPEG", quality=cfg.jpeg_quality)
@@ -302,7 +305,7 @@ def prepare_clip(job, cfg, known):
     os.replace(partial / "audio.wav", out / "audio" / f"{job.video_id}.wav")
     partial.rmdir()
     entry = {"video_id": job.video_id, "wav": f"audio/{job.video_id}.wav", "video_path": "frames",
-             "labels": labels, "source": job.source, "duration": round(pcm.size / data.SAMPLE_RATE, 3)}
+             "labels": labels, "source": job.source, "duration": round(pcm.size / audio_io.SAMPLE_RATE, 3)}
     if job.kind == "pair":
         entry["image"] = job.image
     if repeated:
@@ -316,7 +319,7 @@ def prepare_clip(job, cfg, known):
 def read_video_frames(path):
     """Frame k = the first frame shown at or after k seconds, k = 0 .. 9, as RGB PIL
     images; a shorter video repeats its last frame. Returns (frames, repeats)."""
-    av = data.import_av()
+    av = audio_io.import_av()
     frames = []
     try:
         with av.open(str(path)) as container:

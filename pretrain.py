@@ -222,9 +222,7 @@ def resolve_config(cfg):
     """Fill the None fields from the profile and check the rest; returns a new config."""
     cfg = utils.apply_profile(cfg, PROFILES, cfg.profile or ("toy" if cfg.data is None else "paper"))
     cfg = dataclasses.replace(cfg, w_a=cfg.w_intra if cfg.w_a is None else cfg.w_a,
-                              w_v=cfg.w_intra if cfg.w_v is None else cfg.w_v,
-                              num_workers=cfg.num_workers if cfg.num_workers is not None
-                              else data.default_num_workers())   # at most the machine's cores
+                              w_v=cfg.w_intra if cfg.w_v is None else cfg.w_v)
     target = cfg.inter_target or ("centroid" if cfg.centroid else "original")
     if target not in INTER_TARGETS or (not cfg.centroid and target != "original"):
         raise ValueError(f"--inter_target must be one of {INTER_TARGETS} (original with "

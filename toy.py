@@ -45,6 +45,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+import audio_io
 import data
 import utils
 
@@ -154,7 +155,7 @@ def _toy_source(rng, cls, pitch, rate, t):
     if timbre.sweep:
         drop = np.exp(since * np.float32(-50.0))  # 20 ms pitch drop after each onset
         freq = freq * (np.float32(1.0) + np.float32(timbre.sweep) * drop)
-    cycles = np.cumsum(freq, dtype=np.float64) / data.SAMPLE_RATE  # phase in periods of f0
+    cycles = np.cumsum(freq, dtype=np.float64) / audio_io.SAMPLE_RATE  # phase in periods of f0
     audible = [(r, a) for r, a in timbre.partials if r * f0 < 7000.0]  # stay below Nyquist
     harmonic = [(r, a) for r, a in audible if float(r).is_integer()]
     sig = _lookup(_harmonic_table(harmonic, rng), cycles)  # all harmonics in one table
@@ -175,8 +176,8 @@ def _toy_source(rng, cls, pitch, rate, t):
 
 def _toy_audio(rng, objects):
     """Mix of the objects plus background; returns (N,) int16 at 16 kHz."""
-    n = int(round(TOY_DURATION * data.SAMPLE_RATE))
-    t = np.arange(n, dtype=np.float32) / np.float32(data.SAMPLE_RATE)
+    n = int(round(TOY_DURATION * audio_io.SAMPLE_RATE))
+    t = np.arange(n, dtype=np.float32) / np.float32(audio_io.SAMPLE_RATE)
     mix = np.zeros(n, dtype=np.float32)
     for obj in objects:
         mix += np.float32(rng.uniform(0.6, 1.0)) * _toy_source(rng, obj["cls"], obj["pitch"],
@@ -187,7 +188,7 @@ def _toy_audio(rng, objects):
     if rng.random() < 0.5:  # mains hum with two overtones
         mains = rng.choice([50.0, 60.0])
         hum = [(h, rng.uniform(0, 1.5) / h) for h in (1, 2, 3)]
-        background += _lookup(_harmonic_table(hum, rng), mains * np.arange(n) / data.SAMPLE_RATE)
+        background += _lookup(_harmonic_table(hum, rng), mains * np.arange(n) / audio_io.SAMPLE_RATE)
     for _ in range(rng.integers(0, 4)):  # clicks
         start = rng.integers(0, n - 80)
         background[start:start + 80] += (rng.uniform(2, 6) * rng.standard_normal(80)
@@ -378,7 +379,7 @@ class _ToyClips(Dataset):
         with wave.open(os.path.join(self.out_dir, relative), "wb") as w:
             w.setnchannels(1)
             w.setsampwidth(2)
-            w.setframerate(data.SAMPLE_RATE)
+            w.setframerate(audio_io.SAMPLE_RATE)
             w.writeframes(pcm.astype("<i2").tobytes())
 
     def _write_frames(self, vid, frames):
@@ -444,7 +445,7 @@ def make_toy_dataset(out_dir, n_train=2000, n_test=400, n_retrieval=300, n_train
                  "test_multilabel": n_test_multilabel, "test_distractor": n_distractor}
         jobs = [(split, i) for split, n in sizes.items() for i in range(n)]
         if num_workers is None:
-            num_workers = min(4, data.default_num_workers()) if len(jobs) > 64 else 0
+            num_workers = min(4, utils.default_num_workers()) if len(jobs) > 64 else 0
         loader = DataLoader(_ToyClips(tmp, jobs, seed, audio_length, mel_bins), batch_size=None,
                             num_workers=num_workers, collate_fn=_as_is)
         if progress:
@@ -472,7 +473,7 @@ def make_toy_dataset(out_dir, n_train=2000, n_test=400, n_retrieval=300, n_train
                      "manifest": "train.json"}
             (tmp / "stats.json").write_text(json.dumps(stats, indent=1) + "\n")
         params = {"version": TOY_VERSION, "seed": seed, **sizes, "n_retrieval": n_retrieval,
-                  "audio_length": audio_length, "mel_bins": mel_bins, "sample_rate": data.SAMPLE_RATE,
+                  "audio_length": audio_length, "mel_bins": mel_bins, "sample_rate": audio_io.SAMPLE_RATE,
                   "duration": TOY_DURATION, "frame_size": list(TOY_FRAME_SIZE),
                   "classes": [c[0] for c in TOY_CLASSES]}
         (tmp / "toy.json").write_text(json.dumps(params, indent=1) + "\n")

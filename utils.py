@@ -22,6 +22,15 @@ import torch
 import torch.distributed as dist
 
 
+class DataError(Exception):
+    """A manifest, label file or media file that cannot be used, with the reason.
+
+    Messages name the manifest, the entry index (and JSON line when known),
+    the file and the reason, e.g.
+    ``train.json: entry 12 (line 14, video_id abc): /d/abc.wav: zero-length audio``.
+    """
+
+
 # ---------------------------------------------------------------------------
 # Configs: one dataclass per script, every field a `--field value` option
 # ---------------------------------------------------------------------------
@@ -48,7 +57,8 @@ class TrainConfig:
                                    "failing on the first one")
     max_bad_fraction: float = option(0.01, "with --skip_bad: fail once more than this fraction "
                                            "of the samples seen was bad")
-    num_workers: Optional[int] = option(None, "data-loader processes per rank")
+    num_workers: Optional[int] = option(None, "data-loader processes per rank; none -> the "
+                                              "profile's (toy), else the CPUs available, at most 8")
     run_dir: Optional[str] = option(None, "checkpoint.pt (resumed when present) and log.jsonl "
                                           "go here")
     epochs: Optional[int] = option(None, "training epochs")
@@ -75,6 +85,8 @@ def apply_profile(cfg, profiles, name):
     if name not in profiles:
         raise ValueError(f"unknown profile {name!r}; choose from {sorted(profiles)}")
     filled = {k: v for k, v in profiles[name].items() if getattr(cfg, k) is None}
+    if getattr(cfg, "num_workers", 0) is None and "num_workers" not in filled:
+        filled["num_workers"] = default_num_workers()   # no more than the machine has
     return dataclasses.replace(cfg, profile=name, **filled)
 
 
@@ -247,6 +259,11 @@ def cpu_threads(device, threads, num_workers, world):
         yield
     finally:
         torch.set_num_threads(before)
+
+
+def default_num_workers():
+    """Loader workers per process: the CPUs available to this process, at most 8."""
+    return max(1, min(8, available_cores()))
 
 
 def available_cores():

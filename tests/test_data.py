@@ -20,6 +20,7 @@ from PIL import Image
 from torchaudio.compliance import kaldi
 from torchvision import transforms
 
+import audio_io
 import data
 import toy as toy_module
 
@@ -225,7 +226,7 @@ def test_real_manifest_audio_matches_independent_fbank(real):
     pad = ds[0]["audio"][58:]
     assert torch.allclose(pad, torch.full_like(pad, 3.0 / 4.0))
     # read_wav gives the decoded samples themselves, channels first
-    samples, rate = data.read_wav(root / "audio" / "s24.wav")
+    samples, rate = audio_io.read_wav(root / "audio" / "s24.wav")
     assert rate == 22050 and samples.shape == (1, waves["s24"][0].shape[0])
     np.testing.assert_allclose(samples.T, waves["s24"][0], atol=1e-7)
 
@@ -463,7 +464,7 @@ def test_truncated_wav(tmp_path, real):
         data.load_audio_fbank(tmp_path / "cut.wav", 100, 32)
     (tmp_path / "tiny.wav").write_bytes(full[:6])
     with pytest.raises(data.DataError, match="tiny.wav: truncated WAV header"):
-        data.read_wav(tmp_path / "tiny.wav")
+        audio_io.read_wav(tmp_path / "tiny.wav")
 
 
 def test_missing_frame_folder_and_corrupt_frame(tmp_path, real):
@@ -488,13 +489,13 @@ def test_other_containers_go_through_pyav(tmp_path, monkeypatch):
         with pytest.raises(data.DataError, match=r"a.flac: not a WAV file; reading it needs PyAV, "
                                                  r"and it is not installed: `pip install -r "
                                                  r"requirements-prepare.txt`"):
-            data.load_waveform(tmp_path / "a.flac")
+            audio_io.load_waveform(tmp_path / "a.flac")
     (tmp_path / "x.wav").write_bytes(b"ID3" + bytes(64))
     with pytest.raises(data.DataError, match="x.wav: not a RIFF/WAVE file"):
-        data.load_waveform(tmp_path / "x.wav")
-    pytest.importorskip("av", reason=f"PyAV is an optional extra: {data.PYAV_INSTALL}")
+        audio_io.load_waveform(tmp_path / "x.wav")
+    pytest.importorskip("av", reason=f"PyAV is an optional extra: {audio_io.PYAV_INSTALL}")
     with pytest.raises(data.DataError, match="a.flac: cannot decode audio"):
-        data.load_waveform(tmp_path / "a.flac")  # garbage after the magic bytes
+        audio_io.load_waveform(tmp_path / "a.flac")  # garbage after the magic bytes
 
 
 def test_skip_bad_loader_and_skip_counter(tmp_path, real):
@@ -612,3 +613,69 @@ def test_resolve_norm_stats_options(toy):
         data.resolve_norm_stats("imagenet")
     with pytest.warns(UserWarning, match="computed with mel_bins=64, the dataset uses 128"):
         data.resolve_norm_stats("auto", toy["train"], None, audio_length=256, mel_bins=128)
+
+
+# ---------------------------------------------------------------------------
+# Unlabelled manifests, non-finite features, loader workers
+# ---------------------------------------------------------------------------
+
+def test_unlabelled_manifest_passes_check_and_fails_finetuning_with_the_reason(tmp_path, real, capsys):
+    root, _ = real
+    manifest = _bad_copy(root, tmp_path, lambda e, d: None)
+    entries = data.read_manifest(manifest)
+    for e in entries:
+        e["labels"] = ""                     # prepare.py without --labels
+    _write_manifest(manifest, entries)
+    # a header-only class CSV beside it, as earlier prepare.py versions wrote one
+    (tmp_path / data.LABEL_CSV_NAME).write_text("index,mid,display_name\n")
+    n, bad, label_csv = data.check_manifest(manifest)
+    assert (n, bad, label_csv) == (6, [], None)
+    assert data.main(["check", str(manifest)]) == 0
+    out = capsys.readouterr().out
+    assert "labels NOT checked: no entry has labels (an unlabelled manifest" in out
+    assert "6 entries, 0 bad" in out
+    assert len(_dataset(tmp_path, "bad.json", label_csv=None)) == 6   # pretraining reads it
+    with pytest.raises(data.DataError, match=r"bad.json: no entry has labels .*needs labelled"):
+        _dataset(tmp_path, "bad.json", label_csv=root / "labels.csv", skip_bad=True)
+
+
+def test_huge_float_samples_are_a_named_bad_sample(tmp_path, real):
+    root, _ = real
+
+    def edit(e, d):   # finite samples whose power overflows float32: an unnormalised export
+        tone = np.sin(2 * np.pi * 440 * np.arange(16000) / 16000)[:, None]
+        _write_float_wav(d / "loud.wav", (1e30 * tone).astype(np.float32), 16000)
+        e["wav"] = str(d / "loud.wav")
+    manifest = _bad_copy(root, tmp_path, edit)
+    assert np.isfinite(audio_io.read_wav(tmp_path / "loud.wav")[0]).all()
+    with pytest.raises(data.DataError, match=r"bad.json: entry 2 \(line 4, video_id s24\): "
+                                             r".*loud.wav: non-finite features \(float samples "
+                                             r"up to 1e\+30\)"):
+        _dataset(tmp_path, "bad.json")[2]
+    skipped = _dataset(tmp_path, "bad.json", skip_bad=True)[2]
+    assert isinstance(skipped, data.BadSample) and "non-finite features" in skipped.message
+    assert torch.isfinite(_dataset(tmp_path, "bad.json")[1]["audio"]).all()   # the others load
+    _, bad, _ = data.check_manifest(manifest, root / "labels.csv")
+    assert [b.index for b in bad] == [2] and "non-finite features" in bad[0].reasons[0]
+
+
+def test_non_finite_frame_is_a_named_bad_sample(real, monkeypatch):
+    root, _ = real
+    ds = _dataset(root)
+    monkeypatch.setattr(data, "load_frame", lambda path, size: torch.full((3, size, size), float("nan")))
+    with pytest.raises(data.DataError, match=r"entry 0 .*frame_5.*: non-finite pixel values"):
+        ds[0]
+
+
+def test_default_workers_fit_the_machine(monkeypatch):
+    import finetune
+    import pretrain
+    import utils
+    monkeypatch.setattr(utils, "available_cores", lambda: 3)
+    assert pretrain.resolve_config(pretrain.PretrainConfig(data="x.json")).num_workers == 3
+    assert finetune.resolve_config(finetune.FinetuneConfig(
+        train="a.json", test="b.json", init="c.pt")).num_workers == 3
+    monkeypatch.setattr(utils, "available_cores", lambda: 64)
+    assert pretrain.resolve_config(pretrain.PretrainConfig(data="x.json")).num_workers == 8
+    assert pretrain.resolve_config(pretrain.PretrainConfig()).num_workers == 1   # the toy's own
+    assert pretrain.resolve_config(pretrain.PretrainConfig(data="x.json", num_workers=0)).num_workers == 0

@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import audio_io
 import data
 import prepare
 
-av = pytest.importorskip("av", reason=f"PyAV is an optional extra: {data.PYAV_INSTALL}")
+av = pytest.importorskip("av", reason=f"PyAV is an optional extra: {audio_io.PYAV_INSTALL}")
 
 FPS, W, H = 10, 64, 48
 
@@ -136,8 +137,8 @@ def test_pairs_from_encoded_sounds_and_pictures(tmp_path):
     split = [len(data.read_manifest(out / n)) for n in ("train.json", "test.json")]
     assert sum(split) == 2
     # the loader reads non-WAV audio through PyAV too: the same samples prepare wrote
-    wav = data.load_waveform(out / "audio" / "horn.wav")
-    direct = data.load_waveform(tmp_path / "media" / "horn.mp3")
+    wav = audio_io.load_waveform(out / "audio" / "horn.wav")
+    direct = audio_io.load_waveform(tmp_path / "media" / "horn.mp3")
     assert abs(wav.numel() - direct.numel()) <= 1
     assert np.corrcoef(wav[:8000].numpy(), direct[:8000].numpy())[0, 1] > 0.99
 
@@ -202,11 +203,27 @@ def test_resume_after_a_kill_keeps_finished_clips_and_redoes_the_unfinished(tmp_
     assert not (out / "audio" / "b.wav").exists() and (out / ".partial" / "b").exists()
     done_a = (out / "clips" / "a.json").stat().st_mtime_ns
     monkeypatch.setattr(prepare.os, "replace", replace)
-    original, calls = prepare.data.decode_audio, []
-    monkeypatch.setattr(prepare.data, "decode_audio",
+    original, calls = prepare.audio_io.decode_audio, []
+    monkeypatch.setattr(prepare.audio_io, "decode_audio",
                         lambda path, *a, **kw: calls.append(path) or original(path, *a, **kw))
     entries, failures = prepare.main(cfg)
     assert failures == {} and [e["video_id"] for e in entries] == ["a", "b", "c"]
     assert [p.rsplit("/", 1)[-1] for p in calls] == ["b.mp4", "c.mp4"]   # a was kept
     assert (out / "clips" / "a.json").stat().st_mtime_ns == done_a
     assert not (out / ".partial").exists() or not any((out / ".partial").iterdir())
+
+
+def test_videos_without_labels_are_an_unlabelled_set_that_passes_check(tmp_path, capsys):
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    encode_video(videos / "a.mp4", seconds=2.0)
+    encode_video(videos / "b.mp4", seconds=2.0, tone=660.0)
+    out = tmp_path / "out"
+    entries, failures = prepare.main(prepare.PrepareConfig(videos=str(videos), out=str(out),
+                                                           audio_length=128, mel_bins=32))
+    assert failures == {} and [e["labels"] for e in entries] == ["", ""]
+    assert not (out / data.LABEL_CSV_NAME).exists()          # no class list without classes
+    assert "no class CSV" in capsys.readouterr().out
+    assert data.main(["check", str(out / "data.json")]) == 0
+    printed = capsys.readouterr().out
+    assert "labels NOT checked: no entry has labels" in printed and "2 entries, 0 bad" in printed
