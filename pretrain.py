@@ -291,6 +291,7 @@ def wrap(net, cfg, device, local_rank):
         model = DistributedDataParallel(
             net, device_ids=[local_rank] if device.type == "cuda" else None, broadcast_buffers=False,
             find_unused_parameters=min(cfg.w_inter, cfg.w_a, cfg.w_v) == 0)
+        utils.print0(f"DDP: find_unused_parameters={model.find_unused_parameters}")
     return torch.compile(model) if cfg.compile else model
 
 

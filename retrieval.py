@@ -75,6 +75,9 @@ class RetrievalConfig:
     figure_distractors: int = option(4, "distractor clips drawn in figure3.png as well")
     random_weights: bool = option(False, "evaluate a freshly initialised model of the "
                                          "checkpoint's config instead (a baseline)")
+    augmented_views: bool = option(True, "also retrieve with one side's input replaced by its "
+                                         "augmented view, per augmentation group (the paper's "
+                                         "premise: the class survives, the pairing partly not)")
     amp: bool = option(False, "mixed precision on CUDA")
     device: Optional[str] = option(None, "cpu or cuda (default: cuda when available)")
 
@@ -166,13 +169,15 @@ def centroid_vectors(cfg, S, seed):
 
 
 @torch.no_grad()
-def extract_embeddings(model, loader, device, S=16, seed=0, amp=False):
+def extract_embeddings(model, loader, device, S=16, seed=0, amp=False, view=None):
     """Deterministic inter-modal embeddings of every clip of `loader` (SPEC 13).
 
     `loader` must come from an evaluation dataset (train=False: the middle
     frame, no mixup); under torchrun each rank embeds its shard and the
     results are gathered. Returns z_a, z_v (N, d) float32, L2-normalized, on
-    `device`, row i = dataset index i, identical on every rank.
+    `device`, row i = dataset index i, identical on every rank. view = (m, t):
+    modality m ("a" or "v") is embedded from its augmented view under t[i] (one
+    vector per dataset index, on the CPU) instead of the clip itself.
     """
     if getattr(loader.dataset, "train", False):
         raise ValueError("extract_embeddings needs an evaluation dataset (train=False): "
@@ -184,7 +189,12 @@ def extract_embeddings(model, loader, device, S=16, seed=0, amp=False):
     indices, zs_a, zs_v = [], [], []
     for batch in loader:
         x_a = batch["audio"].to(device, non_blocking=True)
-        x_v = augment.normalize_image(batch["frame"].to(device, non_blocking=True))
+        x_v = batch["frame"].to(device, non_blocking=True)
+        if view is not None:
+            t = view[1][batch["index"].long()]
+            x_a = augment.apply_audio(x_a, t) if view[0] == "a" else x_a
+            x_v = augment.apply_visual(x_v, t) if view[0] == "v" else x_v
+        x_v = augment.normalize_image(x_v)
         b = x_a.shape[0]
         with utils.autocast_context(device, amp):
             z_a, z_v = model.embed(x_a, x_v, T_a.expand(b, -1, -1), T_v.expand(b, -1, -1))
@@ -202,6 +212,38 @@ def evaluate_retrieval(model, loader, device, S=16, seed=0, amp=False):
     torchrun): (metrics of retrieval_metrics, chance_levels, number of clips)."""
     z_a, z_v = extract_embeddings(model, loader, device, S=S, seed=seed, amp=amp)
     return retrieval_metrics(z_a, z_v), chance_levels(z_a.shape[0]), z_a.shape[0]
+
+
+def augmented_views(model, loader, device, S=16, seed=0, amp=False):
+    """The paper's premise measured: zero-shot retrieval with one side's input replaced
+    by its augmented view, one SPEC 8 augmentation group at a time (sampled as training
+    samples it, one fixed-seed vector per clip, the other slots at the identity) and all
+    of them together. Returns {"audio": {group: metrics}, "visual": {...}} (collective
+    under torchrun)."""
+    cfg, n = utils.unwrap(model).cfg, len(loader.dataset)
+    g = torch.Generator().manual_seed(seed + 2)   # neither the centroid nor the equivariance stream
+    out = {}
+    for m, name, groups, layout, slots, identity, t_all in (
+            ("a", "audio", augment.AUDIO_GROUPS, augment.AUDIO_LAYOUT, augment.AUDIO_SLOTS,
+             augment.audio_identity, augment.sample_audio_params(n, g, cfg.audio_length, cfg.mel_bins)),
+            ("v", "visual", augment.VISUAL_GROUPS, augment.VISUAL_LAYOUT, augment.VISUAL_SLOTS,
+             augment.visual_identity, augment.sample_visual_params(n, g, cfg.image_size, cfg.image_size))):
+        out[name] = {}
+        for group, names in list(groups.items()) + [("all", layout)]:
+            t = identity(n)
+            t[:, [slots[k] for k in names]] = t_all[:, [slots[k] for k in names]]
+            z_a, z_v = extract_embeddings(model, loader, device, S, seed, amp, view=(m, t))
+            out[name][group] = retrieval_metrics(z_a, z_v)
+    return out
+
+
+def format_augmented_views(views, chance):
+    """a->v R@10 per modality and group, against chance, as a small table."""
+    lines = [f"a->v R@10 (%) with one side's input replaced by its augmented view "
+             f"(chance {chance['R@10']:.1f}):"]
+    for name, rows in views.items():
+        lines.append(f"  {name:6s} " + "  ".join(f"{group} {m['a2v_R@10']:.1f}" for group, m in rows.items()))
+    return "\n".join(lines)
 
 
 def format_line(metrics, chance, n):
@@ -392,6 +434,9 @@ def run(cfg, device):
     results["equivariance"] = eq
     utils.print0("equivariance (one fixed-seed augmentation per clip): "
                  + format_equivariance(eq))
+    if cfg.augmented_views:
+        results["augmented_views"] = augmented_views(model, loader, device, cfg.S, cfg.seed, cfg.amp)
+        utils.print0(format_augmented_views(results["augmented_views"], chance))
     if cfg.localize > 0 and utils.is_main():
         results["localization"] = _localize(model, dataset, dataset_of, cfg, device)
     if utils.is_main():

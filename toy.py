@@ -6,16 +6,27 @@ manifests, class_labels_indices.csv, stats.json), so that every script runs
 out of the box on a CPU and the whole pipeline is exercised. The scripts
 generate it themselves on first use (`ensure_toy_dataset`).
 
-Every clip shows and sounds one object (two in the multi-label variant).
-The class sets both the timbre and the shape; two continuous attributes
-are shared across modalities, so that audio->visual retrieval can be right
-at the instance level, not only the class level:
-  pitch p in [0, 1]:  f0 = 220 * 2^(2p) Hz (two octaves)  <->  hue = 0.83 p
-  rate  r in [0, 1]:  1 + 4r pulses/s                      <->  radius 10 + 12r px
-Nuisances that augmentations should not destroy: coloured background noise,
-mains hum and clicks in the audio; a low-saturation gradient background,
-grey clutter, sensor noise, object position, small rotation, brightness
-flicker and a slow drift across the 10 frames in the image.
+Every clip shows and sounds one object (two in the multi-label variant). Its design
+follows how real audio-visual data behaves under the paper's augmentations (SPEC 8),
+decided before any model was trained on it (TOY_VERSION 3):
+- The class survives every augmentation, as a band-cropped, jittered bark is still a
+  bark. Audio classes are a texture (harmonic lines at f0, or a noise band around
+  2 f0) times a pulse envelope whose shape is relative to the pulse period (staccato,
+  legato, strike, swell): a mel-band crop and stretch, a frequency flip, masks, blur
+  and jitter keep both. Visual classes are a shape and a luminance surface pattern
+  (plain, stripes, dots, checker, rings, grid) that looks the same mirrored, greyed,
+  hue-shifted or blurred, and that a crop through the object still shows.
+- The instance cues, shared across the modalities, are what augmentations distort:
+    pitch p in [0, 1]:  f0 = 220 * 2^(2p) Hz (two octaves)  <->  hue = 0.83 p
+    rate  r in [0, 1]:  1 + 4r pulses/s                      <->  size
+  (the band crop moves the pitch, the time crop the rate; hue jitter and greyscale
+  move the hue, the visual crop the size).
+- Objects are sized like the sounding objects of the localization benchmarks: the
+  box covers 4-64 % of the model's crop, log-uniformly in r (VGG-SS: BOX_AREA), at a
+  uniformly random place where it fits.
+Nuisances: coloured background noise, mains hum and clicks in the audio; a
+low-saturation gradient background, grey clutter, sensor noise, a small rotation,
+brightness flicker and a slow drift across the 10 frames in the image.
 Each manifest entry also carries "objects" (label, pitch, rate), "boxes"
 (per frame, per object, [x0, y0, x1, y1] as fractions of the stored frame),
 "sounding" (the indices of the objects one hears) and "frame_size" [W, H];
@@ -46,6 +57,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 import audio_io
+import augment
 import data
 import utils
 
@@ -54,40 +66,33 @@ import utils
 # The world: classes, sounds, pictures
 # ===========================================================================
 
-class _Timbre(NamedTuple):
-    partials: tuple          # (frequency ratio, amplitude)
-    vibrato: float = 0.0     # relative depth
-    sweep: float = 0.0       # pitch drop at each onset (drums)
-    noise: float = 0.0       # breath / skin noise, relative
-    attack: float = 0.02     # s, for sustained tones
-    decay: float = 0.0       # s, > 0 for struck (percussive) sounds
+class _Sound(NamedTuple):
+    texture: str    # "tone": harmonic lines at f0; "noise": a smooth band around 2 f0
+    envelope: str   # the shape of each pulse, relative to its period (see _envelope)
 
 
-TOY_CLASSES = (  # (mid, display name, timbre, shape)
-    ("/toy/flute", "flute (circle)",
-     _Timbre(((1, 1.0), (2, 0.2), (3, 0.05)), vibrato=0.004, noise=0.08, attack=0.03), "circle"),
-    ("/toy/clarinet", "clarinet (square)",
-     _Timbre(tuple((n, 1.0 / n) for n in (1, 3, 5, 7, 9, 11)), vibrato=0.002), "square"),
-    ("/toy/violin", "violin (triangle)",
-     _Timbre(tuple((n, 1.0 / n) for n in range(1, 13)), vibrato=0.012, attack=0.04), "triangle"),
-    ("/toy/bell", "bell (star)",
-     _Timbre(((1, 1.0), (2.76, 0.5), (5.40, 0.35), (8.93, 0.2)), decay=0.35), "star"),
-    ("/toy/drum", "drum (hexagon)",
-     _Timbre(((1, 1.0), (1.5, 0.3)), sweep=1.0, noise=0.5, decay=0.07), "hexagon"),
-    ("/toy/horn", "horn (diamond)",
-     _Timbre(((1, 0.5), (2, 1.0), (3, 0.8), (4, 0.55), (5, 0.35), (6, 0.2), (7, 0.1)),
-             attack=0.08), "diamond"),
-    ("/toy/whistle", "whistle (ring)", _Timbre(((1, 1.0),), vibrato=0.03, attack=0.01), "ring"),
-    ("/toy/buzzer", "buzzer (cross)",
-     _Timbre(tuple((n, 1.0) for n in range(1, 21)), attack=0.005), "cross"),
+TOY_CLASSES = (  # (mid, display name, sound, shape, surface texture)
+    ("/toy/flute", "flute (circle)", _Sound("tone", "legato"), "circle", "plain"),
+    ("/toy/clarinet", "clarinet (square)", _Sound("tone", "staccato"), "square", "hstripes"),
+    ("/toy/violin", "violin (triangle)", _Sound("tone", "swell"), "triangle", "vstripes"),
+    ("/toy/bell", "bell (star)", _Sound("tone", "strike"), "star", "dots"),
+    ("/toy/drum", "drum (hexagon)", _Sound("noise", "strike"), "hexagon", "checker"),
+    ("/toy/horn", "horn (diamond)", _Sound("noise", "swell"), "diamond", "rings"),
+    ("/toy/whistle", "whistle (ring)", _Sound("noise", "legato"), "ring", "plain"),
+    ("/toy/buzzer", "buzzer (cross)", _Sound("noise", "staccato"), "cross", "grid"),
 )
 TOY_DURATION = 2.6            # s: 258 fbank frames, the tiny preset keeps 256
 TOY_FRAME_SIZE = (128, 112)   # (W, H): the tiny preset resizes to 109 x 96 and crops 96
-TOY_VERSION = 2              # 2: the test_distractor split
+TOY_VERSION = 3              # 3: class cues that survive the augmentations, benchmark-sized objects
 _TOY_SPLITS = {"train": 0, "test": 1, "train_multilabel": 2, "test_multilabel": 3,
                "test_distractor": 4}
 _TOY_ID_PREFIX = {"train": "toy_train", "test": "toy_test", "train_multilabel": "toy_trainml",
                   "test_multilabel": "toy_testml", "test_distractor": "toy_testdis"}
+# Box area as a fraction of the model's square crop, log-uniform in rate (an instance
+# cue): VGG-SS's boxes (5,156 clips of hche11/Localizing-Visual-Sounds-the-Hard-Way,
+# metadata/vggss.json) cover 3.5 / 20.5 / 63.7 % of the frame (10th / 50th / 90th
+# percentile); these span 4-64 % (median 16 %); 3-12 % when two objects share a frame.
+BOX_AREA, BOX_AREA_MULTI = (0.04, 0.64), (0.03, 0.12)
 
 
 def toy_pitch_to_f0(pitch):
@@ -103,8 +108,11 @@ def toy_rate_to_pulses(rate):
 
 
 def toy_rate_to_radius(rate, multi=False):
-    """Object radius in stored-frame pixels (smaller when two objects share a frame)."""
-    return (8.0 + 9.0 * rate) if multi else (10.0 + 12.0 * rate)
+    """Object radius in stored-frame pixels: its box (about 2 radii square) covers
+    BOX_AREA of the model's crop, the frame's central H x H square."""
+    lo, hi = BOX_AREA_MULTI if multi else BOX_AREA
+    area = lo * (hi / lo) ** rate
+    return 0.5 * math.sqrt(area) * TOY_FRAME_SIZE[1]
 
 
 def _unit_rms(x):
@@ -142,36 +150,41 @@ def _harmonic_table(partials, rng):
     return table.astype(np.float32)
 
 
+def _envelope(kind, phase):
+    """Amplitude at `phase` in [0, 1) of each pulse, a shape relative to the period, so
+    that a time stretch changes the pulse rate (the instance cue) but not the shape (the
+    class cue): staccato (on for 35 %), legato (on for 90 %), strike (instant attack,
+    decay) and swell (rising for 70 %, then cut)."""
+    edge = np.float32(40.0)   # 1/40 of a period to switch on or off
+    if kind in ("staccato", "legato"):
+        on = np.float32(0.35 if kind == "staccato" else 0.9)
+        return np.clip(phase * edge, 0, 1) * np.clip((on - phase) * edge, 0, 1)
+    if kind == "strike":
+        return np.clip(phase * np.float32(200.0), 0, 1) * np.exp(phase * np.float32(-8.0))
+    if kind == "swell":
+        return np.clip(phase / np.float32(0.7), 0, 1) ** 2 * np.clip((np.float32(0.72) - phase) * edge, 0, 1)
+    raise ValueError(kind)
+
+
 def _toy_source(rng, cls, pitch, rate, t):
     """One sounding object: (N,) float32 with unit RMS. t: (N,) float32 seconds."""
-    timbre = TOY_CLASSES[cls][2]
+    sound = TOY_CLASSES[cls][2]
     f0 = toy_pitch_to_f0(pitch)
-    period = 1.0 / toy_rate_to_pulses(rate)
-    beats = (t - np.float32(rng.uniform(0.0, period))) * np.float32(1 / period)
-    since = (beats - np.floor(beats)) * np.float32(period)  # time since the last onset
-    vib_rate, vib_phase = rng.uniform(4.5, 6.5), rng.uniform(0, 2 * np.pi)
-    vib = np.sin(np.float32(2 * np.pi * vib_rate) * t + np.float32(vib_phase))
-    freq = np.float32(f0) * (np.float32(1.0) + np.float32(timbre.vibrato) * vib)
-    if timbre.sweep:
-        drop = np.exp(since * np.float32(-50.0))  # 20 ms pitch drop after each onset
-        freq = freq * (np.float32(1.0) + np.float32(timbre.sweep) * drop)
-    cycles = np.cumsum(freq, dtype=np.float64) / audio_io.SAMPLE_RATE  # phase in periods of f0
-    audible = [(r, a) for r, a in timbre.partials if r * f0 < 7000.0]  # stay below Nyquist
-    harmonic = [(r, a) for r, a in audible if float(r).is_integer()]
-    sig = _lookup(_harmonic_table(harmonic, rng), cycles)  # all harmonics in one table
-    for ratio, amp in audible:
-        if not float(ratio).is_integer():
-            sig += np.float32(amp) * _lookup(_harmonic_table([(1, 1.0)], rng), ratio * cycles)
-    if timbre.noise:
-        level = np.float32(timbre.noise) * np.sqrt(np.mean(sig * sig))
-        sig += level * _coloured_noise(rng, t.size, 0.0)
-    if timbre.decay:
-        env = ((1 - np.exp(since * np.float32(-1 / 0.003)))  # 3 ms attack, then decay
-               * np.exp(since * np.float32(-1 / timbre.decay)))
-    else:  # sustained note, on for 60% of each period
-        env = np.clip(since * np.float32(1 / timbre.attack), 0, 1) * np.clip(
-            (np.float32(0.6 * period) - since) * np.float32(50.0), 0, 1)
-    return _unit_rms(sig * env)
+    pulses = toy_rate_to_pulses(rate)
+    beats = (t - np.float32(rng.uniform(0.0, 1.0 / pulses))) * np.float32(pulses)
+    phase = beats - np.floor(beats)   # position in the current pulse, [0, 1)
+    if sound.texture == "tone":       # harmonics 1..6 (1/n), a slight vibrato
+        vib = np.sin(np.float32(2 * np.pi * rng.uniform(4.5, 6.5)) * t + np.float32(rng.uniform(0, 6.3)))
+        freq = np.float32(f0) * (np.float32(1.0) + np.float32(0.004) * vib)
+        cycles = np.cumsum(freq, dtype=np.float64) / audio_io.SAMPLE_RATE
+        partials = [(n, 1.0 / n) for n in range(1, 7) if n * f0 < 7000.0]
+        sig = _lookup(_harmonic_table(partials, rng), cycles)
+    else:                             # white noise band-passed to about two octaves around 2 f0
+        spectrum = np.fft.rfft(rng.standard_normal(t.size))
+        hz = np.fft.rfftfreq(t.size, 1.0 / audio_io.SAMPLE_RATE)
+        octaves = np.log2(np.maximum(hz, 1.0) / (2.0 * f0))
+        sig = np.fft.irfft(spectrum * np.exp(-0.5 * (octaves / 0.6) ** 2), t.size).astype(np.float32)
+    return _unit_rms(sig * _envelope(sound.envelope, phase))
 
 
 def _toy_audio(rng, objects):
@@ -222,6 +235,32 @@ def _shape_sdf(shape, u, v):
         return np.maximum(np.minimum(0.28 - np.abs(u), 1.0 - np.abs(v)),
                           np.minimum(0.28 - np.abs(v), 1.0 - np.abs(u)))
     raise ValueError(shape)
+
+
+def _surface(kind, u, v, radius):
+    """The class's surface pattern, a brightness factor in [0.5, 1] on the object's own
+    (rotated) coordinates u, v (radius units). Its period is a fixed share of the object
+    but at least 7 px, so that the blur (sigma <= 2 px) and a crop leave it visible;
+    every pattern looks the same mirrored, as a horizontal flip leaves a real surface."""
+    period = max(7.0 / radius, 0.4)
+    wave = lambda x: np.float32(0.5) + np.float32(0.5) * np.cos(np.float32(2 * np.pi / period) * x)
+    if kind == "plain":
+        return np.ones_like(u)
+    if kind == "hstripes":
+        pattern = wave(v)
+    elif kind == "vstripes":
+        pattern = wave(u)
+    elif kind == "checker":
+        pattern = (wave(u) - np.float32(0.5)) * (wave(v) - np.float32(0.5)) * np.float32(4.0) > 0
+    elif kind == "dots":
+        pattern = np.minimum(wave(u), wave(v)) > np.float32(0.7)
+    elif kind == "rings":
+        pattern = wave(np.hypot(u, v))
+    elif kind == "grid":
+        pattern = np.maximum(wave(u), wave(v)) > np.float32(0.93)
+    else:
+        raise ValueError(kind)
+    return np.float32(1.0) - np.float32(0.5) * pattern.astype(np.float32)
 
 
 def _toy_background(rng, width, height):
@@ -278,6 +317,7 @@ def _toy_frames(rng, objects):
         alpha = np.clip(_shape_sdf(TOY_CLASSES[obj["cls"]][3], u, v) * np.float32(radius)
                         + np.float32(0.5), 0, 1)[..., None]
         shade = np.float32(1.0) - np.float32(0.2) * np.minimum(np.hypot(u, v), np.float32(1.0))
+        shade = shade * _surface(TOY_CLASSES[obj["cls"]][4], u, v, radius)
         ys, xs = np.nonzero(alpha[..., 0] > 0.5)
         sprite_box = (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1)
         sprites.append((start, end, reach, alpha, color * shade[..., None], sprite_box))
@@ -464,7 +504,7 @@ def make_toy_dataset(out_dir, n_train=2000, n_test=400, n_retrieval=300, n_train
         with open(tmp / "class_labels_indices.csv", "w", newline="", encoding="utf-8") as f:
             writer = csv.writer(f, lineterminator="\n")
             writer.writerow(["index", "mid", "display_name"])
-            for c, (mid, name, _, _) in enumerate(TOY_CLASSES):
+            for c, (mid, name, *_) in enumerate(TOY_CLASSES):
                 writer.writerow([c, mid, name])
         if count:
             mean = s / count
@@ -519,6 +559,94 @@ def ensure_toy_dataset(root="data/toy", **toy_kwargs):
 
 
 # ===========================================================================
+# Does the class survive the augmentations? (no training: fixed features)
+# ===========================================================================
+
+def audio_cue_features(x):
+    """Fixed class features of normalized fbanks x (B, T, F), built on what the toy's
+    classes are made of and blind to what an augmentation may change: the duty cycle
+    and the skew of the rises and falls of the frame level (its 5-95 % range scaled
+    to [0, 1]), and the roughness along frequency over that along time on loud frames
+    (harmonic lines against noise). -> (B, 3)."""
+    level = x.mean(dim=2)                                                       # (B, T)
+    q = torch.quantile(level, torch.tensor([0.05, 0.95]), dim=1)
+    z = ((level - q[0][:, None]) / (q[1] - q[0]).clamp_min(1e-6)[:, None]).clamp(0, 1)
+    duty = (z > 0.5).float().mean(1)
+    d = z.diff(dim=1)
+    skew = (d ** 3).mean(1) / d.std(1).clamp_min(1e-6) ** 3
+    loud = (z[:, 1:-1] > 0.5).float()
+    along_f = (x[:, 1:-1, 2:] - 2 * x[:, 1:-1, 1:-1] + x[:, 1:-1, :-2]).abs().mean(2)
+    along_t = (x[:, 2:] - 2 * x[:, 1:-1] + x[:, :-2]).abs().mean(2)
+    texture = ((along_f * loud).sum(1) / (along_t * loud).sum(1).clamp_min(1e-6)).log()
+    return torch.stack([duty, skew, texture], 1)
+
+
+def visual_cue_features(v):
+    """Fixed class features of frames v (B, 3, H, W) in [0, 1], from luminance only and
+    the same mirrored: the share of gradient energy that is horizontal, diagonal and
+    vertical, and the share of spectral power in four bands of spatial frequency. -> (B, 7)."""
+    gray = 0.299 * v[:, 0] + 0.587 * v[:, 1] + 0.114 * v[:, 2]                 # (B, H, W)
+    gx = gray[:, 1:-1, 2:] - gray[:, 1:-1, :-2]
+    gy = gray[:, 2:, 1:-1] - gray[:, :-2, 1:-1]
+    magnitude, angle = torch.hypot(gx, gy), torch.atan2(gy, gx).abs()
+    angle = torch.minimum(angle, math.pi - angle)                               # a flip maps a to pi - a
+    edges = torch.stack([(magnitude * ((angle >= lo) & (angle < hi))).sum((1, 2))
+                         for lo, hi in ((0.0, 0.4), (0.4, 1.17), (1.17, 1.6))], 1)
+    power = torch.fft.rfft2(gray - gray.mean((1, 2), keepdim=True)).abs() ** 2
+    radius = torch.hypot(torch.fft.fftfreq(gray.shape[1])[:, None], torch.fft.rfftfreq(gray.shape[2])[None])
+    bands = torch.stack([(power * ((radius >= lo) & (radius < hi))).sum((1, 2))
+                         for lo, hi in ((0.02, 0.06), (0.06, 0.12), (0.12, 0.2), (0.2, 0.5))], 1)
+    return torch.cat([edges / edges.sum(1, keepdim=True).clamp_min(1e-6),
+                      bands / bands.sum(1, keepdim=True).clamp_min(1e-9)], 1)
+
+
+def nearest_centroid_accuracy(f_fit, y_fit, f_test, y_test):
+    """% of test rows whose nearest class centroid (features standardised on the fit
+    rows) is their class."""
+    mu, sd = f_fit.mean(0), f_fit.std(0).clamp_min(1e-6)
+    f_fit, f_test = (f_fit - mu) / sd, (f_test - mu) / sd
+    classes = y_fit.unique()
+    centroids = torch.stack([f_fit[y_fit == c].mean(0) for c in classes])
+    return 100.0 * (classes[torch.cdist(f_test, centroids).argmin(1)] == y_test).float().mean().item()
+
+
+def cue_check(root, audio_length=256, mel_bins=64, image_size=96, seed=0):
+    """Nearest-centroid class accuracy of the fixed cue features, fitted on the clean
+    training clips of the toy dataset at `root` and scored on its test clips: clean,
+    under each SPEC 8 augmentation group alone (sampled as training samples them, the
+    other slots left at the identity) and under all of them. {"audio": {...}, "visual": {...}}."""
+    paths = toy_paths(root)
+    mean, std = data.resolve_norm_stats("auto", paths["train"], None, audio_length, mel_bins)
+    clips = {}
+    for split in ("train", "test"):
+        ds = data.AudioVisualDataset(paths[split], audio_length=audio_length, mel_bins=mel_bins,
+                                     image_size=image_size, train=False, norm_mean=mean,
+                                     norm_std=std, label_csv=paths["label_csv"])
+        items = [ds[i] for i in range(len(ds))]
+        clips[split] = [torch.stack([it[k] for it in items]) for k in ("audio", "frame", "label")]
+    gen = torch.Generator().manual_seed(seed)
+    n = len(clips["test"][0])
+    out = {}
+    for m, (k, feats, groups, layout, slots, identity, params) in {
+            "audio": (0, audio_cue_features, augment.AUDIO_GROUPS, augment.AUDIO_LAYOUT,
+                      augment.AUDIO_SLOTS, augment.audio_identity,
+                      augment.sample_audio_params(n, gen, audio_length, mel_bins)),
+            "visual": (1, visual_cue_features, augment.VISUAL_GROUPS, augment.VISUAL_LAYOUT,
+                       augment.VISUAL_SLOTS, augment.visual_identity,
+                       augment.sample_visual_params(n, gen, image_size, image_size))}.items():
+        apply = augment.apply_audio if m == "audio" else augment.apply_visual
+        fit = feats(clips["train"][k]), clips["train"][2].argmax(1)
+        x, y = clips["test"][k], clips["test"][2].argmax(1)
+        row = {"clean": nearest_centroid_accuracy(*fit, feats(x), y)}
+        for group, names in list(groups.items()) + [("all", layout)]:
+            t = identity(n)
+            t[:, [slots[name] for name in names]] = params[:, [slots[name] for name in names]]
+            row[group] = nearest_centroid_accuracy(*fit, feats(apply(x, t)), y)
+        out[m] = row
+    return out
+
+
+# ===========================================================================
 # CLI
 # ===========================================================================
 
@@ -535,7 +663,14 @@ def main(argv=None):
                         help="test_distractor clips (two objects, one sounds)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workers", type=int, default=None, help="generation processes")
+    parser.add_argument("--cue_check", action="store_true",
+                        help="do not generate: print how well a fixed-feature classifier keeps "
+                             "the class of the toy set at --out under each augmentation")
     args = parser.parse_args(argv)
+    if args.cue_check:
+        for m, row in cue_check(args.out).items():
+            print(f"{m:6s} " + "  ".join(f"{k} {v:.1f}" for k, v in row.items()))
+        return 0
     start = time.perf_counter()
     try:
         make_toy_dataset(args.out, args.n_train, args.n_test, args.n_retrieval,

@@ -206,16 +206,21 @@ def test_nonfinite_loss_stops_with_step_and_terms(toy, tmp_path, monkeypatch):
 # torchrun, two CPU processes (gloo)
 # ---------------------------------------------------------------------------
 
-def test_torchrun_two_processes_writes_one_checkpoint(toy, tmp_path):
+# Only a zero loss weight leaves modules without gradient (DDP must look for them, or it
+# fails at the next step); an ablation that uses everything runs without the search.
+@pytest.mark.parametrize("extra,unused", [([], False), (["--w_intra", "0"], True),
+                                          (["--inter_target", "augmented", "--equivariant", "false"], False)])
+def test_torchrun_two_processes_writes_one_checkpoint(toy, tmp_path, extra, unused):
     run_dir = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            "pretrain.py", "--data", toy["train"], "--eval_data", toy["retrieval"],
            "--profile", "toy", "--run_dir", str(run_dir), "--model_overrides", SMALL,
            "--batch_size", "2", "--epochs", "1", "--S", "2", "--log_every", "1",
-           "--eval_batch_size", "2", "--device", "cpu", "--num_workers", "0"]
+           "--eval_batch_size", "2", "--device", "cpu", "--num_workers", "0"] + extra
     env = dict(os.environ, OMP_NUM_THREADS="1")
     res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert f"DDP: find_unused_parameters={unused}" in res.stdout
     assert sorted(os.listdir(run_dir)) == ["checkpoint.pt", "log.jsonl"]
     ckpt = torch.load(run_dir / "checkpoint.pt", weights_only=True)
     n_steps = N_TRAIN // (2 * 2)

@@ -107,8 +107,11 @@ def test_toy_manifests_boxes_and_shared_attributes(toy):
         hue = np.median(vivid[:, 0])
         want = 0.83 * obj["pitch"]  # the documented mappings, written out
         assert min(abs(hue - want), 1 - abs(hue - want)) < 0.03, e["video_id"]
-        if obj["label"] == "/toy/flute":  # circle of the rate's radius; sine at the pitch's f0
-            assert abs((x1 - x0) - 2 * (10 + 12 * obj["rate"])) <= 2
+        if obj["label"] == "/toy/flute":  # circle of the rate's size; harmonics of the pitch's f0
+            # VGG-SS-sized: the box covers 4 % (rate 0) to 64 % (rate 1) of the model's
+            # crop, log-uniformly; the crop is the frame's central h x h square
+            side = h * (0.04 * 16 ** obj["rate"]) ** 0.5
+            assert abs((x1 - x0) - side) <= 2 and abs((y1 - y0) - side) <= 2
             with wave.open(str(root / e["wav"])) as f:
                 x = np.frombuffer(f.readframes(f.getnframes()), "<i2").astype(np.float64)
             spec = np.abs(np.fft.rfft(x * np.hanning(len(x))))
@@ -198,3 +201,29 @@ def test_distractor_split_two_objects_one_sounds_and_its_swap(toy, capsys):
     for manifest in (toy["test_distractor"], toy["test_distractor_swap"]):
         assert data.main(["check", manifest]) == 0
         assert "labels checked against" in capsys.readouterr().out
+
+
+def test_class_survives_every_augmentation_without_training(tmp_path_factory):
+    """The toy's premise (SPEC 8 distorts the pairing, not the class): fixed class features
+    with a nearest-centroid classifier, fitted on clean training clips, keep most of their
+    clean accuracy on test clips under each augmentation group and under all together."""
+    root = tmp_path_factory.mktemp("cue") / "toy"
+    toy_module.make_toy_dataset(root, n_train=160, n_test=80, n_retrieval=0, n_train_multilabel=0,
+                                n_test_multilabel=0, n_distractor=0, num_workers=0)
+    result = toy_module.cue_check(root)
+    audio, visual = result["audio"], result["visual"]
+    assert set(audio) == {"clean", "all", *toy_module.augment.AUDIO_GROUPS}
+    assert audio["clean"] >= 80 and visual["clean"] >= 30          # chance 12.5
+    for group, acc in audio.items():
+        assert acc >= (0.6 if group == "all" else 0.75) * audio["clean"], (group, audio)
+    for group, acc in visual.items():
+        assert acc >= 0.5 * visual["clean"], (group, visual)
+    # the features see the class, not the instance: a shuffled fit scores near chance
+    paths = toy_module.toy_paths(root)
+    ds = data.AudioVisualDataset(paths["train"], paths["label_csv"], audio_length=256, mel_bins=64,
+                                 image_size=96, train=False)
+    x = torch.stack([ds[i]["audio"] for i in range(len(ds))])
+    y = torch.tensor([ds.label_indices(i)[0] for i in range(len(ds))])
+    f = toy_module.audio_cue_features(x)
+    shuffled = y[torch.randperm(len(y), generator=torch.Generator().manual_seed(0))]
+    assert toy_module.nearest_centroid_accuracy(f, shuffled, f, y) < 40

@@ -106,3 +106,67 @@ def test_optimizer_step_clips_and_calls_the_hook():
     assert utils.set_lr(opt, 0, 10, 0, cfg) == pytest.approx(0.5)
     assert opt.param_groups[0]["lr"] == pytest.approx(1.0)      # times the group's lr_scale
     assert isinstance(utils.cosine_lr(3, 10, 2, 1.0), float)    # a plain float, not numpy
+
+
+# ---------------------------------------------------------------------------
+# The CUDA paths, checked without a GPU
+# ---------------------------------------------------------------------------
+
+def _fake_gpu(monkeypatch, major):
+    """A CUDA device of compute capability `major`.x where bf16 can be emulated."""
+    from types import SimpleNamespace
+    monkeypatch.setattr(torch.version, "hip", None)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: SimpleNamespace(major=major))
+    monkeypatch.setattr(torch.cuda, "_check_bf16_tensor_supported", lambda d: True)
+
+
+@pytest.mark.parametrize("major,dtype", [(7, torch.float16), (8, torch.bfloat16), (9, torch.bfloat16)])
+def test_amp_uses_fp16_where_bf16_would_be_emulated(monkeypatch, major, dtype):
+    _fake_gpu(monkeypatch, major)
+    assert torch.cuda.is_bf16_supported()          # counts emulation: a V100 / T4 says yes
+    assert utils.amp_dtype("cuda", True) == dtype
+    assert utils.amp_dtype("cuda", False) is None and utils.amp_dtype("cpu", True) is None
+
+
+def test_scaler_state_loads_only_when_both_runs_used_a_scaler(capsys):
+    used = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    used.scale(torch.ones((), requires_grad=True))   # the scale tensor exists once used
+    saved_with, saved_without = used.state_dict(), torch.amp.GradScaler("cpu", enabled=False).state_dict()
+    assert saved_without == {}
+    with pytest.raises(RuntimeError, match="empty"):   # what resuming did before
+        torch.amp.GradScaler("cpu").load_state_dict(saved_without)
+    fresh = torch.amp.GradScaler("cpu", init_scale=8.0)
+    utils.load_scaler_state(fresh, saved_without, "ckpt.pt")
+    assert fresh.get_scale() == 8.0 and "starts afresh" in capsys.readouterr().out
+    resumed = torch.amp.GradScaler("cpu", init_scale=8.0)
+    utils.load_scaler_state(resumed, saved_with, "ckpt.pt")
+    assert resumed.get_scale() == 1024.0
+    disabled = torch.amp.GradScaler("cpu", enabled=False)
+    utils.load_scaler_state(disabled, saved_with, "ckpt.pt")
+    assert not disabled.is_enabled() and "starts afresh" in capsys.readouterr().out
+
+
+def _barrier_worker(rank, init_file, out_dir):
+    import os
+    import time
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        if rank == 0:
+            time.sleep(2.0)   # rank-0-only work
+        start = time.time()
+        utils.barrier(timeout_s=30)
+        with open(os.path.join(out_dir, f"waited{rank}"), "w") as f:
+            f.write(str(time.time() - start))
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_barrier_with_a_timeout_waits_for_rank_0(tmp_path):
+    torch.multiprocessing.spawn(_barrier_worker, args=(str(tmp_path / "init"), str(tmp_path)),
+                                nprocs=2, join=True)
+    assert float((tmp_path / "waited1").read_text()) > 1.0    # rank 1 waited for rank 0
+    assert float((tmp_path / "waited0").read_text()) < 1.0
