@@ -608,9 +608,9 @@ def evaluate(net, loader, device, cfg, multilabel):
         x_a, x_v = _inputs(batch, cfg.mode, device)
         with utils.autocast_context(device, cfg.amp):
             logits = net(x_a, x_v)
-        indices.append(batch["index"].to(device))
+        indices.append(batch["index"].to(device, non_blocking=True))
         scores.append(logits.float())
-        targets.append(batch["label"].to(device).float())
+        targets.append(batch["label"].to(device, non_blocking=True).float())
     if not indices:  # every clip of this rank was bad: an empty share of the gather
         c = loader.dataset.num_classes
         indices, scores, targets = ([torch.zeros(0, dtype=torch.long, device=device)],

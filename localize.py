@@ -234,7 +234,8 @@ def evaluate_localization(model, dataset, entries, T_a, T_v, device, method="occ
                               distributed=False)
     maps, sounding, silent = [], [], []
     for batch in loader:
-        maps.append(localization_maps(model, batch["audio"].to(device), batch["frame"].to(device),
+        maps.append(localization_maps(model, batch["audio"].to(device, non_blocking=True),
+                                      batch["frame"].to(device, non_blocking=True),
                                       T_a, T_v, method, amp, chunk).cpu())
         for i in batch["index"].tolist():
             on, off = clip_boxes(entries[i], dataset.image_size,

@@ -26,6 +26,7 @@ averaged like the model's parameters. Equality holds up to summation order
 (tests/test_losses.py: two gloo processes against one).
 """
 
+import contextlib
 import math
 
 import torch
@@ -59,7 +60,8 @@ def gather_with_grad(x):
 
 def _float32_region(device):
     """Disable autocast so logits and cross-entropy run in (at least) float32."""
-    return torch.autocast(device.type, enabled=False)
+    available = torch.amp.is_autocast_available(device.type)   # not on meta, for one
+    return torch.autocast(device.type, enabled=False) if available else contextlib.nullcontext()
 
 
 def _upcast(x):  # bf16/fp16 -> float32; float32 and float64 stay
@@ -71,10 +73,8 @@ def _local_targets(local_batch, device):
     return torch.arange(local_batch, device=device) + _rank_and_world()[0] * local_batch
 
 
-@torch.no_grad()
-def _top1(logits, targets):
-    """Fraction of rows whose arg-max is the target; stays on the device (no sync)."""
-    return (logits.argmax(dim=1) == targets).float().mean()
+def _top1(logits, targets):  # fraction of rows whose arg-max is the target, on the device
+    return (logits.detach().argmax(dim=1) == targets).float().mean()
 
 
 def _check_pair(x, y, names):

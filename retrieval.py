@@ -185,7 +185,7 @@ def extract_embeddings(model, loader, device, S=16, seed=0, amp=False, view=None
     model = utils.unwrap(model)
     was_training = model.training
     model.eval()
-    T_a, T_v = (t.to(device) for t in centroid_vectors(model.cfg, S, seed))
+    T_a, T_v = (augment.to_device(t, torch.device(device)) for t in centroid_vectors(model.cfg, S, seed))
     indices, zs_a, zs_v = [], [], []
     for batch in loader:
         x_a = batch["audio"].to(device, non_blocking=True)
@@ -200,7 +200,7 @@ def extract_embeddings(model, loader, device, S=16, seed=0, amp=False, view=None
             z_a, z_v = model.embed(x_a, x_v, T_a.expand(b, -1, -1), T_v.expand(b, -1, -1))
         zs_a.append(F.normalize(z_a.float(), dim=-1))
         zs_v.append(F.normalize(z_v.float(), dim=-1))
-        indices.append(batch["index"].to(device).long())
+        indices.append(batch["index"].to(device, non_blocking=True).long())
     model.train(was_training)
     _, z_a, z_v = utils.gather_in_dataset_order(torch.cat(indices), torch.cat(zs_a),
                                                 torch.cat(zs_v))
@@ -344,11 +344,12 @@ def equivariance_metrics(model, loader, device, seed=0, amp=False, lam=1.0):
     rows = {k: [] for k in ("index", "equi_a", "aug_a", "id_a", "equi_v", "aug_v", "id_v")}
     for batch in loader:
         index = batch["index"].long()
-        x = {"a": batch["audio"].to(device), "v": batch["frame"].to(device)}
+        x = {"a": batch["audio"].to(device, non_blocking=True),
+             "v": batch["frame"].to(device, non_blocking=True)}
         x_aug = {"a": augment.apply_audio(x["a"], t_all["a"][index]),
                  "v": augment.normalize_image(augment.apply_visual(x["v"], t_all["v"][index]))}
         x["v"] = augment.normalize_image(x["v"])
-        rows["index"].append(index.to(device))
+        rows["index"].append(index.to(device, non_blocking=True))
         for m in ("a", "v"):
             with utils.autocast_context(device, amp):
                 z = intra_embeddings(model, m, x[m], x_aug[m], t_all[m][index])
@@ -451,7 +452,7 @@ def run(cfg, device):
 def _localize(model, dataset, dataset_of, cfg, device):
     """Scores on the manifest (when it has boxes) and on the distractor split, and
     figure3.png; returns what goes under "localization" in retrieval.json."""
-    T_a, T_v = (t.to(device) for t in centroid_vectors(model.cfg, cfg.S, cfg.seed))
+    T_a, T_v = (augment.to_device(t, device) for t in centroid_vectors(model.cfg, cfg.S, cfg.seed))
     kw = dict(method=cfg.map, batch_size=cfg.batch_size, num_workers=cfg.num_workers,
               amp=cfg.amp, chunk=cfg.occlusion_chunk)
     out = {"method": cfg.map}
