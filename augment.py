@@ -266,8 +266,8 @@ def _check(x, t, ndim, dim, what):
 def apply_visual(img, t):
     """Visual augmentations t (B, 18) applied to img (B, 3, H, W) in [0, 1] (SPEC 8):
     random resized crop -> colour jitter (the recorded op order) -> Gaussian blur (kernel
-    2 ceil(3 sigma) + 1, our choice) -> horizontal flip -> grayscale. Runs on img.device; pass t on the CPU (as
-    augment_visual does) so that reading it costs a GPU nothing."""
+    2 ceil(3 sigma) + 1, our choice) -> horizontal flip -> grayscale. Runs on img.device;
+    pass t on the CPU (as augment_visual does) so that reading it costs a GPU nothing."""
     _check(img, t, 4, VISUAL_DIM, "apply_visual")
     S, tc = VISUAL_SLOTS, t.detach().to("cpu", torch.float32)
     x = _crop(img, tc, S, VISUAL_CROP)

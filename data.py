@@ -781,7 +781,7 @@ class EpochKeySampler(Sampler):
 
 
 def make_loader(dataset, batch_size, train, num_workers=None, distributed=None, seed=0,
-                weights=None, num_samples=None, pin_memory=None):
+                weights=None, num_samples=None, pin_memory=False):
     """DataLoader over an AudioVisualDataset that keeps a GPU fed.
 
     batch_size is per process. distributed=None: use a DistributedSampler
@@ -790,8 +790,9 @@ def make_loader(dataset, batch_size, train, num_workers=None, distributed=None, 
     epoch) and drop_last. Eval: in order; with several processes the sampler
     pads the last rank by repeating clips, so deduplicate by batch["index"].
     weights (per-clip, e.g. load_sample_weights) switch to
-    WeightedEpochSampler with num_samples draws per epoch. Pinned memory on
-    CUDA, persistent workers. A training loader without one full batch is an error.
+    WeightedEpochSampler with num_samples draws per epoch. pin_memory: pass
+    True when training on CUDA (never by default: on a CPU run it would open a
+    CUDA context on a GPU node). Persistent workers. A training loader without one full batch is an error.
     """
     if distributed is None:
         distributed = dist.is_available() and dist.is_initialized()
@@ -807,8 +808,6 @@ def make_loader(dataset, batch_size, train, num_workers=None, distributed=None, 
     sampler = EpochKeySampler(base, seed=seed, with_replacement=weights is not None)
     if num_workers is None:
         num_workers = utils.default_num_workers()
-    if pin_memory is None:
-        pin_memory = torch.cuda.is_available()
     loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
                         collate_fn=collate, pin_memory=pin_memory, drop_last=train,
                         persistent_workers=num_workers > 0)

@@ -302,7 +302,7 @@ def run(cfg, device, local_rank=0):
     utils.print_config(f"EquiAV fine-tuning: {world} process(es) on {device}; resolved config "
                        f"(profile {cfg.profile!r}):", cfg)
     init_kind, mcfg = inspect_init(cfg)
-    train_loader, test_loader, multilabel = build_data(cfg, mcfg)
+    train_loader, test_loader, multilabel = build_data(cfg, mcfg, device)
     num_classes = train_loader.dataset.num_classes
     main_metric = "mAP" if multilabel else "top1"
     net, optimizer, scaler = build_model(cfg, init_kind, mcfg, num_classes, device)
@@ -313,7 +313,8 @@ def run(cfg, device, local_rank=0):
     start_epoch, step, best, history = resume(cfg.run_dir, meta, net, optimizer, scaler)
     model = net
     if world > 1:
-        model = DistributedDataParallel(net, device_ids=[local_rank] if device.type == "cuda" else None)
+        model = DistributedDataParallel(net, device_ids=[local_rank] if device.type == "cuda" else None,
+                                        broadcast_buffers=False)   # the one buffer is constant
     bad_data = data.BadDataPolicy(cfg.max_bad_fraction) if cfg.skip_bad else None
     if start_epoch == 0:
         logger.log({"type": "config", "world_size": world, "num_classes": num_classes,
@@ -364,7 +365,7 @@ def _results(cfg, multilabel, main_metric, best, history):
 # Building: data, model, optimiser
 # =============================================================================
 
-def build_data(cfg, mcfg):
+def build_data(cfg, mcfg, device):
     """(train loader, test loader, multilabel) at the model's input sizes."""
     train, test, label_csv = cfg.train, cfg.test, cfg.label_csv
     if train is None:
@@ -392,9 +393,10 @@ def build_data(cfg, mcfg):
         weights = data.load_sample_weights(cfg.weights_csv, len(train_set))
     train_loader = data.make_loader(train_set, cfg.batch_size, train=True,
                                     num_workers=cfg.num_workers, seed=cfg.seed, weights=weights,
-                                    num_samples=cfg.samples_per_epoch)
+                                    num_samples=cfg.samples_per_epoch, pin_memory=device.type == "cuda")
     test_loader = data.make_loader(test_set, cfg.eval_batch_size, train=False,
-                                   num_workers=cfg.num_workers, seed=cfg.seed)
+                                   num_workers=cfg.num_workers, seed=cfg.seed,
+                                   pin_memory=device.type == "cuda")
     world = utils.get_world_size()
     utils.print0(f"data: {len(train_set)} training clips, {len(test_set)} test clips, "
                  f"{train_set.num_classes} classes, {'multi' if multilabel else 'single'}-label "
@@ -493,7 +495,7 @@ def resume(run_dir, meta, net, optimizer, scaler):
                          f"pass another --run_dir")
     net.load_state_dict(ckpt["model"])
     optimizer.load_state_dict(ckpt["optimizer"])
-    scaler.load_state_dict(ckpt["scaler"])
+    utils.load_scaler_state(scaler, ckpt["scaler"], path)
     utils.print0(f"resumed from {path}: {ckpt['epoch']} epoch(s) done")
     return ckpt["epoch"], ckpt["step"], ckpt["best"], ckpt["history"]
 

@@ -414,7 +414,8 @@ def run(cfg, device):
                                        train=False, norm_mean=mean, norm_std=std)
 
     dataset = dataset_of(manifest)
-    loader = data.make_loader(dataset, cfg.batch_size, train=False, num_workers=cfg.num_workers)
+    loader = data.make_loader(dataset, cfg.batch_size, train=False, num_workers=cfg.num_workers,
+                              pin_memory=device.type == "cuda")
 
     start = time.perf_counter()
     z_a, z_v = extract_embeddings(model, loader, device, S=cfg.S, seed=cfg.seed, amp=cfg.amp)

@@ -267,3 +267,13 @@ def test_init_from_our_checkpoint_starts_a_new_run_with_its_weights(toy, tmp_pat
     with pytest.raises(ValueError, match="holds a different model"):
         pretrain.main(_cfg(toy, tmp_path / "third", init_from=second.init_from,
                            inter_target="original"))
+
+
+def test_loaders_pin_memory_only_for_a_cuda_training_device(toy, tmp_path, monkeypatch):
+    # a CPU run on a GPU node must not open a CUDA context by pinning memory
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    cfg = pretrain.resolve_config(_cfg(toy, tmp_path / "run"))
+    mcfg = pretrain.model_config(cfg)
+    for device, pinned in ((torch.device("cpu"), False), (torch.device("cuda"), True)):
+        train_loader, eval_loader, _ = pretrain.build_data(cfg, mcfg, device)
+        assert train_loader.pin_memory is pinned and eval_loader.pin_memory is pinned
