@@ -183,17 +183,18 @@ def train_one_epoch(model, criterion, optimizer, scaler, loader, epoch, step, cf
     loader.sampler.set_epoch(epoch)   # a new, reproducible order every epoch
     gen = utils.seed_epoch(cfg.seed, epoch, utils.get_rank())
     total_steps, warmup_steps = cfg.epochs * len(loader), round(cfg.warmup_epochs * len(loader))
-    window, sums, done, t_last = [], [0.0] * len(LOG_KEYS), 0, time.time()
+    window, sums, done, seen, t_last = [], [0.0] * len(LOG_KEYS), 0, 0, time.time()
     bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not utils.is_main(),
                dynamic_ncols=True, leave=False)
     for i, batch in enumerate(bar):
-        if bad_data is not None and (batch := bad_data.filter(batch)) is None:
-            continue   # equal batch sizes on every rank
-        lr = utils.set_lr(optimizer, step, total_steps, warmup_steps, cfg)
-        terms = train_step(model, criterion, optimizer, scaler, batch, gen, cfg, mcfg, device)
-        step, done = step + 1, done + 1
-        window.append(torch.stack([terms[k].detach().float() for k in LOG_KEYS]))
-        if (i + 1) % cfg.log_every == 0 or i + 1 == len(loader):
+        if bad_data is not None:
+            batch = bad_data.filter(batch)   # equal batch sizes on every rank; None: all skip it
+        if batch is not None:
+            lr = utils.set_lr(optimizer, step, total_steps, warmup_steps, cfg)
+            terms = train_step(model, criterion, optimizer, scaler, batch, gen, cfg, mcfg, device)
+            step, done, seen = step + 1, done + 1, seen + batch["index"].numel() * utils.get_world_size()
+            window.append(torch.stack([terms[k].detach().float() for k in LOG_KEYS]))
+        if window and ((i + 1) % cfg.log_every == 0 or i + 1 == len(loader)):
             rows = utils.mean_over_ranks(torch.stack(window)).tolist()   # the sync
             for k, row in enumerate(rows):   # stop on the values read for logging (as MAE)
                 if not all(map(math.isfinite, row)):
@@ -203,7 +204,7 @@ def train_one_epoch(model, criterion, optimizer, scaler, loader, epoch, step, cf
                         + ". Stopping; the last checkpoint is from before this epoch. Try a "
                           "lower --lr, a smaller --clip_grad or --amp false.")
             sums = [s + sum(col) for s, col in zip(sums, zip(*rows))]
-            rate = len(rows) * batch["index"].numel() * utils.get_world_size() / (time.time() - t_last)
+            rate, seen = seen / (time.time() - t_last), 0
             window, t_last, now = [], time.time(), dict(zip(LOG_KEYS, rows[-1]))
             logger.log({"type": "step", "epoch": epoch, "step": step, "lr": lr,
                         "samples_per_s": rate, **now})

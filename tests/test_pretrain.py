@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import convert
+import data
 import pretrain
 import toy as toy_module
 import utils
@@ -200,6 +201,25 @@ def test_nonfinite_loss_stops_with_step_and_terms(toy, tmp_path, monkeypatch):
                                                  r"loss=nan, inter=\d"):
         pretrain.main(cfg)
     assert not os.path.exists(os.path.join(cfg.run_dir, "checkpoint.pt"))
+
+
+def test_nonfinite_loss_is_caught_when_the_epochs_last_batch_is_skipped(toy, tmp_path, monkeypatch):
+    class NaNFromFirstStep(EquiAVLoss):
+        def forward(self, out):
+            terms = super().forward(out)
+            return dict(terms, loss=terms["loss"] * float("nan"))
+
+    calls = []
+
+    def skip_the_last(policy, batch):   # --skip_bad dropping the epoch's last batch whole
+        calls.append(1)
+        return None if len(calls) == N_TRAIN // BATCH else batch
+
+    monkeypatch.setattr(pretrain, "EquiAVLoss", NaNFromFirstStep)
+    monkeypatch.setattr(data.BadDataPolicy, "filter", skip_the_last)
+    cfg = _cfg(toy, tmp_path / "run", log_every=100, skip_bad=True)
+    with pytest.raises(FloatingPointError, match=r"non-finite loss at step 1 \(epoch 1\)"):
+        pretrain.main(cfg)
 
 
 # ---------------------------------------------------------------------------
