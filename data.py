@@ -1,4 +1,4 @@
-"""Audio-visual data for EquiAV (SPEC 1, 11): manifests, decoding, datasets, loaders.
+"""Audio-visual data for EquiAV (SPEC 1, 11): manifests, fbanks and frames, datasets, loaders.
 
 Implements the paper's inputs (SPEC 1: 10 s of audio as a 128-bin Kaldi
 log-mel spectrogram; one RGB frame of a clip stored as 10 frames at 1 fps) and
@@ -236,7 +236,7 @@ class _StringArray:
 
 
 # ===========================================================================
-# Audio (SPEC 1): WAV decoding, downmix, resampling, Kaldi fbank
+# Audio (SPEC 1): file -> waveform is audio_io.py's; here the Kaldi fbank
 # ===========================================================================
 
 def waveform_to_fbank(waveform, audio_length, mel_bins):
