@@ -2,9 +2,9 @@
 
 Each augmentation is sampled per sample on the CPU from a torch.Generator, recorded as a
 normalized vector t (what e_m reads, SPEC 3) and applied to a batch on its device by
-`apply_audio` / `apply_visual`, pure functions of (input, t). They read their decisions
-from a CPU copy of t and move only small tensors to the device, pinned and non-blocking,
-so a GPU step never waits on them (tests/test_augment.py checks).
+`apply_audio` / `apply_visual`, pure functions of (input, t) that read their decisions from
+a CPU copy of t and move only small tensors to the device, pinned and non-blocking, so a GPU
+step never waits on them (tests/test_augment.py checks).
 """
 
 import math
@@ -75,6 +75,15 @@ def audio_identity(n, device=None):
     return _identity(n, AUDIO_SLOTS, ("rrc_on", "rrc_time_len", "rrc_freq_width"), device)
 
 
+def only(t, names):
+    """t (n, d_t) with every slot outside `names` at the identity: those augmentations alone."""
+    audio = t.shape[1] == AUDIO_DIM
+    out = (audio_identity if audio else visual_identity)(t.shape[0])
+    keep = [(AUDIO_SLOTS if audio else VISUAL_SLOTS)[name] for name in names]
+    out[:, keep] = t[:, keep]
+    return out
+
+
 def _identity(n, slots, full, device):
     t = torch.zeros(n, len(slots))                                # built on the CPU: no sync
     t[:, [slots[name] for name in full]] = 1.0                    # the crop is the whole plane
@@ -93,9 +102,9 @@ def _coin(n, p, generator):
 
 
 def _crop_boxes(n, generator, H, W, ratio):
-    """torchvision's RandomResizedCrop.get_params for n samples (our choice of sampler):
-    the first of 10 (area, log-uniform aspect w/h) draws that fits the (H, W) plane,
-    else the centred plane with the ratio clamped. Returns integer (top, left, height, width), each (n,)."""
+    """torchvision's RandomResizedCrop.get_params for n samples (our choice of sampler): the first
+    of 10 (area, log-uniform aspect w/h) draws that fits the (H, W) plane, else the centred plane
+    with the ratio clamped. Returns integer (top, left, height, width), each (n,)."""
     target = H * W * _uniform((n, CROP_ATTEMPTS), *CROP_SCALE, generator, torch.float64)
     aspect = torch.exp(_uniform((n, CROP_ATTEMPTS), math.log(ratio[0]), math.log(ratio[1]),
                                 generator, torch.float64))
@@ -112,9 +121,8 @@ def _crop_boxes(n, generator, H, W, ratio):
 
 
 def _sample_common(t, slots, crop, boxes, size, generator):
-    """Write the slots both modalities share: the crop boxes (normalized by the plane
-    `size` = (rows, cols)), colour jitter (p 0.8, a random op order, factors), the
-    Gaussian blur (p 0.5, sigma U(0.1, 2)) and the flip (p 0.5)."""
+    """Write the slots both modalities share: the crop boxes (normalized by the plane `size`,
+    rows and cols), colour jitter (p 0.8), Gaussian blur (p 0.5, sigma U(0.1, 2)), flip (p 0.5)."""
     n = t.shape[0]
     t[:, slots[crop[0]]] = 1.0
     for name, value, length in zip(crop[1:], boxes, size * 2):
@@ -144,11 +152,10 @@ def sample_visual_params(n, generator, H=224, W=224):
 
 
 def sample_audio_params(n, generator, T=1024, F=128):
-    """n audio augmentations (SPEC 8) -> (n, 24) float32 on the CPU. SpecAugment (p 0.8):
-    time and frequency masks of width floor(U(0, 192 T/1024)) frames and floor(U(0, 48
-    F/128)) bins (scaled with the input size: our choice) at uniform integer starts
-    (end exclusive); the time shift, on exactly
-    when SpecAugment is, uniform in [-T, T); the crop has time as its height."""
+    """n audio augmentations (SPEC 8) -> (n, 24) float32 on the CPU. SpecAugment (p 0.8): time
+    and frequency masks of width floor(U(0, 192 T/1024)) frames and floor(U(0, 48 F/128)) bins
+    (scaled with the input size: our choice) at uniform integer starts (end exclusive); the
+    time shift, on exactly when SpecAugment is, uniform in [-T, T); the crop's height is time."""
     t = torch.zeros(n, AUDIO_DIM)
     on = _coin(n, P_SPECAUG, generator)
     for axis, size, widest in (("tmask", T, TIME_MASK_MAX * T / BASE_T), ("fmask", F, FREQ_MASK_MAX * F / BASE_F)):
@@ -180,8 +187,7 @@ def sample_audio_vectors(B, S, generator, T=1024, F=128):
 # ---- Application (SPEC 8): the paper's ops in the paper's order, from torchvision ----
 
 def _crop(x, tc, slots, names):
-    """Random resized crop back to the input size, one sample at a time (bilinear, no
-    antialias: torchvision's resized_crop). x (B, C, H, W)."""
+    """Random resized crop back to the size of x (B, C, H, W), per sample (resized_crop, no antialias)."""
     H, W = x.shape[-2:]
     on = (tc[:, slots[names[0]]] > 0.5).tolist()
     ints = (torch.round(tc[:, slots[n]].double() * s).long().tolist()   # stored x / size -> x
@@ -191,13 +197,11 @@ def _crop(x, tc, slots, names):
                         for xb, (o, *box) in zip(x, boxes)])
 
 
-def _blend(x, other, f):
-    """torchvision's blend of colour ops: f x + (1 - f) other, clamped to [0, 1]."""
+def _blend(x, other, f):   # torchvision's blend of colour ops: f x + (1 - f) other, in [0, 1]
     return (f * x + (1 - f) * other).clamp(0, 1)
 
 
-def _adjust_hue(x, shift):
-    """torchvision's adjust_hue with one shift per sample: rotate the HSV hue."""
+def _adjust_hue(x, shift):   # torchvision's adjust_hue, one shift per sample
     h, s, v = _rgb_to_hsv(x).unbind(dim=1)
     return _hsv_to_rgb(torch.stack([(h + shift.view(-1, 1, 1)) % 1.0, s, v], dim=1))
 
@@ -214,9 +218,8 @@ AUDIO_JITTER_OPS = (                         # SPEC 9: no clamping; one channel:
 
 
 def _color_jitter(x, tc, slots, ops):
-    """Each sample's four ops in its recorded order: round r applies, for every op, that
-    op to the samples that drew it r-th (one call per op and round). x (B, C, H, W), our
-    own copy: changed in place."""
+    """Each sample's four ops in its recorded order: round r applies every op to the samples
+    that drew it r-th (one call per op and round). x (B, C, H, W), our copy: changed in place."""
     j = slots["cj_on"]
     on = tc[:, j] > 0.5
     order = torch.round(tc[:, j + 1:j + 5] * 3).long()                # (B, 4) op indices
@@ -241,15 +244,13 @@ def _gaussian_blur(x, tc, slots, radius):
     return x
 
 
-def _where(tc, slot, a, b):
-    """Per sample: a where the on-slot is set, else b. a, b (B, C, H, W)."""
+def _where(tc, slot, a, b):   # per sample: a where the on-slot is set, else b (B, C, H, W)
     on = to_device(tc[:, slot] > 0.5, a.device).view(-1, 1, 1, 1)
     return torch.where(on, a, b)
 
 
 def roll_time(spec, shift):
-    """Circular shift of each sample along time: out[b, i] = spec[b, (i - shift[b]) mod T].
-    spec (B, T, F); shift (B,) integers on the CPU."""
+    """out[b, i] = spec[b, (i - shift[b]) mod T]: spec (B, T, F), shift (B,) integers on the CPU."""
     B, T, F = spec.shape
     src = torch.remainder(torch.arange(T) - shift.view(-1, 1), T)            # (B, T) source frames
     return spec.gather(1, to_device(src, spec.device).unsqueeze(2).expand(B, T, F))
@@ -281,8 +282,7 @@ def apply_audio(spec, t):
     """Audio augmentations t (B, 24) applied to the normalized spectrogram spec (B, T, F),
     axis 1 time, axis 2 frequency (SPEC 8): SpecAugment masks (set to 0) -> circular
     time shift -> random resized crop of the (T, F) plane -> colour jitter (brightness,
-    contrast; unclamped, SPEC 9) -> Gaussian blur (kernel 2 ceil(sigma) + 1) ->
-    frequency flip. Runs on spec.device; pass t on the CPU."""
+    contrast; unclamped, SPEC 9) -> Gaussian blur (kernel 2 ceil(sigma) + 1) -> frequency flip."""
     _check(spec, t, 3, AUDIO_DIM, "apply_audio")
     S, tc = AUDIO_SLOTS, t.detach().to("cpu", torch.float32)
     B, T, F = spec.shape

@@ -347,10 +347,10 @@ def resume_or_init(path, cfg, mcfg, net, criterion, optimizer, scaler):
     if not os.path.exists(path):
         if cfg.init_mae:
             print_report(f"ImageNet MAE checkpoint {cfg.init_mae}",
-                                 load_mae_checkpoint(net, cfg.init_mae))
+                         load_mae_checkpoint(net, cfg.init_mae))
         elif cfg.init_official:
             print_report(f"authors' EquiAV checkpoint {cfg.init_official}",
-                                 load_official_checkpoint(net, cfg.init_official))
+                         load_official_checkpoint(net, cfg.init_official))
         elif cfg.init_from:
             source = utils.load_checkpoint(cfg.init_from)
             check_same_model(cfg.init_from, source, mcfg, _model_flags(cfg))

@@ -504,10 +504,6 @@ def resume(run_dir, meta, net, optimizer, scaler):
 # Fine-tuning SpecAugment, one epoch, evaluation
 # =============================================================================
 
-_MASK_SLOTS = [augment.AUDIO_SLOTS[k] for k in
-               ("specaug_on", "tmask_start", "tmask_end", "fmask_start", "fmask_end")]
-
-
 def finetune_specaugment(spec, generator):
     """SpecAugment on the fine-tuning input (SPEC 11): augment.py's time and
     frequency masks (widths < 192 T/1024 frames and 48 F/128 bins, set to 0),
@@ -517,9 +513,7 @@ def finetune_specaugment(spec, generator):
     apply_audio reads its decisions (a GPU copy would be read back: a sync)."""
     b, T, F_ = spec.shape
     sampled = augment.sample_audio_params(b, generator, T=T, F=F_)
-    t = augment.audio_identity(b)
-    t[:, _MASK_SLOTS] = sampled[:, _MASK_SLOTS]
-    return augment.apply_audio(spec, t)
+    return augment.apply_audio(spec, augment.only(sampled, augment.AUDIO_GROUPS["specaugment"]))
 
 
 def _set_train_mode(net, linear_probe):

@@ -223,16 +223,15 @@ def augmented_views(model, loader, device, S=16, seed=0, amp=False):
     cfg, n = utils.unwrap(model).cfg, len(loader.dataset)
     g = torch.Generator().manual_seed(seed + 2)   # neither the centroid nor the equivariance stream
     out = {}
-    for m, name, groups, layout, slots, identity, t_all in (
-            ("a", "audio", augment.AUDIO_GROUPS, augment.AUDIO_LAYOUT, augment.AUDIO_SLOTS,
-             augment.audio_identity, augment.sample_audio_params(n, g, cfg.audio_length, cfg.mel_bins)),
-            ("v", "visual", augment.VISUAL_GROUPS, augment.VISUAL_LAYOUT, augment.VISUAL_SLOTS,
-             augment.visual_identity, augment.sample_visual_params(n, g, cfg.image_size, cfg.image_size))):
+    for m, name, groups, layout, t_all in (
+            ("a", "audio", augment.AUDIO_GROUPS, augment.AUDIO_LAYOUT,
+             augment.sample_audio_params(n, g, cfg.audio_length, cfg.mel_bins)),
+            ("v", "visual", augment.VISUAL_GROUPS, augment.VISUAL_LAYOUT,
+             augment.sample_visual_params(n, g, cfg.image_size, cfg.image_size))):
         out[name] = {}
         for group, names in list(groups.items()) + [("all", layout)]:
-            t = identity(n)
-            t[:, [slots[k] for k in names]] = t_all[:, [slots[k] for k in names]]
-            z_a, z_v = extract_embeddings(model, loader, device, S, seed, amp, view=(m, t))
+            view = (m, augment.only(t_all, names))
+            z_a, z_v = extract_embeddings(model, loader, device, S, seed, amp, view=view)
             out[name][group] = retrieval_metrics(z_a, z_v)
     return out
 

@@ -243,7 +243,10 @@ def _surface(kind, u, v, radius):
     but at least 7 px, so that the blur (sigma <= 2 px) and a crop leave it visible;
     every pattern looks the same mirrored, as a horizontal flip leaves a real surface."""
     period = max(7.0 / radius, 0.4)
-    wave = lambda x: np.float32(0.5) + np.float32(0.5) * np.cos(np.float32(2 * np.pi / period) * x)
+
+    def wave(x):   # 1 on the period's lines, 0 between
+        return np.float32(0.5) + np.float32(0.5) * np.cos(np.float32(2 * np.pi / period) * x)
+
     if kind == "plain":
         return np.ones_like(u)
     if kind == "hstripes":
@@ -627,21 +630,17 @@ def cue_check(root, audio_length=256, mel_bins=64, image_size=96, seed=0):
     gen = torch.Generator().manual_seed(seed)
     n = len(clips["test"][0])
     out = {}
-    for m, (k, feats, groups, layout, slots, identity, params) in {
+    for m, (k, feats, groups, layout, params) in {
             "audio": (0, audio_cue_features, augment.AUDIO_GROUPS, augment.AUDIO_LAYOUT,
-                      augment.AUDIO_SLOTS, augment.audio_identity,
                       augment.sample_audio_params(n, gen, audio_length, mel_bins)),
             "visual": (1, visual_cue_features, augment.VISUAL_GROUPS, augment.VISUAL_LAYOUT,
-                       augment.VISUAL_SLOTS, augment.visual_identity,
                        augment.sample_visual_params(n, gen, image_size, image_size))}.items():
         apply = augment.apply_audio if m == "audio" else augment.apply_visual
         fit = feats(clips["train"][k]), clips["train"][2].argmax(1)
         x, y = clips["test"][k], clips["test"][2].argmax(1)
         row = {"clean": nearest_centroid_accuracy(*fit, feats(x), y)}
         for group, names in list(groups.items()) + [("all", layout)]:
-            t = identity(n)
-            t[:, [slots[name] for name in names]] = params[:, [slots[name] for name in names]]
-            row[group] = nearest_centroid_accuracy(*fit, feats(apply(x, t)), y)
+            row[group] = nearest_centroid_accuracy(*fit, feats(apply(x, augment.only(params, names))), y)
         out[m] = row
     return out
 

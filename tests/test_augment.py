@@ -196,6 +196,18 @@ def test_identity_vectors_follow_spec():
         torch.testing.assert_close(ident, expected.expand_as(ident), rtol=0, atol=1e-7)
 
 
+def test_only_keeps_the_named_slots_and_sets_the_rest_to_identity():
+    for t, slots, identity in ((A.sample_audio_params(6, gen(40), 64, 32), AS, A.audio_identity),
+                               (A.sample_visual_params(6, gen(41), 32, 32), VS, A.visual_identity)):
+        for names in ((AUDIO_GROUPS["specaug"] if slots is AS else VISUAL_GROUPS["jitter"]), ()):
+            got = A.only(t, names)
+            assert torch.equal(got, only(t, slots, names, identity))   # the test's own helper
+            keep = [slots[n] for n in names]
+            rest = [i for i in range(t.shape[1]) if i not in keep]
+            assert torch.equal(got[:, keep], t[:, keep])
+            assert torch.equal(got[:, rest], identity(6)[:, rest])
+
+
 def test_identity_leaves_inputs_unchanged():
     img, spec = images(5, 24, 40), spectrograms(5)
     assert torch.equal(A.apply_visual(img, A.visual_identity(5)), img)
