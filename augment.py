@@ -1,46 +1,56 @@
-"""Parameterized augmentations and their parameter vectors (SPEC 8).
+"""Parameterized augmentations and their parameter vectors (SPEC 8, 9).
 
-Each augmentation is sampled per sample on the CPU from a torch.Generator, recorded as a
-normalized vector t (what e_m reads, SPEC 3) and applied to a batch on its device by
-`apply_audio` / `apply_visual`, pure functions of (input, t) that read their decisions from
-a CPU copy of t and move only small tensors to the device, pinned and non-blocking, so a GPU
-step never waits on them (tests/test_augment.py checks).
+What the paper does to each input to make its augmented view x', in this order:
+
+    visual, the frame (B, 3, H, W) in [0, 1]:
+        resized crop -> colour jitter -> Gaussian blur -> horizontal flip -> grayscale
+        (ImageNet normalization comes after all of them: `normalize_image`)
+    audio, the normalized spectrogram (B, T, F), time first:
+        SpecAugment -> time shift -> resized crop -> colour jitter -> Gaussian blur
+        -> frequency flip
+
+An augmentation IS its parameter vector t (what e_m reads, SPEC 3): sampling draws t on
+the CPU from a torch.Generator, and `apply_visual` / `apply_audio` are pure functions of
+(input, t), one function per op above, each reading its slots by name. Every op works on
+the whole batch with per-sample parameters held in tensors, so a step issues the same
+device ops at any batch size and reads nothing back to the host.
 """
 
 import math
 
 import torch
+import torch.nn.functional as F
 from torchvision.transforms.v2 import functional as TF
-from torchvision.transforms.v2.functional._color import _hsv_to_rgb, _rgb_to_hsv
 
-# ---- Slot layouts (SPEC 8): the one definition used by sampling, application, the
-# augmentation encoder and checkpoint conversion. Order follows the public code. ----
+# =============================================================================
+# The parameter vectors (SPEC 8): one layout, used by sampling, application, the
+# augmentation encoder and checkpoint conversion. Slot order follows the public code.
+# =============================================================================
 
-_JITTER = ("cj_on", "cj_order0", "cj_order1", "cj_order2", "cj_order3",   # op index applied 1st..4th, /3
-           "cj_brightness", "cj_contrast", "cj_saturation", "cj_hue")      # b-1, c-1, s-1, hue
-VISUAL_LAYOUT = (
-    "rrc_on", "rrc_top", "rrc_left", "rrc_height", "rrc_width",       # 0-4   top/H, left/W, height/H, width/W
-    *_JITTER,                                                         # 5-13
-    "blur_on", "blur_sigma", "flip_on", "gray_on")                    # 14-17 sigma, horizontal flip, grayscale
-AUDIO_LAYOUT = (
-    "specaug_on", "tmask_start", "tmask_end", "fmask_start", "fmask_end",          # 0-4   /T, /T, /F, /F
-    "shift_on", "shift",                                                           # 5-6   shift/T
-    "rrc_on", "rrc_time_start", "rrc_freq_start", "rrc_time_len", "rrc_freq_width",  # 7-11 /T, /F, /T, /F
-    *_JITTER,                                                                      # 12-20
-    "blur_on", "blur_sigma", "flip_on")                                            # 21-23 sigma, frequency flip
+JITTER_SLOTS = ("cj_on",
+                "cj_order0", "cj_order1", "cj_order2", "cj_order3",   # op index applied 1st..4th, /3
+                "cj_brightness", "cj_contrast", "cj_saturation", "cj_hue")   # b-1, c-1, s-1, hue
+VISUAL_GROUPS = {                                                        # slots
+    "crop": ("rrc_on", "rrc_top", "rrc_left", "rrc_height", "rrc_width"),     # 0-4 /H, /W, /H, /W
+    "colour jitter": JITTER_SLOTS,                                            # 5-13
+    "blur": ("blur_on", "blur_sigma"),                                        # 14-15
+    "flip": ("flip_on",),                                                     # 16 horizontal
+    "grayscale": ("gray_on",),                                                # 17
+}
+AUDIO_GROUPS = {
+    "specaugment": ("specaug_on", "tmask_start", "tmask_end", "fmask_start", "fmask_end"),  # 0-4
+    "shift": ("shift_on", "shift"),                                           # 5-6   shift / T
+    "crop": ("rrc_on", "rrc_time_start", "rrc_freq_start",                    # 7-11  /T, /F,
+             "rrc_time_len", "rrc_freq_width"),                               #       /T, /F
+    "jitter": JITTER_SLOTS,                                                   # 12-20
+    "blur": ("blur_on", "blur_sigma"),                                        # 21-22
+    "flip": ("flip_on",),                                                     # 23 frequency
+}
+VISUAL_LAYOUT = tuple(name for group in VISUAL_GROUPS.values() for name in group)
+AUDIO_LAYOUT = tuple(name for group in AUDIO_GROUPS.values() for name in group)
 VISUAL_SLOTS = {name: i for i, name in enumerate(VISUAL_LAYOUT)}
 AUDIO_SLOTS = {name: i for i, name in enumerate(AUDIO_LAYOUT)}
 VISUAL_DIM, AUDIO_DIM = len(VISUAL_LAYOUT), len(AUDIO_LAYOUT)   # 18, 24
-# Each augmentation's slots, named as the paper's figures name them.
-VISUAL_GROUPS = {"crop": VISUAL_LAYOUT[0:5], "colour jitter": VISUAL_LAYOUT[5:14],
-                 "blur": VISUAL_LAYOUT[14:16], "flip": VISUAL_LAYOUT[16:17],
-                 "grayscale": VISUAL_LAYOUT[17:18]}
-AUDIO_GROUPS = {"specaugment": AUDIO_LAYOUT[0:5], "shift": AUDIO_LAYOUT[5:7],
-                "crop": AUDIO_LAYOUT[7:12], "jitter": AUDIO_LAYOUT[12:21],
-                "blur": AUDIO_LAYOUT[21:23], "flip": AUDIO_LAYOUT[23:24]}
-# The crop slots as (on, top, left, height, width) of the plane: the image is (H, W);
-# the spectrogram (T, F), time as rows and frequency as columns.
-VISUAL_CROP, AUDIO_CROP = VISUAL_LAYOUT[0:5], AUDIO_LAYOUT[7:12]
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 CROP_SCALE = (0.08, 1.0)                     # area fraction, both modalities
@@ -53,100 +63,197 @@ SIGMA_RANGE = (0.1, 2.0)
 TIME_MASK_MAX, FREQ_MASK_MAX, BASE_T, BASE_F = 192, 48, 1024, 128
 
 
-def to_device(x, device):
-    """Small CPU tensor -> device without waiting for queued GPU work (pinned, non-blocking)."""
-    return (x.pin_memory() if device.type == "cuda" else x).to(device, non_blocking=True)
+def visual_blur_radius(sigma):   # kernel 2 ceil(3 sigma) + 1 (our choice; torchvision's rule)
+    return torch.ceil(3 * sigma)
+
+
+def audio_blur_radius(sigma):    # kernel 2 ceil(sigma) + 1 (the public code's)
+    return torch.ceil(sigma)
+
+
+# =============================================================================
+# Applying a vector: the paper's ops in the paper's order
+# =============================================================================
+
+def apply_visual(img, t):
+    """The visual augmentations t (B, 18) applied to img (B, 3, H, W) in [0, 1] (SPEC 8).
+    Runs on img.device; t may be on the CPU (then copied there once) or already there."""
+    _check(img, t, 4, VISUAL_DIM, "apply_visual")
+    v = read_slots(t, VISUAL_LAYOUT, img.device)
+    x = resized_crop(img, v["rrc_on"], v["rrc_top"], v["rrc_left"], v["rrc_height"], v["rrc_width"])
+    x = colour_jitter(x, v["cj_on"], jitter_order(v), v["cj_brightness"], v["cj_contrast"],
+                      v["cj_saturation"], v["cj_hue"])
+    x = gaussian_blur(x, v["blur_on"], v["blur_sigma"], visual_blur_radius)
+    x = flip(x, v["flip_on"])                      # width is the last axis: a horizontal flip
+    return grayscale(x, v["gray_on"])
+
+
+def apply_audio(spec, t):
+    """The audio augmentations t (B, 24) applied to the normalized spectrogram spec (B, T, F),
+    axis 1 time, axis 2 frequency (SPEC 8). Runs on spec.device; t as for apply_visual."""
+    _check(spec, t, 3, AUDIO_DIM, "apply_audio")
+    v = read_slots(t, AUDIO_LAYOUT, spec.device)
+    x = spec_augment(spec, v["specaug_on"], v["tmask_start"], v["tmask_end"],
+                     v["fmask_start"], v["fmask_end"])
+    x = time_shift(x, v["shift_on"], v["shift"])
+    x = x.unsqueeze(1)                             # (B, 1, T, F): a one-channel image, rows = time
+    x = resized_crop(x, v["rrc_on"], v["rrc_time_start"], v["rrc_freq_start"],
+                     v["rrc_time_len"], v["rrc_freq_width"])
+    x = spectrogram_jitter(x, v["cj_on"], v["cj_brightness"], v["cj_contrast"])
+    x = gaussian_blur(x, v["blur_on"], v["blur_sigma"], audio_blur_radius)
+    x = flip(x, v["flip_on"])                      # frequency is the last axis
+    return x.squeeze(1)
+
+
+def spec_augment(x, on, tmask_start, tmask_end, fmask_start, fmask_end):
+    """SpecAugment: x (B, T, F) with the frames [tmask_start, tmask_end) T and the mel bins
+    [fmask_start, fmask_end) F set to 0 (the start and end slots are fractions of T, F)."""
+    B, T, F = x.shape
+    frame = torch.arange(T, device=x.device).view(1, T, 1)   # time: rows
+    mel = torch.arange(F, device=x.device).view(1, 1, F)     # frequency: columns
+    in_time = (frame >= per_sample(to_index(tmask_start, T), 3)) \
+        & (frame < per_sample(to_index(tmask_end, T), 3))                    # (B, T, 1)
+    in_freq = (mel >= per_sample(to_index(fmask_start, F), 3)) \
+        & (mel < per_sample(to_index(fmask_end, F), 3))                      # (B, 1, F)
+    return x.masked_fill(per_sample(on, 3) & (in_time | in_freq), 0.0)
+
+
+def time_shift(x, on, shift):
+    """Circular shift of x (B, T, F) along time by shift T frames (SPEC 9: the public code's
+    shift rolled a channel copy and moved nothing)."""
+    frames = torch.where(on, torch.round(shift * x.shape[1]), 0.0)
+    return roll_time(x, frames)
+
+
+def resized_crop(x, on, top, left, height, width):
+    """Random resized crop, resized back to the plane's size: x (B, C, H, W), the box given
+    as fractions of H (top, height) and W (left, width). torchvision's resized_crop
+    (bilinear, no antialias) for every sample in one grid_sample: each output pixel reads
+    the point that interpolate's rule maps it to (`_crop_positions`). A sample whose box is
+    the whole plane (or whose crop is off) is returned as it is."""
+    B, C, H, W = x.shape
+    top, height = to_index(top, H).to(x.dtype), to_index(height, H).to(x.dtype)
+    left, width = to_index(left, W).to(x.dtype), to_index(width, W).to(x.dtype)
+    whole = ~on | ((height == H) & (width == W))
+    top, left = torch.where(whole, 0.0, top), torch.where(whole, 0.0, left)
+    height, width = torch.where(whole, H, height), torch.where(whole, W, width)
+    # grid_sample's coordinates: -1 and 1 are the centres of the first and last pixels.
+    rows = _crop_positions(top, height, H) * (2 / (H - 1)) - 1                  # (B, H)
+    cols = _crop_positions(left, width, W) * (2 / (W - 1)) - 1                  # (B, W)
+    grid = torch.stack([cols.unsqueeze(1).expand(B, H, W), rows.unsqueeze(2).expand(B, H, W)],
+                       dim=-1)                                                  # (B, H, W, xy)
+    crops = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=True)
+    return torch.where(per_sample(whole, 4), x, crops)
+
+
+def colour_jitter(x, on, order, brightness, contrast, saturation, hue):
+    """torchvision's colour jitter with each sample's factors and op order: brightness
+    (a blend with black), contrast (with the mean grey), saturation (with the grey image),
+    each clamped to [0, 1], and hue (a turn in HSV). x (B, 3, H, W) in [0, 1]; order (B, 4):
+    the op index (0 b, 1 c, 2 s, 3 hue) applied 1st..4th; factors b, c, s are 1 + the slot.
+    The blends run in rounds over the whole batch (`_blend`; factor 1 leaves a sample as it
+    is). Hue, by far the costliest op, runs once: first the blends that come before each
+    sample's hue, then the hue, then the blends after it."""
+    no_blend = torch.ones_like(hue)                                             # hue's place
+    factor = torch.stack([1 + brightness, 1 + contrast, 1 + saturation, no_blend], dim=1)
+    factor = factor.gather(1, order)                          # (B, 4): of the op applied r-th
+    place = torch.arange(4, device=x.device)
+    hue_place = (order == 3).int().argmax(dim=1, keepdim=True)                  # (B, 1)
+    before = torch.where(on.unsqueeze(1) & (place < hue_place), factor, 1.0)    # (B, 4)
+    after = torch.where(on.unsqueeze(1) & (place > hue_place), factor, 1.0)
+    for r in range(3):
+        x = _blend(x, order[:, r], before[:, r])
+    x = torch.where(per_sample(on, 4), adjust_hue(x, hue), x)
+    for r in range(1, 4):
+        x = _blend(x, order[:, r], after[:, r])
+    return x
+
+
+def spectrogram_jitter(x, on, brightness, contrast):
+    """Colour jitter on the spectrogram x (B, 1, T, F): brightness scales it, contrast blends
+    it with its mean, neither clamped (SPEC 9); saturation and hue change nothing on one
+    channel. Unclamped, brightness and contrast commute (b (c x + (1 - c) m) = c (b x) +
+    (1 - c) (b m), m the mean), so the four order slots carry no information here."""
+    b = per_sample(torch.where(on, 1 + brightness, 1.0), 4)
+    c = per_sample(torch.where(on, 1 + contrast, 1.0), 4)
+    return b * (c * x + (1 - c) * x.mean(dim=(1, 2, 3), keepdim=True))
+
+
+def gaussian_blur(x, on, sigma, radius):
+    """torchvision's gaussian_blur (reflect padding) with each sample's sigma and kernel size
+    2 radius(sigma) + 1, for the whole batch: every kernel is padded with zeros to the largest
+    one the sampler can draw (sigma < 2), and a Gaussian is separable, so the blur is two
+    grouped convolutions, down the rows and then along the columns. x (B, C, H, W). A sample
+    with blur off gets the kernel (..., 0, 1, 0, ...), which returns it exactly."""
+    B, C, H, W = x.shape
+    R = int(radius(torch.tensor(SIGMA_RANGE[1])))
+    offset = torch.arange(-R, R + 1, device=x.device, dtype=x.dtype)                 # (2R + 1,)
+    sigma = torch.where(on, sigma, 1.0).unsqueeze(1)                                 # (B, 1)
+    kernel = torch.exp(-0.5 * (offset / sigma) ** 2) * (offset.abs() <= radius(sigma))
+    kernel = torch.where(per_sample(on, 2), kernel / kernel.sum(dim=1, keepdim=True),
+                         (offset == 0).to(x.dtype))                                   # (B, 2R + 1)
+    kernel = kernel.repeat_interleave(C, dim=0)                      # one per channel: (B C, 2R + 1)
+    y = F.pad(x.reshape(1, B * C, H, W), (R, R, R, R), mode="reflect")
+    y = F.conv2d(y, kernel.view(B * C, 1, 2 * R + 1, 1), groups=B * C)   # down the rows
+    y = F.conv2d(y, kernel.view(B * C, 1, 1, 2 * R + 1), groups=B * C)   # along the columns
+    return y.view(B, C, H, W)
+
+
+def flip(x, on):
+    """Reverse the last axis (B, C, H, W) where `on` is set: a horizontal flip of a frame, a
+    flip of the frequency axis of a spectrogram."""
+    return torch.where(per_sample(on, 4), x.flip(-1), x)
+
+
+def grayscale(x, on):
+    """torchvision's grayscale with 3 equal channels where `on` is set: x (B, 3, H, W)."""
+    return torch.where(per_sample(on, 4), TF.rgb_to_grayscale(x, num_output_channels=3), x)
 
 
 def normalize_image(img):
-    """ImageNet normalization, the last visual step (SPEC 1). img (B, 3, H, W) in [0, 1].
-    (TF.normalize builds its mean on the device from Python floats: a blocking copy.)"""
+    """ImageNet normalization, the last visual step (SPEC 1), after the colour augmentations,
+    which are defined on [0, 1] colours. img (B, 3, H, W) in [0, 1]. (TF.normalize builds its
+    mean on the device from Python floats: a copy that waits for the GPU.)"""
     stats = to_device(torch.tensor([IMAGENET_MEAN, IMAGENET_STD], dtype=img.dtype), img.device)
     return (img - stats[0].view(1, 3, 1, 1)) / stats[1].view(1, 3, 1, 1)
 
 
-def visual_identity(n, device=None):
-    """(n, 18) vector of "no augmentation" (SPEC 8): full crop, order (0, 1/3, 2/3, 1), else 0."""
-    return _identity(n, VISUAL_SLOTS, ("rrc_on", "rrc_height", "rrc_width"), device)
+def unit_range(frames):
+    """Frames as the loader gives them, uint8 0-255 (a quarter of float32's bytes to move to
+    the device) or float in [0, 1] (mixed-up frames), -> float32 in [0, 1] on their device."""
+    return frames.float().div_(255.0) if frames.dtype == torch.uint8 else frames
 
 
-def audio_identity(n, device=None):
-    """(n, 24) vector of "no augmentation" (SPEC 8)."""
-    return _identity(n, AUDIO_SLOTS, ("rrc_on", "rrc_time_len", "rrc_freq_width"), device)
+def augment_visual(img, generator):
+    """img (B, 3, H, W) in [0, 1] -> (its augmented view, t (B, 18) on img.device)."""
+    t = to_device(sample_visual_params(img.shape[0], generator, img.shape[2], img.shape[3]),
+                  img.device)
+    return apply_visual(img, t), t
 
 
-def only(t, names):
-    """t (n, d_t) with every slot outside `names` at the identity: those augmentations alone."""
-    audio = t.shape[1] == AUDIO_DIM
-    out = (audio_identity if audio else visual_identity)(t.shape[0])
-    keep = [(AUDIO_SLOTS if audio else VISUAL_SLOTS)[name] for name in names]
-    out[:, keep] = t[:, keep]
-    return out
+def augment_audio(spec, generator):
+    """spec (B, T, F) -> (its augmented view, t (B, 24) on spec.device)."""
+    t = to_device(sample_audio_params(spec.shape[0], generator, spec.shape[1], spec.shape[2]),
+                  spec.device)
+    return apply_audio(spec, t), t
 
 
-def _identity(n, slots, full, device):
-    t = torch.zeros(n, len(slots))                                # built on the CPU: no sync
-    t[:, [slots[name] for name in full]] = 1.0                    # the crop is the whole plane
-    t[:, slots["cj_order0"]:slots["cj_order3"] + 1] = torch.arange(4) / 3.0   # jitter order 0..3
-    return t if device is None else to_device(t, torch.device(device))
+def sample_time_roll(B, T, generator):
+    """Input noise on the original spectrogram (SPEC 12): a circular shift along time by an
+    integer uniform in [0, T) per sample, not recorded. (B,) frames, float32 on the CPU
+    (for `roll_time`)."""
+    return torch.randint(0, T, (B,), generator=generator).float()
 
 
-# ---- Sampling (on the CPU, vectorized over samples) ----
-
-def _uniform(shape, lo, hi, generator, dtype=torch.float32):
-    return lo + (hi - lo) * torch.rand(shape, generator=generator, dtype=dtype)
-
-
-def _coin(n, p, generator):
-    return torch.rand(n, generator=generator) < p
-
-
-def _crop_boxes(n, generator, H, W, ratio):
-    """torchvision's RandomResizedCrop.get_params for n samples (our choice of sampler): the first
-    of 10 (area, log-uniform aspect w/h) draws that fits the (H, W) plane, else the centred plane
-    with the ratio clamped. Returns integer (top, left, height, width), each (n,)."""
-    target = H * W * _uniform((n, CROP_ATTEMPTS), *CROP_SCALE, generator, torch.float64)
-    aspect = torch.exp(_uniform((n, CROP_ATTEMPTS), math.log(ratio[0]), math.log(ratio[1]),
-                                generator, torch.float64))
-    w, h = torch.round(torch.sqrt(target * aspect)), torch.round(torch.sqrt(target / aspect))
-    fits = (w > 0) & (w <= W) & (h > 0) & (h <= H)
-    first, found = fits.int().argmax(dim=1, keepdim=True), fits.any(dim=1)
-    h, w = h.gather(1, first).squeeze(1).long(), w.gather(1, first).squeeze(1).long()
-    u_top, u_left = (torch.rand(n, generator=generator, dtype=torch.float64) for _ in range(2))
-    fw, fh = min(W, round(H * ratio[1])), min(H, round(W / ratio[0]))   # the fallback
-    h, w = torch.where(found, h, fh), torch.where(found, w, fw)
-    top = torch.floor(u_top * (H - h + 1)).long().clamp(max=H - h)   # uniform in [0, H - h]
-    left = torch.floor(u_left * (W - w + 1)).long().clamp(max=W - w)
-    return (torch.where(found, top, (H - fh) // 2), torch.where(found, left, (W - fw) // 2), h, w)
-
-
-def _sample_common(t, slots, crop, boxes, size, generator):
-    """Write the slots both modalities share: the crop boxes (normalized by the plane `size`,
-    rows and cols), colour jitter (p 0.8), Gaussian blur (p 0.5, sigma U(0.1, 2)), flip (p 0.5)."""
-    n = t.shape[0]
-    t[:, slots[crop[0]]] = 1.0
-    for name, value, length in zip(crop[1:], boxes, size * 2):
-        t[:, slots[name]] = (value.double() / length).float()
-    on = _coin(n, P_JITTER, generator)
-    order = torch.argsort(torch.rand(n, 4, generator=generator), dim=1)   # a uniform permutation
-    values = torch.cat([_uniform((n, 3), -JITTER_STRENGTH, JITTER_STRENGTH, generator),
-                        _uniform((n, 1), -HUE_RANGE, HUE_RANGE, generator)], dim=1)
-    j = slots["cj_on"]
-    t[:, j] = on.float()
-    t[:, j + 1:j + 5] = torch.where(on[:, None], order, torch.arange(4)).float() / 3.0
-    t[:, j + 5:j + 9] = torch.where(on[:, None], values, 0.0)
-    blur, sigma = _coin(n, P_BLUR, generator), _uniform(n, *SIGMA_RANGE, generator)
-    t[:, slots["blur_on"]] = blur.float()
-    t[:, slots["blur_sigma"]] = torch.where(blur, sigma, 0.0)
-    t[:, slots["flip_on"]] = _coin(n, P_FLIP, generator).float()
-    return t
-
+# =============================================================================
+# Sampling (on the CPU, vectorized over samples)
+# =============================================================================
 
 def sample_visual_params(n, generator, H=224, W=224):
     """n visual augmentations (SPEC 8) -> (n, 18) float32 on the CPU."""
     t = torch.zeros(n, VISUAL_DIM)
     boxes = _crop_boxes(n, generator, H, W, VISUAL_CROP_RATIO)
-    _sample_common(t, VISUAL_SLOTS, VISUAL_CROP, boxes, (H, W), generator)
+    _sample_common(t, VISUAL_SLOTS, VISUAL_GROUPS["crop"], boxes, (H, W), generator)
     t[:, VISUAL_SLOTS["gray_on"]] = _coin(n, P_GRAY, generator).float()
     return t
 
@@ -156,22 +263,25 @@ def sample_audio_params(n, generator, T=1024, F=128):
     and frequency masks of width floor(U(0, 192 T/1024)) frames and floor(U(0, 48 F/128)) bins
     (scaled with the input size: our choice) at uniform integer starts (end exclusive); the
     time shift, on exactly when SpecAugment is, uniform in [-T, T); the crop's height is time."""
-    t = torch.zeros(n, AUDIO_DIM)
+    t, slots = torch.zeros(n, AUDIO_DIM), AUDIO_SLOTS
     on = _coin(n, P_SPECAUG, generator)
-    for axis, size, widest in (("tmask", T, TIME_MASK_MAX * T / BASE_T), ("fmask", F, FREQ_MASK_MAX * F / BASE_F)):
+    masks = (("tmask", T, TIME_MASK_MAX * T / BASE_T), ("fmask", F, FREQ_MASK_MAX * F / BASE_F))
+    for axis, size, widest in masks:
         width = torch.floor(torch.rand(n, generator=generator) * min(widest, size)).long()
         start = torch.floor(torch.rand(n, generator=generator) * (size - width + 1)).long()
         start = torch.minimum(start, size - width)
-        t[:, AUDIO_SLOTS[axis + "_start"]] = torch.where(on, start.double() / size, 0.0).float()
-        t[:, AUDIO_SLOTS[axis + "_end"]] = torch.where(on, (start + width).double() / size, 0.0).float()
+        t[:, slots[axis + "_start"]] = torch.where(on, start.double() / size, 0.0).float()
+        t[:, slots[axis + "_end"]] = torch.where(on, (start + width).double() / size, 0.0).float()
     shift = torch.randint(-T, T, (n,), generator=generator)
-    t[:, AUDIO_SLOTS["specaug_on"]] = t[:, AUDIO_SLOTS["shift_on"]] = on.float()
-    t[:, AUDIO_SLOTS["shift"]] = torch.where(on, shift.double() / T, 0.0).float()
+    t[:, slots["specaug_on"]] = on.float()
+    t[:, slots["shift_on"]] = on.float()
+    t[:, slots["shift"]] = torch.where(on, shift.double() / T, 0.0).float()
     # SPEC 8's ratio range is for the 1024 x 128 plane; other sizes keep it relative
     # to their own aspect, so that the full plane stays allowed.
     rel = (F / T) / (BASE_F / BASE_T)
-    boxes = _crop_boxes(n, generator, T, F, (AUDIO_CROP_RATIO[0] * rel, AUDIO_CROP_RATIO[1] * rel))
-    return _sample_common(t, AUDIO_SLOTS, AUDIO_CROP, boxes, (T, F), generator)
+    ratio = (AUDIO_CROP_RATIO[0] * rel, AUDIO_CROP_RATIO[1] * rel)
+    boxes = _crop_boxes(n, generator, T, F, ratio)
+    return _sample_common(t, slots, AUDIO_GROUPS["crop"], boxes, (T, F), generator)
 
 
 def sample_visual_vectors(B, S, generator, H=224, W=224):
@@ -184,76 +294,178 @@ def sample_audio_vectors(B, S, generator, T=1024, F=128):
     return sample_audio_params(B * S, generator, T, F).view(B, S, AUDIO_DIM)
 
 
-# ---- Application (SPEC 8): the paper's ops in the paper's order, from torchvision ----
+def _crop_boxes(n, generator, H, W, ratio):
+    """torchvision's RandomResizedCrop.get_params for n samples: the first of 10 draws of
+    (area, log-uniform aspect w/h) that fits the (H, W) plane. When none fits, the fallback
+    is the whole plane cut to the nearest allowed aspect ratio, centred. Returns integer
+    (top, left, height, width), each (n,)."""
+    target = H * W * _uniform((n, CROP_ATTEMPTS), *CROP_SCALE, generator, torch.float64)
+    aspect = torch.exp(_uniform((n, CROP_ATTEMPTS), math.log(ratio[0]), math.log(ratio[1]),
+                                generator, torch.float64))
+    w, h = torch.round(torch.sqrt(target * aspect)), torch.round(torch.sqrt(target / aspect))
+    fits = (w > 0) & (w <= W) & (h > 0) & (h <= H)
+    first, found = fits.int().argmax(dim=1, keepdim=True), fits.any(dim=1)
+    h, w = h.gather(1, first).squeeze(1).long(), w.gather(1, first).squeeze(1).long()
+    u_top, u_left = (torch.rand(n, generator=generator, dtype=torch.float64) for _ in range(2))
+    fallback_w = min(W, round(H * ratio[1]))
+    fallback_h = min(H, round(W / ratio[0]))
+    h, w = torch.where(found, h, fallback_h), torch.where(found, w, fallback_w)
+    top = torch.floor(u_top * (H - h + 1)).long().clamp(max=H - h)   # uniform in [0, H - h]
+    left = torch.floor(u_left * (W - w + 1)).long().clamp(max=W - w)
+    top = torch.where(found, top, (H - fallback_h) // 2)
+    left = torch.where(found, left, (W - fallback_w) // 2)
+    return top, left, h, w
 
-def _crop(x, tc, slots, names):
-    """Random resized crop back to the size of x (B, C, H, W), per sample (resized_crop, no antialias)."""
-    H, W = x.shape[-2:]
-    on = (tc[:, slots[names[0]]] > 0.5).tolist()
-    ints = (torch.round(tc[:, slots[n]].double() * s).long().tolist()   # stored x / size -> x
-            for n, s in zip(names[1:], (H, W, H, W)))
-    boxes = zip(on, *ints)
-    return torch.stack([TF.resized_crop(xb, *box, size=[H, W], antialias=False) if o else xb
-                        for xb, (o, *box) in zip(x, boxes)])
+
+def _sample_common(t, slots, crop, boxes, size, generator):
+    """Write the slots both modalities share: the crop box (normalized by the plane `size`,
+    rows and cols), colour jitter (p 0.8), Gaussian blur (p 0.5, sigma U(0.1, 2)), flip (p 0.5).
+    The stored fractions are float32; times the size and rounded they give back the integers
+    exactly (float32 holds every integer below 2^24)."""
+    n = t.shape[0]
+    t[:, slots[crop[0]]] = 1.0
+    for name, value, length in zip(crop[1:], boxes, size * 2):
+        t[:, slots[name]] = (value.double() / length).float()
+    on = _coin(n, P_JITTER, generator)
+    order = torch.argsort(torch.rand(n, 4, generator=generator), dim=1)   # a uniform permutation
+    values = torch.cat([_uniform((n, 3), -JITTER_STRENGTH, JITTER_STRENGTH, generator),
+                        _uniform((n, 1), -HUE_RANGE, HUE_RANGE, generator)], dim=1)
+    t[:, slots["cj_on"]] = on.float()
+    for r in range(4):   # when off, the order slots hold the identity order 0, 1/3, 2/3, 1
+        t[:, slots[f"cj_order{r}"]] = torch.where(on, order[:, r], r).float() / 3.0
+    for k, name in enumerate(("cj_brightness", "cj_contrast", "cj_saturation", "cj_hue")):
+        t[:, slots[name]] = torch.where(on, values[:, k], 0.0)
+    blur, sigma = _coin(n, P_BLUR, generator), _uniform(n, *SIGMA_RANGE, generator)
+    t[:, slots["blur_on"]] = blur.float()
+    t[:, slots["blur_sigma"]] = torch.where(blur, sigma, 0.0)
+    t[:, slots["flip_on"]] = _coin(n, P_FLIP, generator).float()
+    return t
 
 
-def _blend(x, other, f):   # torchvision's blend of colour ops: f x + (1 - f) other, in [0, 1]
+def _uniform(shape, lo, hi, generator, dtype=torch.float32):
+    return lo + (hi - lo) * torch.rand(shape, generator=generator, dtype=dtype)
+
+
+def _coin(n, p, generator):
+    return torch.rand(n, generator=generator) < p
+
+
+# =============================================================================
+# Identity vectors and small helpers
+# =============================================================================
+
+def visual_identity(n, device=None):
+    """(n, 18) "no augmentation" (SPEC 8): the crop is the whole plane, the jitter order is
+    (0, 1/3, 2/3, 1), everything else 0. apply_visual returns its input unchanged."""
+    return _identity(n, VISUAL_SLOTS, ("rrc_on", "rrc_height", "rrc_width"), device)
+
+
+def audio_identity(n, device=None):
+    """(n, 24) "no augmentation" (SPEC 8); apply_audio returns its input unchanged."""
+    return _identity(n, AUDIO_SLOTS, ("rrc_on", "rrc_time_len", "rrc_freq_width"), device)
+
+
+def _identity(n, slots, whole_plane, device):
+    t = torch.zeros(n, len(slots))                                # built on the CPU: no sync
+    t[:, [slots[name] for name in whole_plane]] = 1.0
+    for r in range(4):
+        t[:, slots[f"cj_order{r}"]] = r / 3.0
+    return t if device is None else to_device(t, torch.device(device))
+
+
+def only(t, names):
+    """t (n, d_t) with every slot outside `names` at the identity: those augmentations alone."""
+    audio = t.shape[1] == AUDIO_DIM
+    out = (audio_identity if audio else visual_identity)(t.shape[0])
+    keep = [(AUDIO_SLOTS if audio else VISUAL_SLOTS)[name] for name in names]
+    out[:, keep] = t[:, keep]
+    return out
+
+
+def read_slots(t, layout, device):
+    """t (B, d_t) -> {slot name: (B,) column on `device`}: the slots by name, float32, and
+    the on/off slots (names ending in _on) as bools."""
+    columns = to_device(t, device).float().unbind(dim=1)
+    return {name: column > 0.5 if name.endswith("_on") else column
+            for name, column in zip(layout, columns)}
+
+
+def jitter_order(v):
+    """The four order slots -> (B, 4) op indices (0 b, 1 c, 2 s, 3 hue) applied 1st..4th."""
+    return torch.stack([to_index(v[f"cj_order{r}"], 3) for r in range(4)], dim=1).long()
+
+
+def to_index(fraction, size):
+    """A stored fraction x / size -> the integer x, as a float tensor (exact: see
+    _sample_common)."""
+    return torch.round(fraction * size)
+
+
+def per_sample(values, ndim):
+    """(B,) values -> (B, 1, ..., 1) with `ndim` dims, to broadcast over each sample."""
+    return values.view(-1, *([1] * (ndim - 1)))
+
+
+def _crop_positions(start, length, size):
+    """Where the `size` output pixels of one axis read in each sample's crop [start, start +
+    length), by interpolate's bilinear rule (align_corners=False): output pixel i reads crop
+    coordinate (i + 0.5) length / size - 0.5, held inside the crop (its edge pixels repeat).
+    start, length (B,) -> (B, size) pixel coordinates of the whole plane."""
+    i = torch.arange(size, device=start.device, dtype=start.dtype)
+    source = (i + 0.5) * (length / size).unsqueeze(1) - 0.5
+    source = torch.minimum(source.clamp(min=0), (length - 1).unsqueeze(1))
+    return start.unsqueeze(1) + source
+
+
+def _blend(x, op, f):
+    """One blend per sample, as torchvision blends: f x + (1 - f) other, clamped to [0, 1],
+    with op (B,) 0 brightness (other = black), 1 contrast (the mean grey), 2 saturation (the
+    grey image). f = 1 returns x exactly."""
+    grey = TF.rgb_to_grayscale(x)                                         # (B, 1, H, W)
+    op, f = per_sample(op, 4), per_sample(f, 4)
+    other = torch.where(op == 2, grey,
+                        torch.where(op == 1, grey.mean(dim=(1, 2, 3), keepdim=True), 0.0))
     return (f * x + (1 - f) * other).clamp(0, 1)
 
 
-def _adjust_hue(x, shift):   # torchvision's adjust_hue, one shift per sample
+def adjust_hue(x, shift):
+    """torchvision's adjust_hue with one shift per sample: x (B, 3, H, W) in [0, 1], shift (B,)
+    in turns. The public TF.adjust_hue takes one shift for a whole batch, so this calls the
+    HSV conversions behind it, which are torchvision's private helpers (tests/test_augment.py
+    fails loudly if torchvision moves them)."""
+    from torchvision.transforms.v2.functional._color import _hsv_to_rgb, _rgb_to_hsv
     h, s, v = _rgb_to_hsv(x).unbind(dim=1)
-    return _hsv_to_rgb(torch.stack([(h + shift.view(-1, 1, 1)) % 1.0, s, v], dim=1))
+    return _hsv_to_rgb(torch.stack([(h + per_sample(shift, 3)) % 1.0, s, v], dim=1))
 
 
-VISUAL_JITTER_OPS = (                        # brightness, contrast, saturation, hue
-    lambda x, f: _blend(x, 0.0, f),
-    lambda x, f: _blend(x, TF.rgb_to_grayscale(x).mean(dim=(1, 2, 3), keepdim=True), f),
-    lambda x, f: _blend(x, TF.rgb_to_grayscale(x), f),
-    _adjust_hue)
-AUDIO_JITTER_OPS = (                         # SPEC 9: no clamping; one channel: no saturation, hue
-    lambda x, f: f * x,
-    lambda x, f: f * x + (1 - f) * x.mean(dim=(1, 2, 3), keepdim=True),
-    None, None)
-
-
-def _color_jitter(x, tc, slots, ops):
-    """Each sample's four ops in its recorded order: round r applies every op to the samples
-    that drew it r-th (one call per op and round). x (B, C, H, W), our copy: changed in place."""
-    j = slots["cj_on"]
-    on = tc[:, j] > 0.5
-    order = torch.round(tc[:, j + 1:j + 5] * 3).long()                # (B, 4) op indices
-    factors = tc[:, j + 5:j + 9] + torch.tensor([1.0, 1.0, 1.0, 0.0])  # b, c, s factors; hue shift
-    for r in range(4):
-        for k, op in enumerate(ops):
-            idx = (on & (order[:, r] == k)).nonzero().squeeze(1)
-            if op is not None and len(idx):
-                f = to_device(factors[idx, k].to(x.dtype).view(-1, 1, 1, 1), x.device)
-                i = to_device(idx, x.device)
-                x.index_copy_(0, i, op(x.index_select(0, i), f))
-    return x
-
-
-def _gaussian_blur(x, tc, slots, radius):
-    """torchvision's Gaussian blur (reflect padding), one sample at a time, with kernel
-    size 2 radius(sigma) + 1. x (B, C, H, W), our own copy: blurred in place."""
-    on, sigma = (tc[:, slots["blur_on"]] > 0.5).tolist(), tc[:, slots["blur_sigma"]].tolist()
-    for b in [b for b, o in enumerate(on) if o]:
-        k = 2 * radius(sigma[b]) + 1
-        x[b] = TF.gaussian_blur(x[b], [k, k], [sigma[b], sigma[b]])
-    return x
-
-
-def _where(tc, slot, a, b):   # per sample: a where the on-slot is set, else b (B, C, H, W)
-    on = to_device(tc[:, slot] > 0.5, a.device).view(-1, 1, 1, 1)
-    return torch.where(on, a, b)
-
-
-def roll_time(spec, shift):
-    """out[b, i] = spec[b, (i - shift[b]) mod T]: spec (B, T, F), shift (B,) integers on the CPU."""
+def roll_time(spec, frames):
+    """out[b, i] = spec[b, (i - frames[b]) mod T]: spec (B, T, F), frames (B,) whole numbers
+    (float or int) on spec's device."""
     B, T, F = spec.shape
-    src = torch.remainder(torch.arange(T) - shift.view(-1, 1), T)            # (B, T) source frames
-    return spec.gather(1, to_device(src, spec.device).unsqueeze(2).expand(B, T, F))
+    frame = torch.arange(T, device=spec.device)
+    source = torch.remainder(frame - frames.long().view(B, 1), T)             # (B, T)
+    return spec.gather(1, source.unsqueeze(2).expand(B, T, F))
+
+
+def to_device(x, device):
+    """A small CPU tensor -> device without waiting for queued GPU work (pinned on CUDA,
+    non-blocking); a tensor already there is returned as it is."""
+    return to_device_together([x], device)[0]
+
+
+def to_device_together(tensors, device):
+    """Small CPU tensors -> `device` in ONE copy: packed into one float32 buffer (exact for
+    the whole numbers in them, all below 2^24), pinned on CUDA so that the copy does not wait
+    for queued GPU work, and split there. Returns float32 views, each of its tensor's shape."""
+    device = torch.device(device)
+    if all(x.device == device for x in tensors):
+        return [x.float() for x in tensors]
+    flat = torch.cat([x.detach().reshape(-1).float().cpu() for x in tensors])
+    if device.type == "cuda":
+        flat = flat.pin_memory()
+    flat = flat.to(device, non_blocking=True)
+    parts = flat.split([x.numel() for x in tensors])
+    return [part.view(x.shape) for part, x in zip(parts, tensors)]
 
 
 def _check(x, t, ndim, dim, what):
@@ -262,59 +474,3 @@ def _check(x, t, ndim, dim, what):
                          + f", got shape {tuple(x.shape)}")
     if t.shape != (x.shape[0], dim):
         raise ValueError(f"{what}: expected t of shape ({x.shape[0]}, {dim}), got {tuple(t.shape)}")
-
-
-def apply_visual(img, t):
-    """Visual augmentations t (B, 18) applied to img (B, 3, H, W) in [0, 1] (SPEC 8):
-    random resized crop -> colour jitter (the recorded op order) -> Gaussian blur (kernel
-    2 ceil(3 sigma) + 1, our choice) -> horizontal flip -> grayscale. Runs on img.device;
-    pass t on the CPU (as augment_visual does) so that reading it costs a GPU nothing."""
-    _check(img, t, 4, VISUAL_DIM, "apply_visual")
-    S, tc = VISUAL_SLOTS, t.detach().to("cpu", torch.float32)
-    x = _crop(img, tc, S, VISUAL_CROP)
-    x = _color_jitter(x, tc, S, VISUAL_JITTER_OPS)
-    x = _gaussian_blur(x, tc, S, lambda sigma: math.ceil(3 * sigma))
-    x = _where(tc, S["flip_on"], x.flip(-1), x)
-    return _where(tc, S["gray_on"], TF.rgb_to_grayscale(x, num_output_channels=3), x)
-
-
-def apply_audio(spec, t):
-    """Audio augmentations t (B, 24) applied to the normalized spectrogram spec (B, T, F),
-    axis 1 time, axis 2 frequency (SPEC 8): SpecAugment masks (set to 0) -> circular
-    time shift -> random resized crop of the (T, F) plane -> colour jitter (brightness,
-    contrast; unclamped, SPEC 9) -> Gaussian blur (kernel 2 ceil(sigma) + 1) -> frequency flip."""
-    _check(spec, t, 3, AUDIO_DIM, "apply_audio")
-    S, tc = AUDIO_SLOTS, t.detach().to("cpu", torch.float32)
-    B, T, F = spec.shape
-    spans = torch.round(tc[:, S["tmask_start"]:S["fmask_end"] + 1].double()
-                        * torch.tensor([T, T, F, F])).long()                # (B, 4) frames, bins
-    spans[tc[:, S["specaug_on"]] < 0.5] = 0                                 # off: empty spans
-    ts, te, fs, fe = to_device(spans, spec.device).T.reshape(4, B, 1, 1)  # (B, 1, 1) each
-    frame = torch.arange(T, device=spec.device).view(T, 1)                 # time: rows
-    mel = torch.arange(F, device=spec.device)                              # frequency: columns
-    masked = (frame >= ts) & (frame < te) | (mel >= fs) & (mel < fe)       # (B, T, F)
-    x = spec.masked_fill(masked, 0.0)
-    shift = torch.round(tc[:, S["shift"]].double() * T).long()
-    x = roll_time(x, torch.where(tc[:, S["shift_on"]] > 0.5, shift, 0))
-    x = _crop(x.unsqueeze(1), tc, S, AUDIO_CROP)                            # (B, 1, T, F) image
-    x = _color_jitter(x, tc, S, AUDIO_JITTER_OPS)
-    x = _gaussian_blur(x, tc, S, math.ceil)
-    return _where(tc, S["flip_on"], x.flip(-1), x).squeeze(1)               # flip frequency
-
-
-def augment_visual(img, generator):
-    """img (B, 3, H, W) in [0, 1] -> (its augmented view, t (B, 18) on img.device)."""
-    t = sample_visual_params(img.shape[0], generator, img.shape[2], img.shape[3])
-    return apply_visual(img, t), to_device(t, img.device)
-
-
-def augment_audio(spec, generator):
-    """spec (B, T, F) -> (its augmented view, t (B, 24) on spec.device)."""
-    t = sample_audio_params(spec.shape[0], generator, spec.shape[1], spec.shape[2])
-    return apply_audio(spec, t), to_device(t, spec.device)
-
-
-def random_time_roll(spec, generator):
-    """Input noise on the original spectrogram (SPEC 12): a circular shift along time by
-    an integer uniform in [0, T) per sample, not recorded. (B, T, F) -> (B, T, F)."""
-    return roll_time(spec, torch.randint(0, spec.shape[1], (spec.shape[0],), generator=generator))

@@ -56,7 +56,8 @@ import pretrain
 import retrieval
 import toy
 import utils
-from model import get_config
+from losses import EquiAVLoss
+from model import EquiAV, get_config
 from utils import option
 
 
@@ -285,7 +286,8 @@ class StepSetup:
         cpu_gen = torch.Generator().manual_seed(seed)
         c = self.mcfg
         self.batch = {"audio": torch.randn(B, c.audio_length, c.mel_bins, generator=cpu_gen),
-                      "frame": torch.rand(B, 3, c.image_size, c.image_size, generator=cpu_gen),
+                      "frame": torch.randint(0, 256, (B, 3, c.image_size, c.image_size),
+                                             generator=cpu_gen, dtype=torch.uint8),
                       "index": torch.arange(B)}
         if device.type == "cuda":
             self.batch = {k: v.pin_memory() for k, v in self.batch.items()}
@@ -404,13 +406,14 @@ def _measure_step(cfg, preset, B, device, precision, compiled):
 class LaunchCounter(TorchDispatchMode):
     """Counts the aten ops that run on a non-CPU device, views and allocations left out:
     on CUDA each is one kernel launch or one copy. Run the code on the meta device to
-    count without a GPU (the same dispatch, no data)."""
+    count without a GPU (the same dispatch, no data). `uploads` counts the copies from
+    the CPU to the device among them."""
 
     FREE = {"empty", "empty_like", "empty_strided", "detach", "lift_fresh", "alias"}
 
     def __init__(self):
         super().__init__()
-        self.count, self.ops = 0, {}
+        self.count, self.uploads, self.ops = 0, 0, {}
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -420,41 +423,84 @@ class LaunchCounter(TorchDispatchMode):
         if any(x.device.type != "cpu" for x in leaves) and not func.is_view and name not in self.FREE:
             self.count += 1
             self.ops[name] = self.ops.get(name, 0) + 1
+            inputs = [x for x in pytree.tree_leaves((args, kwargs)) if isinstance(x, torch.Tensor)]
+            if name in ("_to_copy", "copy_") and any(x.device.type == "cpu" and x.dim() > 0
+                                                      for x in inputs):
+                self.uploads += 1
         return out
 
 
-def augment_launches(B, seed=0):
-    """Device ops of one step's augmentation (time roll, both views, ImageNet
-    normalization of both frames, the centroid vectors' copies) at the base sizes,
-    batch B, counted on the meta device: (total, {op: count})."""
-    base, meta = get_config("base"), torch.device("meta")
-    batch = {"audio": torch.randn(B, base.audio_length, base.mel_bins),
-             "frame": torch.rand(B, 3, base.image_size, base.image_size)}
+def _base_batch(B, seed=0):
+    """A loader batch at the base sizes: normalized fbanks and uint8 frames, on the CPU."""
+    base, g = get_config("base"), torch.Generator().manual_seed(seed)
+    return {"audio": torch.randn(B, base.audio_length, base.mel_bins, generator=g),
+            "frame": torch.randint(0, 256, (B, 3, base.image_size, base.image_size), generator=g,
+                                   dtype=torch.uint8)}
+
+
+def augment_launches(B, seed=0, S=16):
+    """Device ops of one step's input pipeline (pretrain.prepare_inputs: the time roll,
+    both views, ImageNet normalization of both frames, the copies of every draw) at the
+    base sizes, batch B, counted on the meta device: (total, {op: count}, uploads)."""
     with LaunchCounter() as counter:
-        pretrain.prepare_inputs(batch, torch.Generator().manual_seed(seed), base, 16, meta)
+        pretrain.prepare_inputs(_base_batch(B, seed), torch.Generator().manual_seed(seed),
+                                get_config("base"), S, torch.device("meta"))
+    return counter.count, counter.ops, counter.uploads
+
+
+def model_launches(preset="base", B=16, S=16, seed=0):
+    """Device ops of the model's part of an eager step (pretrain.train_step after the
+    inputs: EquiAV forward, EquiAVLoss, backward), counted on the meta device: (total,
+    {op: count}). Clipping and the fused AdamW add a few multi-tensor kernels on CUDA,
+    which meta cannot run (its foreach paths are CUDA's), so they are not counted."""
+    cfg = get_config(preset)
+    inputs = pretrain.prepare_inputs(_base_batch(B, seed) if preset == "base" else {
+        "audio": torch.randn(B, cfg.audio_length, cfg.mel_bins),
+        "frame": torch.zeros(B, 3, cfg.image_size, cfg.image_size, dtype=torch.uint8)},
+        torch.Generator().manual_seed(seed), cfg, S, torch.device("meta"))
+    net, criterion = EquiAV(cfg).to("meta"), EquiAVLoss()
+    with LaunchCounter() as counter:
+        criterion(net(*inputs))["loss"].backward()
     return counter.count, counter.ops
 
 
+def host_bound(B=16, S=16, us_per_launch=(5.0, 10.0), mfu=0.4, peak_tflops=989.0):
+    """The eager base step's host time (device ops x microseconds per launch) beside its
+    GPU compute time (step_flops at `mfu` of an H100's dense bf16 peak, 989 TFLOP/s)."""
+    ops = augment_launches(B, S=S)[0] + model_launches("base", B, S)[0]
+    flops = step_flops(get_config("base"), B, S)
+    return {"batch": B, "ops_per_step": ops,
+            "host_ms": {f"{us:g}us": ops * us / 1e3 for us in us_per_launch},
+            "gpu_ms": flops / (mfu * peak_tflops * 1e12) * 1e3, "mfu": mfu,
+            "step_tflop": flops / 1e12}
+
+
 def bench_augment(cfg, devices):
+    """Per-sample time of augment_audio, augment_visual and the whole input pipeline of a
+    step (pretrain.prepare_inputs: time roll, both views, the centroid vectors, ImageNet
+    normalization) at the base sizes; device ops per step at this batch and at 128."""
     base = get_config("base")
     B = cfg.aug_batch
     rows = []
     gen = torch.Generator().manual_seed(cfg.seed)
-    launches, ops = augment_launches(B, cfg.seed)
+    launches, ops, uploads = augment_launches(B, cfg.seed)
+    at_128 = augment_launches(128, cfg.seed)[0]
     top = ", ".join(f"{k} {v}" for k, v in sorted(ops.items(), key=lambda kv: -kv[1])[:6])
-    print(f"  device ops per step at batch {B} (meta count): {launches} ({top}, ...)", flush=True)
+    print(f"  device ops per step's inputs at batch {B} (meta count): {launches} ({top}, ...), "
+          f"{uploads} host-to-device copies; at batch 128: {at_128}", flush=True)
     for device in devices:
+        batch = _base_batch(B, cfg.seed)
+        x_a, x_v = batch["audio"].to(device), batch["frame"].to(device).float() / 255
         inputs = {
-            "audio": (augment.augment_audio,
-                      torch.randn(B, base.audio_length, base.mel_bins, device=device)),
-            "visual": (augment.augment_visual,
-                       torch.rand(B, 3, base.image_size, base.image_size, device=device)),
+            "audio": lambda: augment.augment_audio(x_a, gen),
+            "visual": lambda: augment.augment_visual(x_v, gen),
+            "step inputs": lambda: pretrain.prepare_inputs(batch, gen, base, cfg.S, device),
         }
-        for name, (fn, x) in inputs.items():
-            t, _ = timed(lambda: fn(x, gen), device, cfg.warmup, max(3, cfg.repeats))
-            rows.append({"device": device.type, "input": name, "shape": list(x.shape[1:]),
-                         "batch": B, "samples_per_s": B / t, "ms_per_sample": 1e3 * t / B,
-                         "step_launches": launches})
+        for name, fn in inputs.items():
+            t, _ = timed(fn, device, cfg.warmup, max(3, cfg.repeats))
+            rows.append({"device": device.type, "input": name, "batch": B, "samples_per_s": B / t,
+                         "ms_per_sample": 1e3 * t / B, "step_launches": launches,
+                         "step_launches_b128": at_128, "step_uploads": uploads})
             _print_row(rows[-1])
     return rows
 
@@ -559,7 +605,7 @@ TABLES = {
              ("GFLOP/step", "step_gflop"), ("TFLOP/s", "flops_per_s"), ("MFU %", "mfu")],
     "augment": [("device", "device"), ("input", "input"), ("B", "batch"),
                 ("samples/s", "samples_per_s"), ("ms/sample", "ms_per_sample"),
-                ("launches/step", "step_launches")],
+                ("launches/step", "step_launches"), ("at B=128", "step_launches_b128")],
     "data": [("workers", "workers"), ("B", "batch"), ("samples/s", "samples_per_s"),
              ("ms/batch", "ms_per_batch"), ("first batch s", "first_batch_s")],
     "retrieval": [("device", "device"), ("N", "N"), ("dim", "dim"), ("seconds", "seconds")],

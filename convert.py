@@ -324,20 +324,7 @@ def load_equiav(path, preset="base") -> EquiAV:
 # a run resumes from its own
 # ---------------------------------------------------------------------------
 
-def save_pretraining(path, cfg, mcfg, net, criterion, optimizer, scaler, step, epoch, norm_stats):
-    """Write {run_dir}/checkpoint.pt atomically (rank 0), plain tensors and values only.
-    `epoch` counts completed epochs: resuming is epoch-granular, and all randomness of
-    an epoch is a function of (seed, epoch, rank), so no random state is saved."""
-    if utils.is_main():
-        utils.save_checkpoint({
-            "model": net.state_dict(),   # unwrapped and uncompiled: plain EquiAV keys
-            "model_config": dataclasses.asdict(mcfg), "model_flags": _model_flags(cfg),
-            "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-            "loss": criterion.state_dict(), "step": step, "epoch": epoch,
-            "config": dataclasses.asdict(cfg), "norm_stats": norm_stats}, path)
-
-
-def _model_flags(cfg):   # what a pretrain.py config builds beyond its ModelConfig
+def pretraining_flags(cfg):   # what a pretrain.py config builds beyond its ModelConfig
     return {"inter_target": cfg.inter_target, "equivariant": cfg.equivariant}
 
 
@@ -353,12 +340,12 @@ def resume_or_init(path, cfg, mcfg, net, criterion, optimizer, scaler):
                          load_official_checkpoint(net, cfg.init_official))
         elif cfg.init_from:
             source = utils.load_checkpoint(cfg.init_from)
-            check_same_model(cfg.init_from, source, mcfg, _model_flags(cfg))
+            check_same_model(cfg.init_from, source, mcfg, pretraining_flags(cfg))
             net.load_state_dict(source["model"])
             utils.print0(f"initialised from {cfg.init_from}")
         return 0, 0
     ckpt = utils.load_checkpoint(path)
-    check_same_model(path, ckpt, mcfg, _model_flags(cfg))
+    check_same_model(path, ckpt, mcfg, pretraining_flags(cfg))
     net.load_state_dict(ckpt["model"])
     criterion.load_state_dict(ckpt["loss"])
     optimizer.load_state_dict(ckpt["optimizer"])

@@ -300,10 +300,12 @@ def resized_size(width, height, image_size):
 
 
 def load_frame(path, image_size=224):
-    """One video frame as (3, H, W) = (3, image_size, image_size) float32 in [0, 1].
+    """One video frame as (3, H, W) = (3, image_size, image_size) uint8.
 
-    SPEC 1: RGB, short side resized to image_size (bicubic), centre crop.
-    ImageNet normalization is applied later, after augmentation (augment.py).
+    SPEC 1: RGB, short side resized to image_size (bicubic), centre crop. Frames stay uint8
+    until they are on the training device (a quarter of float32's bytes to move), where
+    augment.unit_range scales them to [0, 1]; ImageNet normalization comes after the
+    augmentations (augment.py).
     """
     img = _open_rgb(path)
     new_w, new_h = resized_size(img.width, img.height, image_size)
@@ -313,7 +315,7 @@ def load_frame(path, image_size=224):
     left = int(round((new_w - image_size) / 2.0))
     arr = np.asarray(img)[top:top + image_size, left:left + image_size]  # (H, W, 3) uint8
     arr = np.array(arr)  # a copy: PIL's buffer is read-only
-    return torch.from_numpy(arr).permute(2, 0, 1).float().div_(255.0)  # (3, H, W)
+    return torch.from_numpy(arr).permute(2, 0, 1).contiguous()  # (3, H, W) uint8
 
 
 def box_in_crop(box, frame_size, image_size):
@@ -552,9 +554,11 @@ class AudioVisualDataset(Dataset):
         return frame_path(self._video_path[i], self._video_id[i], k)
 
     def load_frame(self, i, k):
-        """(3, H, W) frame k of entry i in [0, 1]."""
+        """(3, H, W) frame k of entry i: uint8, or float in [0, 1] where mixup may blend
+        frames (every sample of such a dataset, so that its batches stack)."""
         self._check_entry(i)
-        return load_frame(self.frame_file(i, k), self.image_size)
+        frame = load_frame(self.frame_file(i, k), self.image_size)
+        return frame.float() / 255.0 if self.train and self.mixup > 0 else frame
 
     def _normalize(self, fbank):
         return (fbank - self.norm_mean) / self.norm_std
@@ -627,7 +631,8 @@ def collate(batch):
         }
     else:
         b = bad[0]
-        out = {"audio": torch.zeros((0, *b.audio_shape)), "frame": torch.zeros((0, *b.frame_shape)),
+        out = {"audio": torch.zeros((0, *b.audio_shape)),
+               "frame": torch.zeros((0, *b.frame_shape), dtype=torch.uint8),
                "label": torch.zeros((0, b.num_classes)), "index": torch.zeros(0, dtype=torch.int64)}
     out["skipped"] = len(bad)
     out["errors"] = [s.message for s in bad]

@@ -528,7 +528,7 @@ def _inputs(batch, mode, device):
     x_a = batch["audio"].to(device, non_blocking=True) if mode != "visual" else None
     x_v = None
     if mode != "audio":  # ImageNet normalisation last (SPEC 1)
-        x_v = augment.normalize_image(batch["frame"].to(device, non_blocking=True))
+        x_v = augment.normalize_image(augment.unit_range(batch["frame"].to(device, non_blocking=True)))
     return x_a, x_v
 
 

@@ -30,36 +30,17 @@ MAPS = ("occlusion", "gradient", "token")
 # The maps (SPEC 13)
 # ---------------------------------------------------------------------------
 
-def predict_each_without(predictor, h, t, drop):
-    """u's predict_each with one token removed from what u reads (the mean over N and
-    the keys/values), for every token index i in drop (c,): h (B, N, D), t (B, S, d_t)
-    -> (B, c, S, D); row [:, r] equals predict_each(h without token drop[r], t). Keys
-    and values are projected once; only the softmax over the N - 1 remaining tokens is
-    recomputed per removed token."""
-    B, N, _ = h.shape
-    S, H, c = t.shape[1], predictor.num_heads, drop.numel()
-    q = predictor.to_q(predictor.norm_aug(predictor.aug_encoder(t)))    # (B, S, H*hd)
-    q = q.view(B, S, H, -1).transpose(1, 2)                              # (B, H, S, hd)
-    k = predictor.to_k(h).view(B, N, H, -1).transpose(1, 2)              # (B, H, N, hd)
-    v = predictor.to_v(h).view(B, N, H, -1).transpose(1, 2)              # (B, H, N, hd)
-    scores = q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5               # (B, H, S, N)
-    gone = drop.view(c, 1) == torch.arange(N, device=h.device)           # (c, N): token drop[r] out of row r
-    scores = scores.unsqueeze(1).masked_fill(gone[None, :, None, None, :], float("-inf"))
-    a = torch.einsum("bchsn,bhnd->bchsd", scores.softmax(dim=-1), v)     # (B, c, H, S, hd)
-    a = predictor.to_out(a.permute(0, 1, 3, 2, 4).reshape(B, c, S, -1))  # (B, c, S, D)
-    mean = (h.sum(dim=1, keepdim=True) - h[:, drop]) / (N - 1)           # (B, c, D)
-    y = mean.unsqueeze(2) + a
-    return y + predictor.mlp(predictor.norm(y))
-
-
 def visual_inter_without(model, h, T, drop):
-    """model.inter_from_tokens("v", h, T) with token i removed from h, for every i in
-    drop (c,) -> (B, c, proj_dim)."""
-    if model.inter_target in ("centroid", "equivariant"):
-        if model.inter_target == "equivariant":
-            T = augment.visual_identity(h.shape[0], h.device).unsqueeze(1)   # (B, 1, 18)
-        return model.proj_inter_v(predict_each_without(model.predictor_v, h, T, drop).mean(dim=2))
-    return model.proj_inter_v((h.sum(dim=1, keepdim=True) - h[:, drop]) / (h.shape[1] - 1))
+    """model.inter_from_tokens("v", h, T) with patch token i removed from h (from the mean
+    and the keys/values u_v reads), for every i in drop (c,) -> (B, c, proj_dim). The model
+    does the removal itself (its `keep` mask); here h is repeated once per removed token."""
+    B, N, D = h.shape
+    c = drop.numel()
+    keep = drop.view(c, 1) != torch.arange(N, device=h.device)          # (c, N): row r lacks drop[r]
+    h_each = h.unsqueeze(1).expand(B, c, N, D).reshape(B * c, N, D)
+    T_each = None if T is None else T.repeat_interleave(c, dim=0)        # (B c, S, d_t)
+    z = model.inter_from_tokens("v", h_each, T_each, keep=keep.repeat(B, 1))
+    return z.view(B, c, -1)
 
 
 def localize(model, x_a, x_v, T_a=None, T_v=None, method="occlusion", chunk=64):
@@ -235,7 +216,7 @@ def evaluate_localization(model, dataset, entries, T_a, T_v, device, method="occ
     maps, sounding, silent = [], [], []
     for batch in loader:
         maps.append(localization_maps(model, batch["audio"].to(device, non_blocking=True),
-                                      batch["frame"].to(device, non_blocking=True),
+                                      augment.unit_range(batch["frame"].to(device, non_blocking=True)),
                                       T_a, T_v, method, amp, chunk).cpu())
         for i in batch["index"].tolist():
             on, off = clip_boxes(entries[i], dataset.image_size,
@@ -299,7 +280,7 @@ def boxes_after_view(boxes, t):
     """Boxes (fractions of the frame) moved by the crop and flip that visual vector t
     applied; boxes that leave the view are dropped."""
     S = augment.VISUAL_SLOTS
-    top, left, height, width = (float(t[S[k]]) for k in augment.VISUAL_CROP[1:])
+    top, left, height, width = (float(t[S[k]]) for k in augment.VISUAL_GROUPS["crop"][1:])
     out = []
     for x0, y0, x1, y1 in boxes:
         x0, x1 = sorted(min(max((x - left) / width, 0.0), 1.0) for x in (x0, x1))

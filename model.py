@@ -4,7 +4,7 @@ ladder: PatchEmbed -> Attention -> MLP -> Block -> ViTEncoder (f_m),
 AugEncoder (e_m) -> TransformationPredictor (u_m), ProjectionHead (g_m),
 EquiAV (the pretraining forward). The fine-tuning classifier (SPEC 11) is in
 finetune.py, localization maps (SPEC 13) in localize.py, checkpoint loading
-(SPEC 10) in convert.py.
+(SPEC 10) in convert.py. This file needs nothing but torch: copy it out alone.
 """
 
 from __future__ import annotations
@@ -16,8 +16,6 @@ from typing import NamedTuple
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
-from augment import AUDIO_DIM, VISUAL_DIM, audio_identity, visual_identity
 
 # ---- Configuration ----
 
@@ -33,6 +31,8 @@ class ModelConfig:
     depth: int = 12
     num_heads: int = 12
     mlp_ratio: float = 4.0
+    audio_aug_dim: int = 24    # d_t, the length of an audio augmentation vector (SPEC 8)
+    visual_aug_dim: int = 18   # d_t of a visual one
     aug_hidden: int = 256      # width of the augmentation encoder e_m (SPEC 3)
     pred_heads: int = 8        # cross-attention heads of the predictor u_m (SPEC 4)
     pred_head_dim: int = 64
@@ -268,22 +268,33 @@ class TransformationPredictor(nn.Module):
         self.mlp = MLP(D, int(D * cfg.mlp_ratio))
         self.apply(_init_linear_and_norm)
 
-    def predict_each(self, h: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """One prediction per vector: h (B, N, D), t (B, S, d_t) -> y (B, S, D)."""
+    def predict_each(self, h: torch.Tensor, t: torch.Tensor, keep=None) -> torch.Tensor:
+        """One prediction per vector: h (B, N, D), t (B, S, d_t) -> y (B, S, D).
+        keep (B, N) bool, optional: the tokens u reads (in its mean and as keys/values), as
+        if the others were not there; localize.py removes one patch at a time with it."""
         B, N, _ = h.shape
         S, H = t.shape[1], self.num_heads
         q = self.to_q(self.norm_aug(self.aug_encoder(t)))        # (B, S, H*hd)
         q = q.view(B, S, H, -1).transpose(1, 2)                  # (B, H, S, hd)
         k = self.to_k(h).view(B, N, H, -1).transpose(1, 2)       # (B, H, N, hd)
         v = self.to_v(h).view(B, N, H, -1).transpose(1, 2)       # (B, H, N, hd)
-        a = F.scaled_dot_product_attention(q, k, v)              # (B, H, S, hd), softmax over N
+        mask = None if keep is None else keep[:, None, None, :]  # (B, 1, 1, N), True = attend
+        a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)   # (B, H, S, hd), softmax over N
         a = self.to_out(a.transpose(1, 2).reshape(B, S, -1))     # (B, S, D)
-        y = h.mean(dim=1, keepdim=True) + a                      # mean_N(h) broadcast to S rows
+        y = mean_tokens(h, keep) + a                             # mean_N(h) broadcast to S rows
         return y + self.mlp(self.norm(y))
 
-    def forward(self, h: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, t: torch.Tensor, keep=None) -> torch.Tensor:
         """h (B, N, D), t (B, d_t) or (B, S, d_t) -> (B, D), the mean over the S rows."""
-        return self.predict_each(h, t if t.ndim == 3 else t.unsqueeze(1)).mean(dim=1)
+        return self.predict_each(h, t if t.ndim == 3 else t.unsqueeze(1), keep).mean(dim=1)
+
+
+def mean_tokens(h: torch.Tensor, keep=None) -> torch.Tensor:
+    """mean_N(h): h (B, N, D) -> (B, 1, D), over the tokens in keep (B, N) when given."""
+    if keep is None:
+        return h.mean(dim=1, keepdim=True)
+    weight = keep.to(h.dtype).unsqueeze(-1)                       # (B, N, 1)
+    return (h * weight).sum(dim=1, keepdim=True) / weight.sum(dim=1, keepdim=True)
 
 
 # ---- Projection heads g_intra_m, g_inter_m (SPEC 5) ----
@@ -341,8 +352,8 @@ class EquiAV(nn.Module):
         self.audio_encoder = ViTEncoder(cfg, 1, cfg.audio_grid)
         self.visual_encoder = ViTEncoder(cfg, 3, cfg.visual_grid)
         needs_predictor = equivariant or inter_target in ("centroid", "equivariant")
-        self.predictor_a = TransformationPredictor(cfg, AUDIO_DIM) if needs_predictor else None
-        self.predictor_v = TransformationPredictor(cfg, VISUAL_DIM) if needs_predictor else None
+        self.predictor_a = TransformationPredictor(cfg, cfg.audio_aug_dim) if needs_predictor else None
+        self.predictor_v = TransformationPredictor(cfg, cfg.visual_aug_dim) if needs_predictor else None
         self.proj_intra_a, self.proj_intra_v = ProjectionHead(cfg), ProjectionHead(cfg)
         self.proj_inter_a, self.proj_inter_v = ProjectionHead(cfg), ProjectionHead(cfg)
 
@@ -361,40 +372,39 @@ class EquiAV(nn.Module):
         z_aug_v = self.proj_intra_v(h_v_aug.mean(dim=1))
         return EquiAVOutput(z_inter_a, z_inter_v, z_equi_a, z_equi_v, z_aug_a, z_aug_v)
 
-    def inter_input(self, predictor, h, h_aug, t, T):
-        """What g_inter_m embeds (B, D), by inter_target (SPEC 6 and its ablations)."""
+    def inter_input(self, predictor, h, h_aug, t, T, keep=None):
+        """What g_inter_m embeds (B, D), by inter_target (SPEC 6 and its ablations):
+        "centroid" the centroid vectors T, "equivariant" the applied t, "original" and
+        "augmented" a mean of tokens. keep: see TransformationPredictor.predict_each."""
         if self.inter_target == "centroid":
-            return predictor(h, T)               # (1/S) sum_i u_m(h_m, T_i)
+            return predictor(h, T, keep)         # (1/S) sum_i u_m(h_m, T_i)
         if self.inter_target == "equivariant":
-            return predictor(h, t)
+            return predictor(h, t, keep)
         if self.inter_target == "augmented":
-            return h_aug.mean(dim=1)
-        return h.mean(dim=1)                     # "original"
+            return mean_tokens(h_aug, keep).squeeze(1)
+        return mean_tokens(h, keep).squeeze(1)   # "original"
 
     # -- Evaluation (SPEC 13): the inter-modal path of the original inputs alone --
 
-    def _modality(self, m):
-        """(encoder, predictor, g_inter, identity vectors) of modality m, "a" or "v"."""
-        if m == "a":
-            return self.audio_encoder, self.predictor_a, self.proj_inter_a, audio_identity
-        return self.visual_encoder, self.predictor_v, self.proj_inter_v, visual_identity
-
     def inter_tokens(self, m, x):
-        """Tokens (B, N, D) of original inputs x as the inter path reads them: for
-        "augmented" through norm_m_aug (x is the view under the identity augmentation)."""
-        return self._modality(m)[0](x, aug=self.inter_target == "augmented")
+        """Tokens (B, N, D) of original inputs x of modality m ("a" or "v") as the inter
+        path reads them: for "augmented" through norm_m_aug (x is the identity's view)."""
+        encoder = self.audio_encoder if m == "a" else self.visual_encoder
+        return encoder(x, aug=self.inter_target == "augmented")
 
-    def inter_from_tokens(self, m, h, T=None):
-        """z_inter_m (B, proj_dim), not normalized, from tokens h; T: fixed evaluation
-        centroid vectors; "equivariant" predicts the identity augmentation."""
-        _, predictor, proj_inter, identity = self._modality(m)
-        t = identity(h.shape[0], h.device) if self.inter_target == "equivariant" else None
-        return proj_inter(self.inter_input(predictor, h, h, t, T))
+    def inter_from_tokens(self, m, h, T=None, keep=None):
+        """z_inter_m (B, proj_dim), not normalized, from tokens h (B, N, D). T: for
+        "centroid" the fixed evaluation vectors (B, S, d_t); for "equivariant" the identity
+        vectors (B, d_t), the prediction of no augmentation. keep (B, N): the tokens read."""
+        predictor = self.predictor_a if m == "a" else self.predictor_v
+        proj_inter = self.proj_inter_a if m == "a" else self.proj_inter_v
+        return proj_inter(self.inter_input(predictor, h, h, T, T, keep))
 
     @torch.no_grad()
     def embed(self, x_a, x_v, T_a=None, T_v=None) -> tuple[torch.Tensor, torch.Tensor]:
         """Retrieval embeddings (SPEC 13): z_inter_a, z_inter_v of the originals,
-        L2-normalized, each (B, proj_dim). The caller supplies fixed-seed T_a, T_v."""
+        L2-normalized, each (B, proj_dim). The caller supplies T_a, T_v as for
+        inter_from_tokens (retrieval.evaluation_vectors)."""
         z_a = self.inter_from_tokens("a", self.inter_tokens("a", x_a), T_a)
         z_v = self.inter_from_tokens("v", self.inter_tokens("v", x_v), T_v)
         return F.normalize(z_a, dim=-1), F.normalize(z_v, dim=-1)

@@ -69,7 +69,8 @@ class PretrainConfig(utils.TrainConfig):
     w_a: Optional[float] = option(None, "audio intra-modal weight; none -> --w_intra")
     w_v: Optional[float] = option(None, "visual intra-modal weight; none -> --w_intra")
     time_roll: bool = option(True, "random time shift of the originals (SPEC 12 input noise)")
-    compile: bool = option(False, "torch.compile the model")
+    compile: Optional[bool] = option(None, "torch.compile the model; none -> on CUDA yes, on "
+                                           "the CPU no (see the README for when to opt out)")
     cpu_threads: Optional[int] = option(None, "torch threads per process on CPU; 0 -> the cores "
                                               "the loader workers leave (oversubscribed cores are "
                                               "several times slower); none -> torch's default")
@@ -95,6 +96,8 @@ def main(cfg):
 
 def run(cfg, device, local_rank=0):
     t_start, world = time.time(), utils.get_world_size()
+    if device.type == "cuda":
+        torch.set_float32_matmul_precision("high")   # TF32 for the matmuls autocast leaves fp32
     utils.print_config(f"EquiAV pretraining: {world} process(es) on {device}"
                        + (f" ({torch.get_num_threads()} threads each)" if device.type == "cpu" else "")
                        + f"; resolved config (profile {cfg.profile!r}):", cfg)
@@ -133,9 +136,10 @@ def run(cfg, device, local_rank=0):
                      f"\n  equivariance {retrieval.format_equivariance(eq)}")
         utils.print0(line)
         logger.log(summary)
-        convert.save_pretraining(ckpt_path, cfg, mcfg, net, criterion, optimizer, scaler, step,
-                                 epoch + 1, norm_stats)
-        utils.barrier()
+        if utils.is_main():   # epoch counts completed epochs: resuming is epoch-granular
+            save_checkpoint(ckpt_path, cfg, mcfg, net, criterion, optimizer, scaler, step,
+                            epoch + 1, norm_stats)
+        utils.barrier(utils.RANK0_WORK_TIMEOUT_S)   # a base checkpoint is ~2.4 GB to write
     utils.print0(f"done: {cfg.epochs} epochs, step {step}, {time.time() - t_start:.0f} s; checkpoint {ckpt_path}")
     return summary
 
@@ -146,18 +150,25 @@ def run(cfg, device, local_rank=0):
 
 def prepare_inputs(batch, gen, mcfg, S, device, time_roll=True):
     """A loader batch -> the eight inputs of EquiAV.forward on `device` (SPEC 6, 8, 12).
-    Every random draw comes from `gen`, a CPU generator, so no step waits for the GPU."""
-    x_a = batch["audio"].to(device, non_blocking=True)   # (B, T, F) normalised fbank
-    x_v = batch["frame"].to(device, non_blocking=True)   # (B, 3, H, W) in [0, 1]
-    B = x_a.shape[0]
+    Every random draw comes from `gen`, a CPU generator, and all of them reach the device
+    in one pinned copy, so no step waits for the GPU."""
+    B, T, F = batch["audio"].shape
+    H = W = mcfg.image_size
+    roll = augment.sample_time_roll(B, T, gen) if time_roll else None   # (B,) frames
+    t_a = augment.sample_audio_params(B, gen, T, F)                     # (B, 24) applied
+    t_v = augment.sample_visual_params(B, gen, H, W)                    # (B, 18) applied
+    T_a = augment.sample_audio_vectors(B, S, gen, T, F)                 # (B, S, 24) centroid
+    T_v = augment.sample_visual_vectors(B, S, gen, H, W)                # (B, S, 18) centroid
+    draws = [t_a, t_v, T_a, T_v] + ([roll] if time_roll else [])
+    t_a, t_v, T_a, T_v, *roll = augment.to_device_together(draws, device)
+    x_a = batch["audio"].to(device, non_blocking=True)                  # (B, T, F) normalized fbank
+    x_v = augment.unit_range(batch["frame"].to(device, non_blocking=True))   # uint8 -> [0, 1]
     if time_roll:
-        x_a = augment.random_time_roll(x_a, gen)
-    x_a_aug, t_a = augment.augment_audio(x_a, gen)      # (B, T, F), (B, 24)
-    x_v_aug, t_v = augment.augment_visual(x_v, gen)     # (B, 3, H, W), (B, 18)
-    T_a = augment.sample_audio_vectors(B, S, gen, T=mcfg.audio_length, F=mcfg.mel_bins)
-    T_v = augment.sample_visual_vectors(B, S, gen, H=mcfg.image_size, W=mcfg.image_size)
-    return (x_a, augment.normalize_image(x_v), x_a_aug, augment.normalize_image(x_v_aug), t_a, t_v,
-            augment.to_device(T_a, device), augment.to_device(T_v, device))   # (B, S, 24), (B, S, 18)
+        x_a = augment.roll_time(x_a, roll[0])   # the original's input noise (SPEC 12) ...
+    x_a_aug = augment.apply_audio(x_a, t_a)     # ... and the view is made of the rolled original
+    x_v_aug = augment.apply_visual(x_v, t_v)
+    return (x_a, augment.normalize_image(x_v), x_a_aug, augment.normalize_image(x_v_aug),
+            t_a, t_v, T_a, T_v)
 
 
 def train_step(model, criterion, optimizer, scaler, batch, gen, cfg, mcfg, device):
@@ -167,9 +178,16 @@ def train_step(model, criterion, optimizer, scaler, batch, gen, cfg, mcfg, devic
     with utils.autocast_context(device, cfg.amp):
         out = model(*inputs)
     terms = criterion(out)
-    tau_outside_ddp = cfg.learnable_temperature and utils.get_world_size() > 1
-    utils.optimizer_step(optimizer, scaler, terms["loss"], cfg.clip_grad,
-                         (lambda: utils.average_grads(criterion.parameters())) if tau_outside_ddp else None)
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(terms["loss"]).backward()   # the scaler only scales under fp16 autocast
+    if cfg.learnable_temperature and utils.get_world_size() > 1:
+        utils.average_grads(criterion.parameters())   # tau lives outside DDP
+    if cfg.clip_grad > 0:
+        scaler.unscale_(optimizer)           # clip the true gradients, not the scaled ones
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad)
+    scaler.step(optimizer)                   # skips the step if fp16 gradients overflowed
+    scaler.update()
     return terms
 
 
@@ -183,7 +201,7 @@ def train_one_epoch(model, criterion, optimizer, scaler, loader, epoch, step, cf
     loader.sampler.set_epoch(epoch)   # a new, reproducible order every epoch
     gen = utils.seed_epoch(cfg.seed, epoch, utils.get_rank())
     total_steps, warmup_steps = cfg.epochs * len(loader), round(cfg.warmup_epochs * len(loader))
-    window, sums, done, seen, t_last = [], [0.0] * len(LOG_KEYS), 0, 0, time.time()
+    window, sums, done, seen, t_last = [], dict.fromkeys(LOG_KEYS, 0.0), 0, 0, time.time()
     bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not utils.is_main(),
                dynamic_ncols=True, leave=False)
     for i, batch in enumerate(bar):
@@ -203,7 +221,9 @@ def train_one_epoch(model, criterion, optimizer, scaler, loader, epoch, step, cf
                         + ", ".join(f"{n}={v:.4g}" for n, v in zip(LOG_KEYS[:4], row))
                         + ". Stopping; the last checkpoint is from before this epoch. Try a "
                           "lower --lr, a smaller --clip_grad or --amp false.")
-            sums = [s + sum(col) for s, col in zip(sums, zip(*rows))]
+            for row in rows:                 # the epoch means
+                for key, value in zip(LOG_KEYS, row):
+                    sums[key] += value
             rate, seen = seen / (time.time() - t_last), 0
             window, t_last, now = [], time.time(), dict(zip(LOG_KEYS, rows[-1]))
             logger.log({"type": "step", "epoch": epoch, "step": step, "lr": lr,
@@ -212,12 +232,30 @@ def train_one_epoch(model, criterion, optimizer, scaler, loader, epoch, step, cf
     bar.close()
     if bad_data is not None:
         bad_data.check()
-    return step, {k: s / max(done, 1) for k, s in zip(LOG_KEYS, sums)}
+    return step, {key: total / max(done, 1) for key, total in sums.items()}
 
 
 # =============================================================================
 # Building: config, data, model, loss, optimiser
 # =============================================================================
+
+def save_checkpoint(path, cfg, mcfg, net, criterion, optimizer, scaler, step, epoch, norm_stats):
+    """{run_dir}/checkpoint.pt, written atomically by rank 0: plain tensors and values that
+    torch.load(weights_only=True) accepts. All randomness of an epoch is a function of
+    (seed, epoch, rank), so no random state is saved."""
+    utils.save_checkpoint({
+        "model": net.state_dict(),          # unwrapped and uncompiled: plain EquiAV keys
+        "model_config": dataclasses.asdict(mcfg),
+        "model_flags": convert.pretraining_flags(cfg),   # inter_target, equivariant
+        "optimizer": optimizer.state_dict(),
+        "scaler": scaler.state_dict(),
+        "loss": criterion.state_dict(),     # a learnable temperature
+        "step": step,
+        "epoch": epoch,
+        "config": dataclasses.asdict(cfg),
+        "norm_stats": norm_stats,           # fbank [mean, std], for evaluation and fine-tuning
+    }, path)
+
 
 def resolve_config(cfg):
     """Fill the None fields from the profile and check the rest; returns a new config."""
@@ -229,6 +267,9 @@ def resolve_config(cfg):
         raise ValueError(f"--inter_target must be one of {INTER_TARGETS} (original with "
                          f"--centroid false), got {target!r}")
     cfg = dataclasses.replace(cfg, inter_target=target, centroid=target == "centroid")
+    if cfg.compile is None:   # an eager step is host-bound on a GPU at the paper's batch (README)
+        on_cuda = (cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
+        cfg = dataclasses.replace(cfg, compile=on_cuda)
     if sum(bool(x) for x in (cfg.init_mae, cfg.init_official, cfg.init_from)) > 1:
         raise ValueError("give at most one of --init_mae, --init_official and --init_from")
     for name in (n for n in ("epochs", "batch_size", "S", "log_every", "eval_batch_size")
@@ -276,7 +317,8 @@ def build_model(cfg, mcfg, device):
                            w_inter=cfg.w_inter, w_a=cfg.w_a, w_v=cfg.w_v).to(device)
     optimizer = torch.optim.AdamW(list(net.parameters()) + list(criterion.parameters()),
                                   lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
-                                  weight_decay=cfg.weight_decay)
+                                  weight_decay=cfg.weight_decay,
+                                  fused=device.type == "cuda")   # one kernel; no scaler sync
     scaler = utils.make_grad_scaler(device, cfg.amp)
     utils.print0(f"model: preset {cfg.preset!r} ({sum(p.numel() for p in net.parameters()) / 1e6:.2f}M"
                  f" parameters), inter_target={cfg.inter_target}, equivariant={cfg.equivariant}")

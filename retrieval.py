@@ -155,13 +155,17 @@ def chance_levels(n):
 # Embeddings
 # ---------------------------------------------------------------------------
 
-def centroid_vectors(cfg, S, seed):
+def centroid_vectors(cfg, S, seed, inter_target="centroid"):
     """The fixed evaluation centroid vectors (SPEC 9): T_a (1, S, 24), T_v (1, S, 18).
 
     Drawn once from a generator seeded with `seed` and shared by every clip,
     so a clip's embedding depends only on the clip, the model and the seed,
-    never on the batch it is in or the rank that computes it.
+    never on the batch it is in or the rank that computes it. For a model whose
+    inter target is "equivariant": the identity vectors (1, 1, d_t), its prediction of
+    no augmentation.
     """
+    if inter_target == "equivariant":
+        return augment.audio_identity(1).unsqueeze(1), augment.visual_identity(1).unsqueeze(1)
     g = torch.Generator().manual_seed(seed)
     T_a = augment.sample_audio_vectors(1, S, g, T=cfg.audio_length, F=cfg.mel_bins)
     T_v = augment.sample_visual_vectors(1, S, g, H=cfg.image_size, W=cfg.image_size)
@@ -185,11 +189,12 @@ def extract_embeddings(model, loader, device, S=16, seed=0, amp=False, view=None
     model = utils.unwrap(model)
     was_training = model.training
     model.eval()
-    T_a, T_v = (augment.to_device(t, torch.device(device)) for t in centroid_vectors(model.cfg, S, seed))
+    vectors = centroid_vectors(model.cfg, S, seed, model.inter_target)
+    T_a, T_v = augment.to_device_together(vectors, device)
     indices, zs_a, zs_v = [], [], []
     for batch in loader:
         x_a = batch["audio"].to(device, non_blocking=True)
-        x_v = batch["frame"].to(device, non_blocking=True)
+        x_v = augment.unit_range(batch["frame"].to(device, non_blocking=True))
         if view is not None:
             t = view[1][batch["index"].long()]
             x_a = augment.apply_audio(x_a, t) if view[0] == "a" else x_a
@@ -344,7 +349,7 @@ def equivariance_metrics(model, loader, device, seed=0, amp=False, lam=1.0):
     for batch in loader:
         index = batch["index"].long()
         x = {"a": batch["audio"].to(device, non_blocking=True),
-             "v": batch["frame"].to(device, non_blocking=True)}
+             "v": augment.unit_range(batch["frame"].to(device, non_blocking=True))}
         x_aug = {"a": augment.apply_audio(x["a"], t_all["a"][index]),
                  "v": augment.normalize_image(augment.apply_visual(x["v"], t_all["v"][index]))}
         x["v"] = augment.normalize_image(x["v"])
@@ -452,7 +457,8 @@ def run(cfg, device):
 def _localize(model, dataset, dataset_of, cfg, device):
     """Scores on the manifest (when it has boxes) and on the distractor split, and
     figure3.png; returns what goes under "localization" in retrieval.json."""
-    T_a, T_v = (augment.to_device(t, device) for t in centroid_vectors(model.cfg, cfg.S, cfg.seed))
+    vectors = centroid_vectors(model.cfg, cfg.S, cfg.seed, model.inter_target)
+    T_a, T_v = augment.to_device_together(vectors, device)
     kw = dict(method=cfg.map, batch_size=cfg.batch_size, num_workers=cfg.num_workers,
               amp=cfg.amp, chunk=cfg.occlusion_chunk)
     out = {"method": cfg.map}
@@ -493,7 +499,7 @@ def _figure_clip(dataset, entries, i, prefix):
     item = dataset[i]
     boxes = (localize.clip_boxes(entries[i], dataset.image_size, dataset.frame_file(i, data.EVAL_FRAME))[0]
              if localize.has_boxes(entries) else [])
-    return item["audio"], item["frame"], boxes, f"{prefix}#{i} {entries[i].get('labels', '')}"[:40]
+    return item["audio"], augment.unit_range(item["frame"]), boxes, f"{prefix}#{i} {entries[i].get('labels', '')}"[:40]
 
 
 def _distractor_manifests(cfg):

@@ -55,7 +55,7 @@ def test_bench_cheap_parts_write_json(tmp_path):
     results = bench.main(cfg)
     saved = json.loads(out.read_text())
     assert saved["meta"]["torch"] == torch.__version__
-    assert {r["input"] for r in saved["augment"]} == {"audio", "visual"}
+    assert {r["input"] for r in saved["augment"]} == {"audio", "visual", "step inputs"}
     for row in saved["augment"]:
         assert row["batch"] == 2 and row["samples_per_s"] > 0
         assert math.isclose(row["ms_per_sample"], 1e3 / row["samples_per_s"], rel_tol=1e-9)
@@ -70,9 +70,20 @@ def test_launch_counter_counts_device_ops_not_views():
         (x * 2 + 1).view(12)                # 2 kernels and a view
         torch.ones(3) * 2                                                  # CPU: not counted
     assert counter.count == 2 and counter.ops == {"mul": 1, "add": 1}
-    n2, ops2 = bench.augment_launches(2)
-    n4, _ = bench.augment_launches(4)
-    assert n4 > n2 > 0 and ops2.get("_to_copy", 0) > 0   # per-sample crops; small uploads
+    n2, ops2, uploads2 = bench.augment_launches(2)
+    n4, ops4, uploads4 = bench.augment_launches(4)
+    assert n2 > 0 and ops2["grid_sampler_2d"] == 2 and ops2["convolution"] == 4   # one per modality; 2 blurs x 2 axes
+
+
+def test_input_pipeline_ops_do_not_grow_with_the_batch():
+    """Every augmentation runs once on the whole batch (batched crops, blurs, jitter), and
+    the step's draws travel in one copy: the same device ops at any batch size. Uploads:
+    the step's draws, the batch's audio and frames, the two ImageNet normalizations' stats,
+    and the small index table torchvision's HSV conversion copies (augment.adjust_hue)."""
+    counts = {B: bench.augment_launches(B) for B in (2, 16, 40)}
+    assert counts[2][0] == counts[16][0] == counts[40][0]
+    assert counts[2][1] == counts[40][1]
+    assert counts[16][2] == 6
 
 
 def test_bad_options_are_rejected():

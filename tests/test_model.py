@@ -2,6 +2,7 @@
 independent computation or an invariant, with configs small enough for CPU."""
 
 import math
+import os
 
 import pytest
 import torch
@@ -237,7 +238,10 @@ def test_each_inter_target_embeds_what_it_names(target, equivariant):
     x = make_inputs(cfg)
     with torch.no_grad():
         out = model(**x)
-        z_a, z_v = model.embed(x["x_a"], x["x_v"], x["T_a"], x["T_v"])
+        # the caller gives an "equivariant" model the identity vectors (model.py imports nothing)
+        evaluation = ((audio_identity(3), visual_identity(3)) if target == "equivariant"
+                      else (x["T_a"], x["T_v"]))
+        z_a, z_v = model.embed(x["x_a"], x["x_v"], *evaluation)
         for m, enc, gi, ge, ident in (("a", full.audio_encoder, full.proj_inter_a,
                                        full.proj_intra_a, audio_identity),
                                       ("v", full.visual_encoder, full.proj_inter_v,
@@ -375,18 +379,20 @@ def test_get_config_errors_and_overrides():
 
 # ------------------------------------------------------- localization maps (SPEC 13)
 
-def test_predict_each_without_equals_removing_each_token():
+def test_predictor_keep_mask_equals_removing_the_tokens():
     torch.manual_seed(11)
     cfg = small_cfg()
     pred = TransformationPredictor(cfg, AUDIO_DIM).eval()
     h = torch.randn(2, 7, cfg.embed_dim)
     t = torch.rand(2, 3, AUDIO_DIM)
-    drop = torch.tensor([0, 4, 6])
     with torch.no_grad():
-        got = localize.predict_each_without(pred, h, t, drop)                  # (2, 3, S, D)
-        for r, i in enumerate(drop.tolist()):
-            keep = [j for j in range(7) if j != i]
-            assert close(got[:, r], pred.predict_each(h[:, keep], t), 1e-5), i
+        assert close(pred.predict_each(h, t, torch.ones(2, 7, dtype=torch.bool)), pred.predict_each(h, t), 1e-6)
+        for kept in ([0, 1, 2, 3, 5, 6], [1, 4], [6]):
+            keep = torch.zeros(2, 7, dtype=torch.bool)
+            keep[:, kept] = True
+            got = pred.predict_each(h, t, keep)                                # (2, S, D)
+            assert close(got, pred.predict_each(h[:, kept], t), 1e-5), kept
+            assert not close(got, pred.predict_each(h, t), 1e-3)               # the mask does something
 
 
 @pytest.mark.parametrize("target", ["centroid", "original", "equivariant"])
@@ -460,3 +466,35 @@ def test_localize_base_preset_smoke():
     for method in ("occlusion", "gradient", "token"):
         m = localize.localize(model, x["x_a"], x["x_v"], x["T_a"], x["T_v"], method=method)
         assert m.shape == (1, 14, 14) and torch.isfinite(m).all() and m.std() > 0, method
+
+
+# ------------------------------------------------------- model.py copies out alone
+
+def test_model_py_runs_alone_in_an_empty_folder(tmp_path):
+    """model.py plus torch is enough: copied into an empty folder and run there in a fresh
+    interpreter (no project folder on sys.path), it builds EquiAV and runs a forward."""
+    import shutil
+    import subprocess
+    import sys
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    shutil.copy(os.path.join(here, "model.py"), tmp_path / "model.py")
+    script = (
+        "import sys, torch\n"
+        "from model import EquiAV, get_config\n"
+        "assert all('equiav' not in p and p != '' or p == '' for p in sys.path)\n"
+        "cfg = get_config('tiny', depth=1, embed_dim=32, num_heads=2, aug_hidden=16, pred_heads=2,\n"
+        "                 pred_head_dim=8, proj_hidden=32, proj_dim=16)\n"
+        "m = EquiAV(cfg).eval()\n"
+        "B, S = 2, 3\n"
+        "x_a = torch.randn(B, cfg.audio_length, cfg.mel_bins)\n"
+        "x_v = torch.randn(B, 3, cfg.image_size, cfg.image_size)\n"
+        "t_a, t_v = torch.rand(B, cfg.audio_aug_dim), torch.rand(B, cfg.visual_aug_dim)\n"
+        "T_a, T_v = torch.rand(B, S, cfg.audio_aug_dim), torch.rand(B, S, cfg.visual_aug_dim)\n"
+        "out = m(x_a, x_v, x_a, x_v, t_a, t_v, T_a, T_v)\n"
+        "assert all(z.shape == (B, 16) and torch.isfinite(z).all() for z in out)\n"
+        "print('ok', sorted(k for k in sys.modules if k in ('augment', 'utils', 'convert')))\n")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "ok []"
