@@ -1,29 +1,20 @@
-"""EquiAV's contrastive objectives (SPEC 7; paper eqs. for L_inter and L_intra).
+"""EquiAV's contrastive objectives (SPEC 7; the paper's L_inter and L_intra).
 
-Three small pieces, in the manner of open_clip's loss.py: `gather_with_grad`, the one
-place that talks to other processes, which unlike the public code (SPEC 9) lets
-gradients flow back to the rank that produced the embeddings; `inter_modal_loss` and
-`intra_modal_loss`, this rank's rows against the gathered columns of all ranks with
-targets offset by rank * local_batch; `EquiAVLoss`, the weighted total.
+Every embedding is L2-normalized first; tau = 0.07; B samples in the (global) batch.
 
-When the result equals the single-process one. Let N processes each hold b samples
-(equal local batches), B = N b. Each per-sample term l_i (sample i's cross-entropy
-against all B columns) is computed exactly as one process with the B samples computes
-it. One process returns L = (1/B) sum_i l_i; rank r returns L_r = (1/b) sum_{i in r}
-l_i, so L = (1/N) sum_r L_r: the rank average of the returned loss is L. Unequal b
-would break both this and the label offsets rank * b.
+    L_inter   = 1/2 [ CE(z_a z_v^T / tau, diag) + CE(z_v z_a^T / tau, diag) ]
+                logits (B, B): row i is audio clip i against every visual clip (and the
+                reverse); the positive is on the diagonal.
+    L_intra_m = 1/2 (L_q + L_k),  q = z_equi_m (predicted from the original and t),
+                                  k = z_aug_m (encoded from the augmented input)
+                logits_q (B, 2B): row i is [q_i.k_1 ... q_i.k_B | q_i.q_1 ... q_i.q_B] / tau,
+                with q_i.q_i masked out; the positive is column i (k_i). L_k swaps q and k.
+    L         = w_inter L_inter + w_a L_intra_a + w_v L_intra_v, each weight 1/3.
 
-Gradients. Rank r's embeddings z_r enter its own L_r through its rows and its slice
-of the gathered columns, and every other L_s only through the columns. The gather's
-backward SUMS over ranks what all L_s put on the slice z_r, so rank r computes
-d(sum_s L_s)/dz_r = N dL/dz_r and its parameter gradient is g_r = N (dL/dz_r)
-(dz_r/dtheta); DDP's rank average (1/N) sum_r g_r = sum_r (dL/dz_r)(dz_r/dtheta) =
-dL/dtheta is the single-process gradient. Averaging in the gather's backward would
-make it N times too small; stopping gradients at the gather (the public code) drops
-what other ranks' samples do to this rank's embeddings. A learnable temperature is
-not gathered: rank r gets dL_r/dtau, whose rank average is dL/dtau, so it is
-averaged like the model's parameters. Equality holds up to summation order
-(tests/test_losses.py: two gloo processes against one).
+Three small pieces, in the manner of open_clip's loss.py: the two losses, each this rank's
+rows against the gathered columns of all ranks with targets offset by rank * local_batch;
+`gather_with_grad`, the one place that talks to other processes (why N processes compute
+what one does is written beside it); `EquiAVLoss`, the weighted total.
 """
 
 import contextlib
@@ -34,53 +25,6 @@ import torch.distributed as dist
 import torch.distributed.nn.functional as dist_nn
 import torch.nn as nn
 import torch.nn.functional as F
-
-
-# ---- Gathering across processes ----
-
-def _rank_and_world():
-    """(rank, world_size) of the default process group; (0, 1) without one."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def gather_with_grad(x):
-    """Concatenate x (b, d) over all ranks -> (world * b, d), rank r's rows at
-    [r b, (r + 1) b), keeping the autograd path to every rank: torch's all_gather,
-    whose backward sums over ranks the gradients put on each rank's slice (see the
-    header). The same b on every rank; every rank calls it in the same order. Without
-    a process group, or with one process, returns x itself and calls no collective."""
-    if _rank_and_world()[1] == 1:
-        return x
-    return torch.cat(dist_nn.all_gather(x.contiguous()), dim=0)
-
-
-# ---- Helpers shared by both losses ----
-
-def _float32_region(device):
-    """Disable autocast so logits and cross-entropy run in (at least) float32."""
-    available = torch.amp.is_autocast_available(device.type)   # not on meta, for one
-    return torch.autocast(device.type, enabled=False) if available else contextlib.nullcontext()
-
-
-def _upcast(x):  # bf16/fp16 -> float32; float32 and float64 stay
-    return x.to(torch.promote_types(x.dtype, torch.float32))
-
-
-def _local_targets(local_batch, device):
-    """Global column index of each local row: rank * local_batch + i."""
-    return torch.arange(local_batch, device=device) + _rank_and_world()[0] * local_batch
-
-
-def _top1(logits, targets):  # fraction of rows whose arg-max is the target, on the device
-    return (logits.detach().argmax(dim=1) == targets).float().mean()
-
-
-def _check_pair(x, y, names):
-    if x.dim() != 2 or x.shape != y.shape:
-        raise ValueError(f"{names[0]} and {names[1]} must both be (batch, dim) with the same "
-                         f"shape, got {tuple(x.shape)} and {tuple(y.shape)}")
 
 
 # ---- The two losses (SPEC 7) ----
@@ -131,6 +75,72 @@ def intra_modal_loss(q, k, temperature):
                       + F.cross_entropy(logits_k, targets))
     acc = 0.5 * (_top1(logits_q, targets) + _top1(logits_k, targets))
     return loss, acc
+
+
+# ---- Helpers shared by both losses ----
+
+def _float32_region(device):
+    """Disable autocast so logits and cross-entropy run in (at least) float32."""
+    available = torch.amp.is_autocast_available(device.type)   # not on meta, for one
+    return torch.autocast(device.type, enabled=False) if available else contextlib.nullcontext()
+
+
+def _upcast(x):  # bf16/fp16 -> float32; float32 and float64 stay
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+def _local_targets(local_batch, device):
+    """Global column index of each local row: rank * local_batch + i."""
+    return torch.arange(local_batch, device=device) + _rank_and_world()[0] * local_batch
+
+
+def _top1(logits, targets):  # fraction of rows whose arg-max is the target, on the device
+    return (logits.detach().argmax(dim=1) == targets).float().mean()
+
+
+def _check_pair(x, y, names):
+    if x.dim() != 2 or x.shape != y.shape:
+        raise ValueError(f"{names[0]} and {names[1]} must both be (batch, dim) with the same "
+                         f"shape, got {tuple(x.shape)} and {tuple(y.shape)}")
+
+
+# ---- Gathering across processes ----
+#
+# When the result equals the single-process one. Let N processes each hold b samples
+# (equal local batches), B = N b. Each per-sample term l_i (sample i's cross-entropy
+# against all B columns) is computed exactly as one process with the B samples computes
+# it. One process returns L = (1/B) sum_i l_i; rank r returns L_r = (1/b) sum_{i in r}
+# l_i, so L = (1/N) sum_r L_r: the rank average of the returned loss is L. Unequal b
+# would break both this and the label offsets rank * b.
+#
+# Gradients. Rank r's embeddings z_r enter its own L_r through its rows and its slice
+# of the gathered columns, and every other L_s only through the columns. The gather's
+# backward SUMS over ranks what all L_s put on the slice z_r, so rank r computes
+# d(sum_s L_s)/dz_r = N dL/dz_r and its parameter gradient is g_r = N (dL/dz_r)
+# (dz_r/dtheta); DDP's rank average (1/N) sum_r g_r = sum_r (dL/dz_r)(dz_r/dtheta) =
+# dL/dtheta is the single-process gradient. Averaging in the gather's backward would
+# make it N times too small; stopping gradients at the gather (the public code) drops
+# what other ranks' samples do to this rank's embeddings. A learnable temperature is
+# not gathered: rank r gets dL_r/dtau, whose rank average is dL/dtau, so it is
+# averaged like the model's parameters. Equality holds up to summation order
+# (tests/test_losses.py: two gloo processes against one).
+
+def _rank_and_world():
+    """(rank, world_size) of the default process group; (0, 1) without one."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def gather_with_grad(x):
+    """Concatenate x (b, d) over all ranks -> (world * b, d), rank r's rows at
+    [r b, (r + 1) b), keeping the autograd path to every rank: torch's all_gather,
+    whose backward sums over ranks the gradients put on each rank's slice (see
+    above). The same b on every rank; every rank calls it in the same order. Without
+    a process group, or with one process, returns x itself and calls no collective."""
+    if _rank_and_world()[1] == 1:
+        return x
+    return torch.cat(dist_nn.all_gather(x.contiguous()), dim=0)
 
 
 # ---- The full objective ----

@@ -498,3 +498,28 @@ def test_model_py_runs_alone_in_an_empty_folder(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "ok []"
+
+
+def test_original_and_augmented_inputs_end_in_their_own_norms():
+    """norm_m ends the originals (z_equi, z_inter), norm_m_aug the augmented views (z_aug):
+    they start equal, so change each and see which embeddings move."""
+    torch.manual_seed(21)
+    cfg = small_cfg()
+    model = EquiAV(cfg).eval()
+    x = make_inputs(cfg)
+    with torch.no_grad():
+        base = model(**x)
+        for m in ("audio", "visual"):
+            encoder = getattr(model, f"{m}_encoder")
+            z = m[0]
+            for norm, moved, kept in (("norm_aug", ("z_aug",), ("z_equi", "z_inter")),
+                                      ("norm", ("z_equi", "z_inter"), ("z_aug",))):
+                layer = getattr(encoder, norm)
+                saved = layer.bias.clone()
+                layer.bias.add_(0.5)
+                out = model(**x)
+                layer.bias.copy_(saved)
+                for name in moved:
+                    assert not close(getattr(out, f"{name}_{z}"), getattr(base, f"{name}_{z}"), 1e-3), (norm, name)
+                for name in kept:
+                    assert close(getattr(out, f"{name}_{z}"), getattr(base, f"{name}_{z}"), 1e-6), (norm, name)

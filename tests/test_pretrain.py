@@ -297,3 +297,65 @@ def test_loaders_pin_memory_only_for_a_cuda_training_device(toy, tmp_path, monke
     for device, pinned in ((torch.device("cpu"), False), (torch.device("cuda"), True)):
         train_loader, eval_loader, _ = pretrain.build_data(cfg, mcfg, device)
         assert train_loader.pin_memory is pinned and eval_loader.pin_memory is pinned
+
+
+# ---------------------------------------------------------------------------
+# The step's wiring: what the loop hands the optimizer, and what the model is fed
+# ---------------------------------------------------------------------------
+
+def test_optimizer_lr_follows_the_schedule_and_clipping_runs_every_step(toy, tmp_path, monkeypatch):
+    """The lr the optimizer actually uses at each step is the schedule's, and gradient
+    clipping runs at every step with --clip_grad (not only the lr being computed)."""
+    cfg = pretrain.resolve_config(_cfg(toy, tmp_path / "run", epochs=2, clip_grad=0.37))
+    seen_lr, clips = [], []
+    step = torch.optim.AdamW.step
+
+    def recording_step(self, *args, **kwargs):
+        seen_lr.append(self.param_groups[0]["lr"])
+        return step(self, *args, **kwargs)
+
+    clip = torch.nn.utils.clip_grad_norm_
+
+    def recording_clip(params, max_norm, *args, **kwargs):
+        clips.append(max_norm)
+        return clip(params, max_norm, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", recording_step)
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", recording_clip)
+    pretrain.main(cfg)
+    steps_per_epoch = N_TRAIN // BATCH
+    total, warmup = 2 * steps_per_epoch, round(cfg.warmup_epochs * steps_per_epoch)
+    want = [utils.cosine_lr(s, total, warmup, cfg.lr, cfg.warmup_start_lr, cfg.final_lr)
+            for s in range(total)]
+    assert seen_lr == pytest.approx(want, rel=1e-12) and len(set(seen_lr)) > 2
+    assert clips == [0.37] * total
+
+
+def test_prepare_inputs_rolls_the_original_and_augments_the_rolled_original():
+    """x_a is the rolled original, x_a_aug the view apply_audio makes of that rolled
+    original, and every vector comes from its own sampler, in the documented draw order."""
+    import augment
+    from model import get_config
+    mcfg = get_config("tiny", audio_length=64, mel_bins=32, image_size=32)
+    B, S, seed = 5, 3, 4
+    g = torch.Generator().manual_seed(0)
+    batch = {"audio": torch.randn(B, 64, 32, generator=g),
+             "frame": torch.randint(0, 256, (B, 3, 32, 32), generator=g, dtype=torch.uint8)}
+    x_a, x_v, x_a_aug, x_v_aug, t_a, t_v, T_a, T_v = pretrain.prepare_inputs(
+        batch, torch.Generator().manual_seed(seed), mcfg, S, torch.device("cpu"))
+    same = torch.Generator().manual_seed(seed)
+    roll = augment.sample_time_roll(B, 64, same)
+    want_t_a = augment.sample_audio_params(B, same, 64, 32)
+    want_t_v = augment.sample_visual_params(B, same, 32, 32)
+    want_T_a = augment.sample_audio_vectors(B, S, same, 64, 32)
+    want_T_v = augment.sample_visual_vectors(B, S, same, 32, 32)
+    rolled = augment.roll_time(batch["audio"], roll)
+    assert not torch.equal(rolled, batch["audio"])
+    assert torch.equal(x_a, rolled)
+    assert torch.equal(x_a_aug, augment.apply_audio(rolled, want_t_a))
+    assert not torch.allclose(x_a_aug, augment.apply_audio(batch["audio"], want_t_a))
+    frames = batch["frame"].float() / 255
+    assert torch.equal(x_v, augment.normalize_image(frames))
+    assert torch.equal(x_v_aug, augment.normalize_image(augment.apply_visual(frames, want_t_v)))
+    for got, want in ((t_a, want_t_a), (t_v, want_t_v), (T_a, want_T_a), (T_v, want_T_v)):
+        assert torch.equal(got, want)
