@@ -138,7 +138,7 @@ def main(cfg):
     rows = list(ROWS) if cfg.rows == "all" else [r.strip() for r in cfg.rows.split(",") if r.strip()]
     unknown = sorted(set(rows) - set(ROWS))
     if unknown or cfg.seeds < 1:
-        raise ValueError(f"unknown rows {unknown} (choose from {list(ROWS)}) or --seeds < 1")
+        raise utils.UsageError(f"unknown rows {unknown} (choose from {list(ROWS)}) or --seeds < 1")
     results = [run_row(cfg, row, seed) for row in rows for seed in range(cfg.seeds)]
     # seeds found from earlier calls, beyond the ones run now
     for row in rows:
@@ -157,4 +157,4 @@ def main(cfg):
 
 
 if __name__ == "__main__":
-    main(utils.parse_config(AblateConfig, description=__doc__.splitlines()[0]))
+    utils.run_script(main, AblateConfig, __doc__.splitlines()[0])

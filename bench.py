@@ -117,9 +117,12 @@ def resolve_config(cfg):
     for name, allowed in (("parts", PARTS), ("precisions", ("fp32", "bf16"))):
         unknown = set(_items(getattr(cfg, name))) - set(allowed)
         if unknown:
-            raise ValueError(f"--{name}: unknown {sorted(unknown)}; choose from {list(allowed)}")
+            raise utils.UsageError(f"--{name}: unknown {sorted(unknown)}; choose from {list(allowed)}")
     for preset in _items(cfg.presets):
-        get_config(preset)  # a clear error for an unknown preset
+        try:
+            get_config(preset)
+        except ValueError as err:
+            raise utils.UsageError(f"--presets: {err}") from None
     return cfg
 
 
@@ -698,4 +701,4 @@ def main(cfg):
 
 
 if __name__ == "__main__":
-    main(utils.parse_config(BenchConfig, description=__doc__.splitlines()[0]))
+    utils.run_script(main, BenchConfig, __doc__.splitlines()[0])

@@ -1023,7 +1023,7 @@ def main(argv=None):
             np.savetxt(args.out, ds.class_balanced_weights(), fmt="%.6f")
             print(f"wrote {len(ds)} weights to {args.out}")
     except (DataError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"data.py: error: {err}", file=sys.stderr)
         return 2
     return 0
 

@@ -166,20 +166,20 @@ def resolve_config(cfg):
         cfg = dataclasses.replace(cfg, run_dir=os.path.join("runs", name))
     if cfg.init is None and cfg.init_type != "scratch":
         if not toy:
-            raise ValueError("give --init (our or the authors' EquiAV checkpoint, or an ImageNet "
+            raise utils.UsageError("give --init (our or the authors' EquiAV checkpoint, or an ImageNet "
                              "MAE checkpoint), or --init_type scratch")
         cfg = dataclasses.replace(cfg, init=convert.TOY_CHECKPOINT)
     if cfg.mode not in MODES:
-        raise ValueError(f"--mode must be one of {MODES}, got {cfg.mode!r}")
+        raise utils.UsageError(f"--mode must be one of {MODES}, got {cfg.mode!r}")
     for name, choices in (("task", ("auto", "multilabel", "singlelabel")),
                           ("init_type", ("auto", "equiav", "mae", "scratch"))):
         if getattr(cfg, name) not in choices:
-            raise ValueError(f"--{name} must be one of {choices}, got {getattr(cfg, name)!r}")
+            raise utils.UsageError(f"--{name} must be one of {choices}, got {getattr(cfg, name)!r}")
     if not toy and cfg.test is None:
-        raise ValueError("give --test with --train (evaluated after every epoch)")
+        raise utils.UsageError("give --test with --train (evaluated after every epoch)")
     for name in ("epochs", "batch_size", "eval_batch_size", "log_every"):
         if getattr(cfg, name) < 1:
-            raise ValueError(f"--{name} must be at least 1, got {getattr(cfg, name)}")
+            raise utils.UsageError(f"--{name} must be at least 1, got {getattr(cfg, name)}")
     return cfg
 
 
@@ -289,6 +289,9 @@ def evaluation_metrics(scores, targets, multilabel):
 def main(cfg):
     """Fine-tune with config `cfg` (resolved here); returns the results dict."""
     cfg = resolve_config(cfg)
+    utils.require_files(cfg, "train", "test", "label_csv")
+    if cfg.init is not None:
+        convert.require_checkpoint(cfg.init, "init")
     _, _, local_rank, device = utils.init_distributed(cfg.device)
     try:
         return run(cfg, device, local_rank)
@@ -624,4 +627,4 @@ def evaluate(net, loader, device, cfg, multilabel):
 
 
 if __name__ == "__main__":
-    main(utils.parse_config(FinetuneConfig, description=__doc__.splitlines()[0], profiles=PROFILES))
+    utils.run_script(main, FinetuneConfig, __doc__.splitlines()[0], PROFILES)

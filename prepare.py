@@ -361,6 +361,6 @@ if __name__ == "__main__":
     try:
         _, failed = main(config)
     except (data.DataError, ValueError, OSError) as error:
-        print(f"error: {error}", file=sys.stderr)
+        print(f"prepare.py: error: {error}", file=sys.stderr)
         sys.exit(2)
     sys.exit(1 if failed and not config.allow_failures else 0)

@@ -86,6 +86,8 @@ LOG_KEYS = ("loss", "inter", "intra_a", "intra_v", "acc_a2v", "acc_v2a", "acc_in
 def main(cfg):
     """Pretrain EquiAV with config `cfg` (resolved here); returns the last epoch's summary."""
     cfg = resolve_config(cfg)
+    utils.require_files(cfg, "data", "eval_data", "init_mae", "init_official", "init_from")
+    model_config(cfg)   # a wrong --preset / --model_overrides fails here, before any work
     _, world, local_rank, device = utils.init_distributed(cfg.device)
     try:
         with utils.cpu_threads(device, cfg.cpu_threads, cfg.num_workers, world):
@@ -264,24 +266,31 @@ def resolve_config(cfg):
                               w_v=cfg.w_intra if cfg.w_v is None else cfg.w_v)
     target = cfg.inter_target or ("centroid" if cfg.centroid else "original")
     if target not in INTER_TARGETS or (not cfg.centroid and target != "original"):
-        raise ValueError(f"--inter_target must be one of {INTER_TARGETS} (original with "
+        raise utils.UsageError(f"--inter_target must be one of {INTER_TARGETS} (original with "
                          f"--centroid false), got {target!r}")
     cfg = dataclasses.replace(cfg, inter_target=target, centroid=target == "centroid")
     if cfg.compile is None:   # an eager step is host-bound on a GPU at the paper's batch (README)
         on_cuda = (cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
         cfg = dataclasses.replace(cfg, compile=on_cuda)
     if sum(bool(x) for x in (cfg.init_mae, cfg.init_official, cfg.init_from)) > 1:
-        raise ValueError("give at most one of --init_mae, --init_official and --init_from")
+        raise utils.UsageError("give at most one of --init_mae, --init_official and --init_from")
     for name in (n for n in ("epochs", "batch_size", "S", "log_every", "eval_batch_size")
                  if getattr(cfg, n) < 1):
-        raise ValueError(f"--{name} must be at least 1, got {getattr(cfg, name)}")
+        raise utils.UsageError(f"--{name} must be at least 1, got {getattr(cfg, name)}")
     if min(cfg.w_inter, cfg.w_a, cfg.w_v) < 0 or cfg.w_inter + cfg.w_a + cfg.w_v == 0:
-        raise ValueError("loss weights must be >= 0 and not all zero")
+        raise utils.UsageError("loss weights must be >= 0 and not all zero")
     return cfg
 
 
-def model_config(cfg):   # --preset with --model_overrides applied
-    return get_config(cfg.preset, **utils.parse_overrides(cfg.model_overrides, get_config(cfg.preset)))
+def model_config(cfg):
+    """--preset with --model_overrides applied."""
+    try:
+        base = get_config(cfg.preset)
+        return get_config(cfg.preset, **utils.parse_overrides(cfg.model_overrides, base))
+    except utils.UsageError:
+        raise
+    except ValueError as err:   # an unknown preset, or sizes that do not fit together
+        raise utils.UsageError(f"--preset / --model_overrides: {err}") from None
 
 
 def build_data(cfg, mcfg, device):
@@ -339,4 +348,4 @@ def wrap(net, cfg, device, local_rank):
 
 
 if __name__ == "__main__":
-    main(utils.parse_config(PretrainConfig, description=__doc__.splitlines()[0], profiles=PROFILES))
+    utils.run_script(main, PretrainConfig, __doc__.splitlines()[0], PROFILES)

@@ -390,6 +390,8 @@ def format_equivariance(eq):
 
 def main(cfg):
     """Run retrieval (and localization) with `cfg`; returns the results dict."""
+    utils.require_files(cfg, "manifest")
+    convert.require_checkpoint(cfg.checkpoint, "checkpoint")
     _, _, _, device = utils.init_distributed(cfg.device)
     try:
         return run(cfg, device)
@@ -512,4 +514,4 @@ def _distractor_manifests(cfg):
 
 
 if __name__ == "__main__":
-    main(utils.parse_config(RetrievalConfig, description=__doc__.splitlines()[0]))
+    utils.run_script(main, RetrievalConfig, __doc__.splitlines()[0])

@@ -678,7 +678,7 @@ def main(argv=None):
                          seed=args.seed,
                          num_workers=args.workers, progress=True)
     except (FileExistsError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"toy.py: error: {err}", file=sys.stderr)
         return 2
     print(f"wrote {args.out} in {time.perf_counter() - start:.1f} s")
     for name, path in toy_paths(args.out).items():

@@ -14,12 +14,18 @@ import json
 import math
 import os
 import random
+import sys
 import typing
 from typing import Optional
 
 import numpy as np
 import torch
 import torch.distributed as dist
+
+
+class UsageError(ValueError):
+    """A wrong command line: a bad value, a bad combination of options, a missing file.
+    `run_script` answers it as argparse answers `--lr abc`: one line, exit status 2."""
 
 
 class DataError(Exception):
@@ -83,7 +89,7 @@ def apply_profile(cfg, profiles, name):
     """cfg with its None fields taken from profiles[name] (and cfg.profile = name):
     a profile supplies defaults, never overrides an option that was given."""
     if name not in profiles:
-        raise ValueError(f"unknown profile {name!r}; choose from {sorted(profiles)}")
+        raise UsageError(f"unknown profile {name!r}; choose from {sorted(profiles)}")
     filled = {k: v for k, v in profiles[name].items() if getattr(cfg, k) is None}
     if getattr(cfg, "num_workers", 0) is None and "num_workers" not in filled:
         filled["num_workers"] = default_num_workers()   # no more than the machine has
@@ -163,9 +169,50 @@ def parse_overrides(text, base):
     for item in filter(None, (text or "").split(",")):
         key, _, value = (s.strip() for s in item.partition("="))
         if not hasattr(base, key):
-            raise ValueError(f"--model_overrides: unknown {type(base).__name__} field {key!r}")
-        out[key] = type(getattr(base, key))(value)
+            fields = ", ".join(f.name for f in dataclasses.fields(base))
+            raise UsageError(f"--model_overrides: unknown {type(base).__name__} field {key!r}; "
+                             f"valid fields: {fields}")
+        kind = type(getattr(base, key))
+        try:
+            out[key] = kind(value)
+        except ValueError:
+            raise UsageError(f"--model_overrides: {key}={value!r} is not a valid {kind.__name__} "
+                             f"(the type of {type(base).__name__}.{key})") from None
     return out
+
+
+def require_files(cfg, *names):
+    """Fail with a UsageError naming the option when a file given on the command line (the
+    config fields `names`; None means not given) does not exist, before anything reads it."""
+    for name in names:
+        path = getattr(cfg, name)
+        if path and not os.path.exists(path):   # None or "": not given
+            raise UsageError(f"--{name} {path}: no such file or directory")
+
+
+def run_script(main, cls, description="", profiles=None, argv=None):
+    """A script's entry point: parse `cls` from the command line and call main(cfg).
+    A wrong command line (UsageError, a missing file) is answered with one line,
+    `<script>: error: <what and what to do>`, and exit status 2; an error found while
+    running (a bad sample's DataError, a non-finite loss) with one line and exit status 1.
+    No traceback unless EQUIAV_DEBUG=1. Under torchrun every rank exits this way, and
+    torchrun stops the others when one fails, so none is left waiting."""
+    cfg = parse_config(cls, argv, description, profiles)
+    prog = os.path.basename(sys.argv[0]) or "equiav"
+    try:
+        return main(cfg)
+    except (UsageError, FileNotFoundError) as err:
+        status = 2
+        if os.environ.get("EQUIAV_DEBUG") == "1":
+            raise
+        message = err
+    except (DataError, FloatingPointError) as err:
+        status = 1
+        if os.environ.get("EQUIAV_DEBUG") == "1":
+            raise
+        message = err
+    print(f"{prog}: error: {message}", file=sys.stderr, flush=True)
+    sys.exit(status)
 
 
 def print_config(title, cfg):
