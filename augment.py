@@ -28,7 +28,7 @@ from torchvision.transforms.v2 import functional as TF
 # =============================================================================
 
 JITTER_SLOTS = ("cj_on",
-                "cj_order0", "cj_order1", "cj_order2", "cj_order3",   # op index applied 1st..4th, /3
+                "cj_order0", "cj_order1", "cj_order2", "cj_order3",   # op index applied r-th, /3
                 "cj_brightness", "cj_contrast", "cj_saturation", "cj_hue")   # b-1, c-1, s-1, hue
 VISUAL_GROUPS = {                                                        # slots
     "crop": ("rrc_on", "rrc_top", "rrc_left", "rrc_height", "rrc_width"),     # 0-4 /H, /W, /H, /W
@@ -77,7 +77,7 @@ def audio_blur_radius(sigma):    # kernel 2 ceil(sigma) + 1 (the public code's)
 
 def apply_visual(img, t):
     """The visual augmentations t (B, 18) applied to img (B, 3, H, W) in [0, 1] (SPEC 8).
-    Runs on img.device; t may be on the CPU (then copied there once) or already there."""
+    Runs on img.device, with t there or on the CPU."""
     _check(img, t, 4, VISUAL_DIM, "apply_visual")
     v = read_slots(t, VISUAL_LAYOUT, img.device)
     x = resized_crop(img, v["rrc_on"], v["rrc_top"], v["rrc_left"], v["rrc_height"], v["rrc_width"])
@@ -192,7 +192,7 @@ def gaussian_blur(x, on, sigma, radius):
     kernel = torch.exp(-0.5 * (offset / sigma) ** 2) * (offset.abs() <= radius(sigma))
     kernel = torch.where(per_sample(on, 2), kernel / kernel.sum(dim=1, keepdim=True),
                          (offset == 0).to(x.dtype))                                   # (B, 2R + 1)
-    kernel = kernel.repeat_interleave(C, dim=0)                      # one per channel: (B C, 2R + 1)
+    kernel = kernel.repeat_interleave(C, dim=0)                  # one per channel: (B C, 2R + 1)
     y = F.pad(x.reshape(1, B * C, H, W), (R, R, R, R), mode="reflect")
     y = F.conv2d(y, kernel.view(B * C, 1, 2 * R + 1, 1), groups=B * C)   # down the rows
     y = F.conv2d(y, kernel.view(B * C, 1, 1, 2 * R + 1), groups=B * C)   # along the columns
@@ -212,29 +212,23 @@ def grayscale(x, on):
 
 def normalize_image(img):
     """ImageNet normalization, the last visual step (SPEC 1), after the colour augmentations,
-    which are defined on [0, 1] colours. img (B, 3, H, W) in [0, 1]. (TF.normalize builds its
-    mean on the device from Python floats: a copy that waits for the GPU.)"""
-    stats = to_device(torch.tensor([IMAGENET_MEAN, IMAGENET_STD], dtype=img.dtype), img.device)
-    return (img - stats[0].view(1, 3, 1, 1)) / stats[1].view(1, 3, 1, 1)
-
-
-def unit_range(frames):
-    """Frames as the loader gives them, uint8 0-255 (a quarter of float32's bytes to move to
-    the device) or float in [0, 1] (mixed-up frames), -> float32 in [0, 1] on their device."""
-    return frames.float().div_(255.0) if frames.dtype == torch.uint8 else frames
+    which are defined on [0, 1] colours. img (B, 3, H, W) in [0, 1]. One channel at a time
+    with Python floats (TF.normalize copies its mean to the device, which waits for the GPU)."""
+    channels = [(img[:, c] - m) / s for c, (m, s) in enumerate(zip(IMAGENET_MEAN, IMAGENET_STD))]
+    return torch.stack(channels, dim=1)
 
 
 def augment_visual(img, generator):
     """img (B, 3, H, W) in [0, 1] -> (its augmented view, t (B, 18) on img.device)."""
-    t = to_device(sample_visual_params(img.shape[0], generator, img.shape[2], img.shape[3]),
-                  img.device)
+    t = sample_visual_params(img.shape[0], generator, img.shape[2], img.shape[3])
+    t = t.to(img.device, non_blocking=True)
     return apply_visual(img, t), t
 
 
 def augment_audio(spec, generator):
     """spec (B, T, F) -> (its augmented view, t (B, 24) on spec.device)."""
-    t = to_device(sample_audio_params(spec.shape[0], generator, spec.shape[1], spec.shape[2]),
-                  spec.device)
+    t = sample_audio_params(spec.shape[0], generator, spec.shape[1], spec.shape[2])
+    t = t.to(spec.device, non_blocking=True)
     return apply_audio(spec, t), t
 
 
@@ -354,23 +348,23 @@ def _coin(n, p, generator):
 # Identity vectors and small helpers
 # =============================================================================
 
-def visual_identity(n, device=None):
+def visual_identity(n):
     """(n, 18) "no augmentation" (SPEC 8): the crop is the whole plane, the jitter order is
     (0, 1/3, 2/3, 1), everything else 0. apply_visual returns its input unchanged."""
-    return _identity(n, VISUAL_SLOTS, ("rrc_on", "rrc_height", "rrc_width"), device)
+    return _identity(n, VISUAL_SLOTS, ("rrc_on", "rrc_height", "rrc_width"))
 
 
-def audio_identity(n, device=None):
+def audio_identity(n):
     """(n, 24) "no augmentation" (SPEC 8); apply_audio returns its input unchanged."""
-    return _identity(n, AUDIO_SLOTS, ("rrc_on", "rrc_time_len", "rrc_freq_width"), device)
+    return _identity(n, AUDIO_SLOTS, ("rrc_on", "rrc_time_len", "rrc_freq_width"))
 
 
-def _identity(n, slots, whole_plane, device):
-    t = torch.zeros(n, len(slots))                                # built on the CPU: no sync
+def _identity(n, slots, whole_plane):   # on the CPU, like every vector sampled here
+    t = torch.zeros(n, len(slots))
     t[:, [slots[name] for name in whole_plane]] = 1.0
     for r in range(4):
         t[:, slots[f"cj_order{r}"]] = r / 3.0
-    return t if device is None else to_device(t, torch.device(device))
+    return t
 
 
 def only(t, names):
@@ -384,8 +378,9 @@ def only(t, names):
 
 def read_slots(t, layout, device):
     """t (B, d_t) -> {slot name: (B,) column on `device`}: the slots by name, float32, and
-    the on/off slots (names ending in _on) as bools."""
-    columns = to_device(t, device).float().unbind(dim=1)
+    the on/off slots (names ending in _on) as bools. The training step hands t over already on
+    the device (utils.to_device_together); a CPU t is copied here."""
+    columns = t.to(device, torch.float32, non_blocking=True).unbind(dim=1)
     return {name: column > 0.5 if name.endswith("_on") else column
             for name, column in zip(layout, columns)}
 
@@ -447,30 +442,9 @@ def roll_time(spec, frames):
     return spec.gather(1, source.unsqueeze(2).expand(B, T, F))
 
 
-def to_device(x, device):
-    """A small CPU tensor -> device without waiting for queued GPU work (pinned on CUDA,
-    non-blocking); a tensor already there is returned as it is."""
-    return to_device_together([x], device)[0]
-
-
-def to_device_together(tensors, device):
-    """Small CPU tensors -> `device` in ONE copy: packed into one float32 buffer (exact for
-    the whole numbers in them, all below 2^24), pinned on CUDA so that the copy does not wait
-    for queued GPU work, and split there. Returns float32 views, each of its tensor's shape."""
-    device = torch.device(device)
-    if all(x.device == device for x in tensors):
-        return [x.float() for x in tensors]
-    flat = torch.cat([x.detach().reshape(-1).float().cpu() for x in tensors])
-    if device.type == "cuda":
-        flat = flat.pin_memory()
-    flat = flat.to(device, non_blocking=True)
-    parts = flat.split([x.numel() for x in tensors])
-    return [part.view(x.shape) for part, x in zip(parts, tensors)]
-
-
 def _check(x, t, ndim, dim, what):
     if x.dim() != ndim or (ndim == 4 and x.shape[1] != 3):
-        raise ValueError(f"{what}: expected a {ndim}-D batch" + (" with 3 channels" if ndim == 4 else "")
-                         + f", got shape {tuple(x.shape)}")
+        channels = " with 3 channels" if ndim == 4 else ""
+        raise ValueError(f"{what}: expected a {ndim}-D batch{channels}, got shape {tuple(x.shape)}")
     if t.shape != (x.shape[0], dim):
         raise ValueError(f"{what}: expected t of shape ({x.shape[0]}, {dim}), got {tuple(t.shape)}")

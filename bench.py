@@ -284,7 +284,7 @@ class StepSetup:
         self.device = device
         self.net, self.criterion, self.optimizer, self.scaler = pretrain.build_model(
             self.cfg, self.mcfg, device)
-        self.model = pretrain.wrap(self.net, self.cfg, device, local_rank=0)
+        self.model = utils.wrap_model(self.net, device, 0, self.cfg.compile)
         self.gen = torch.Generator().manual_seed(seed)
         cpu_gen = torch.Generator().manual_seed(seed)
         c = self.mcfg

@@ -304,7 +304,7 @@ def load_frame(path, image_size=224):
 
     SPEC 1: RGB, short side resized to image_size (bicubic), centre crop. Frames stay uint8
     until they are on the training device (a quarter of float32's bytes to move), where
-    augment.unit_range scales them to [0, 1]; ImageNet normalization comes after the
+    unit_range scales them to [0, 1]; ImageNet normalization comes after the
     augmentations (augment.py).
     """
     img = _open_rgb(path)
@@ -316,6 +316,12 @@ def load_frame(path, image_size=224):
     arr = np.asarray(img)[top:top + image_size, left:left + image_size]  # (H, W, 3) uint8
     arr = np.array(arr)  # a copy: PIL's buffer is read-only
     return torch.from_numpy(arr).permute(2, 0, 1).contiguous()  # (3, H, W) uint8
+
+
+def unit_range(frames):
+    """Frames as the loader gives them, uint8 0-255 (a quarter of float32's bytes to move to
+    the device) or float in [0, 1] (mixed-up frames), -> float32 in [0, 1] on their device."""
+    return frames.float().div_(255.0) if frames.dtype == torch.uint8 else frames
 
 
 def box_in_crop(box, frame_size, image_size):

@@ -28,7 +28,6 @@ from typing import Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 import augment
@@ -177,9 +176,7 @@ def resolve_config(cfg):
             raise utils.UsageError(f"--{name} must be one of {choices}, got {getattr(cfg, name)!r}")
     if not toy and cfg.test is None:
         raise utils.UsageError("give --test with --train (evaluated after every epoch)")
-    for name in ("epochs", "batch_size", "eval_batch_size", "log_every"):
-        if getattr(cfg, name) < 1:
-            raise utils.UsageError(f"--{name} must be at least 1, got {getattr(cfg, name)}")
+    utils.require_at_least_one(cfg, "epochs", "batch_size", "eval_batch_size", "log_every")
     return cfg
 
 
@@ -314,10 +311,7 @@ def run(cfg, device, local_rank=0):
             "num_classes": num_classes, "multilabel": multilabel,
             "linear_probe": cfg.linear_probe, "config": dataclasses.asdict(cfg)}
     start_epoch, step, best, history = resume(cfg.run_dir, meta, net, optimizer, scaler)
-    model = net
-    if world > 1:
-        model = DistributedDataParallel(net, device_ids=[local_rank] if device.type == "cuda" else None,
-                                        broadcast_buffers=False)   # the one buffer is constant
+    model = utils.wrap_model(net, device, local_rank)
     bad_data = data.BadDataPolicy(cfg.max_bad_fraction) if cfg.skip_bad else None
     if start_epoch == 0:
         logger.log({"type": "config", "world_size": world, "num_classes": num_classes,
@@ -531,7 +525,7 @@ def _inputs(batch, mode, device):
     x_a = batch["audio"].to(device, non_blocking=True) if mode != "visual" else None
     x_v = None
     if mode != "audio":  # ImageNet normalisation last (SPEC 1)
-        x_v = augment.normalize_image(augment.unit_range(batch["frame"].to(device, non_blocking=True)))
+        x_v = augment.normalize_image(data.unit_range(batch["frame"].to(device, non_blocking=True)))
     return x_a, x_v
 
 

@@ -216,7 +216,7 @@ def evaluate_localization(model, dataset, entries, T_a, T_v, device, method="occ
     maps, sounding, silent = [], [], []
     for batch in loader:
         maps.append(localization_maps(model, batch["audio"].to(device, non_blocking=True),
-                                      augment.unit_range(batch["frame"].to(device, non_blocking=True)),
+                                      data.unit_range(batch["frame"].to(device, non_blocking=True)),
                                       T_a, T_v, method, amp, chunk).cpu())
         for i in batch["index"].tolist():
             on, off = clip_boxes(entries[i], dataset.image_size,

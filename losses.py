@@ -178,10 +178,12 @@ class EquiAVLoss(nn.Module):
     @property
     def temperature(self):
         """tau: a float, or a 0-d tensor with grad when learnable."""
-        return _upcast(self.log_temperature).exp() if self.learnable_temperature else self.fixed_temperature
+        if self.learnable_temperature:
+            return _upcast(self.log_temperature).exp()
+        return self.fixed_temperature
 
     def extra_repr(self):
-        tau = self.log_temperature.exp().item() if self.learnable_temperature else self.fixed_temperature
+        tau = float(self.temperature)
         w = ", ".join(f"w_{n}={v:.4g}" for n, v in self.weights.items())
         return f"temperature={tau:.4g}, learnable={self.learnable_temperature}, {w}"
 

@@ -44,9 +44,11 @@ class ModelConfig:
         p = self.patch_size
         for name in ("audio_length", "mel_bins", "image_size"):
             if getattr(self, name) % p:
-                raise ValueError(f"ModelConfig.{name}={getattr(self, name)} is not a multiple of patch_size={p}")
+                raise ValueError(f"ModelConfig.{name}={getattr(self, name)} is not a multiple "
+                                 f"of patch_size={p}")
         if self.embed_dim % self.num_heads or self.embed_dim % 4:
-            raise ValueError(f"embed_dim={self.embed_dim} must be divisible by num_heads={self.num_heads} "
+            raise ValueError(f"embed_dim={self.embed_dim} must be divisible by "
+                             f"num_heads={self.num_heads} "
                              "and by 4 (the 2-D sin-cos position embedding)")
         if not 0.0 <= self.drop_path < 1.0:
             raise ValueError(f"drop_path={self.drop_path} must be in [0, 1)")
@@ -218,7 +220,8 @@ class ViTEncoder(nn.Module):
         if x.ndim == 3:
             x = x.transpose(1, 2).unsqueeze(1)  # (B, T, F) -> (B, 1, F, T): rows freq, cols time
         if tuple(x.shape[-2:]) != self.image_hw:
-            raise ValueError(f"encoder expects inputs laid out as (B, C, {self.image_hw[0]}, {self.image_hw[1]}) "
+            rows, cols = self.image_hw
+            raise ValueError(f"encoder expects inputs laid out as (B, C, {rows}, {cols}) "
                              f"(audio: (B, T, F) with F = rows), got {tuple(x.shape)}")
         x = self.patch_embed(x) + self.pos_embed + self.modality_embed  # (B, N, D)
         for block in self.blocks:
@@ -238,7 +241,9 @@ class AugEncoder(nn.Module):
 
     def __init__(self, d_t: int, hidden: int):
         super().__init__()
-        self.fc1, self.fc2, self.fc3 = nn.Linear(d_t, hidden), nn.Linear(hidden, hidden), nn.Linear(hidden, hidden)
+        self.fc1 = nn.Linear(d_t, hidden)
+        self.fc2 = nn.Linear(hidden, hidden)
+        self.fc3 = nn.Linear(hidden, hidden)
         self.act = QuickGELU()
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
@@ -279,7 +284,7 @@ class TransformationPredictor(nn.Module):
         k = self.to_k(h).view(B, N, H, -1).transpose(1, 2)       # (B, H, N, hd)
         v = self.to_v(h).view(B, N, H, -1).transpose(1, 2)       # (B, H, N, hd)
         mask = None if keep is None else keep[:, None, None, :]  # (B, 1, 1, N), True = attend
-        a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)   # (B, H, S, hd), softmax over N
+        a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)   # (B, H, S, hd): over N
         a = self.to_out(a.transpose(1, 2).reshape(B, S, -1))     # (B, S, D)
         y = mean_tokens(h, keep) + a                             # mean_N(h) broadcast to S rows
         return y + self.mlp(self.norm(y))
@@ -352,8 +357,10 @@ class EquiAV(nn.Module):
         self.audio_encoder = ViTEncoder(cfg, 1, cfg.audio_grid)
         self.visual_encoder = ViTEncoder(cfg, 3, cfg.visual_grid)
         needs_predictor = equivariant or inter_target in ("centroid", "equivariant")
-        self.predictor_a = TransformationPredictor(cfg, cfg.audio_aug_dim) if needs_predictor else None
-        self.predictor_v = TransformationPredictor(cfg, cfg.visual_aug_dim) if needs_predictor else None
+        self.predictor_a = self.predictor_v = None
+        if needs_predictor:
+            self.predictor_a = TransformationPredictor(cfg, cfg.audio_aug_dim)
+            self.predictor_v = TransformationPredictor(cfg, cfg.visual_aug_dim)
         self.proj_intra_a, self.proj_intra_v = ProjectionHead(cfg), ProjectionHead(cfg)
         self.proj_inter_a, self.proj_inter_v = ProjectionHead(cfg), ProjectionHead(cfg)
 
@@ -362,12 +369,15 @@ class EquiAV(nn.Module):
         ImageNet-normalized; t_a (B, 24), t_v (B, 18) the applied augmentations;
         T_a (B, S, 24), T_v (B, S, 18) sampled centroid vectors. t_m may be None
         when nothing uses it, T_m when inter_target is not "centroid"."""
-        h_a, h_a_aug = self.audio_encoder(x_a), self.audio_encoder(x_a_aug, aug=True)   # (B, N_a, D)
-        h_v, h_v_aug = self.visual_encoder(x_v), self.visual_encoder(x_v_aug, aug=True)  # (B, N_v, D)
+        h_a = self.audio_encoder(x_a)                      # (B, N_a, D), ends in norm_a
+        h_a_aug = self.audio_encoder(x_a_aug, aug=True)    # (B, N_a, D), ends in norm_a_aug
+        h_v, h_v_aug = self.visual_encoder(x_v), self.visual_encoder(x_v_aug, aug=True)
         z_inter_a = self.proj_inter_a(self.inter_input(self.predictor_a, h_a, h_a_aug, t_a, T_a))
         z_inter_v = self.proj_inter_v(self.inter_input(self.predictor_v, h_v, h_v_aug, t_v, T_v))
-        z_equi_a = self.proj_intra_a(self.predictor_a(h_a, t_a) if self.equivariant else h_a.mean(dim=1))
-        z_equi_v = self.proj_intra_v(self.predictor_v(h_v, t_v) if self.equivariant else h_v.mean(dim=1))
+        z_equi_a = self.proj_intra_a(self.predictor_a(h_a, t_a) if self.equivariant
+                                     else h_a.mean(dim=1))          # invariant ablation: mean_N
+        z_equi_v = self.proj_intra_v(self.predictor_v(h_v, t_v) if self.equivariant
+                                     else h_v.mean(dim=1))
         z_aug_a = self.proj_intra_a(h_a_aug.mean(dim=1))
         z_aug_v = self.proj_intra_v(h_v_aug.mean(dim=1))
         return EquiAVOutput(z_inter_a, z_inter_v, z_equi_a, z_equi_v, z_aug_a, z_aug_v)

@@ -18,7 +18,6 @@ import time
 from typing import Optional
 
 import torch
-from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 import augment
@@ -28,12 +27,13 @@ import retrieval
 import toy
 import utils
 from losses import EquiAVLoss
-from model import INTER_TARGETS, EquiAV, get_config
+from model import INTER_TARGETS, EquiAV, ModelConfig, get_config
 from utils import option
 
 # The recipe's values for the options left at None, by profile. `paper` is SPEC 12 (AudioSet-2M,
-# 8 GPUs x 16; AdamW betas, weight decay and final lr are utils.TrainConfig's defaults); `toy`
-# makes `python pretrain.py` visibly learn on 2 CPU cores in minutes.
+# 8 GPUs x 16); its AdamW betas (0.9, 0.95), weight decay 1e-5 and final lr 1e-6 are the
+# paper's too, and utils.TrainConfig's defaults. `toy` makes `python pretrain.py` visibly
+# learn on 2 CPU cores in minutes.
 PROFILES = {
     "paper": dict(preset="base", epochs=20, batch_size=16, lr=1e-4, warmup_epochs=2.0,
                   warmup_start_lr=2e-7, clip_grad=0.01, run_dir="runs/pretrain"),
@@ -53,8 +53,10 @@ class PretrainConfig(utils.TrainConfig):
                                             "none -> the toy retrieval split on toy data")
     preset: Optional[str] = option(None, "model size: base = ViT-B/16 (paper), tiny (toy)")
     model_overrides: Optional[str] = option(None, "ModelConfig changes, e.g. depth=2,embed_dim=96")
-    inter_target: Optional[str] = option(None, "what g_inter embeds: centroid (SPEC 6), original, "
-                                               "augmented or equivariant (ablations; model.EquiAV)")
+    inter_target: Optional[str] = option(None, "what g_inter embeds: centroid = the mean of S "
+                                               "predictions (SPEC 6); original / augmented = the "
+                                               "mean token of the original / augmented input; "
+                                               "equivariant = the prediction of the applied t")
     centroid: bool = option(True, "false: the same as --inter_target original")
     equivariant: bool = option(True, "false: invariant intra-modal loss (ablation)")
     S: int = option(16, "sampled augmentation vectors per centroid (SPEC 6)")
@@ -69,14 +71,13 @@ class PretrainConfig(utils.TrainConfig):
     w_a: Optional[float] = option(None, "audio intra-modal weight; none -> --w_intra")
     w_v: Optional[float] = option(None, "visual intra-modal weight; none -> --w_intra")
     time_roll: bool = option(True, "random time shift of the originals (SPEC 12 input noise)")
-    compile: Optional[bool] = option(None, "torch.compile the model; none -> on CUDA yes, on "
-                                           "the CPU no (see the README for when to opt out)")
+    compile: Optional[bool] = option(None, "torch.compile; none -> on CUDA yes, on the CPU no")
     cpu_threads: Optional[int] = option(None, "torch threads per process on CPU; 0 -> the cores "
-                                              "the loader workers leave (oversubscribed cores are "
-                                              "several times slower); none -> torch's default")
+                                              "the loader workers leave; none -> torch's own")
 
 
-LOG_KEYS = ("loss", "inter", "intra_a", "intra_v", "acc_a2v", "acc_v2a", "acc_intra_a", "acc_intra_v")
+LOG_KEYS = ("loss", "inter", "intra_a", "intra_v",
+            "acc_a2v", "acc_v2a", "acc_intra_a", "acc_intra_v")
 
 
 # =============================================================================
@@ -87,30 +88,31 @@ def main(cfg):
     """Pretrain EquiAV with config `cfg` (resolved here); returns the last epoch's summary."""
     cfg = resolve_config(cfg)
     utils.require_files(cfg, "data", "eval_data", "init_mae", "init_official", "init_from")
-    model_config(cfg)   # a wrong --preset / --model_overrides fails here, before any work
+    mcfg = model_config(cfg)   # a wrong --preset / --model_overrides fails before any work
     _, world, local_rank, device = utils.init_distributed(cfg.device)
     try:
         with utils.cpu_threads(device, cfg.cpu_threads, cfg.num_workers, world):
-            return run(cfg, device, local_rank)
+            return run(cfg, mcfg, device, local_rank)
     finally:
         utils.cleanup_distributed()
 
 
-def run(cfg, device, local_rank=0):
+def run(cfg, mcfg, device, local_rank=0):
     t_start, world = time.time(), utils.get_world_size()
     if device.type == "cuda":
         torch.set_float32_matmul_precision("high")   # TF32 for the matmuls autocast leaves fp32
-    utils.print_config(f"EquiAV pretraining: {world} process(es) on {device}"
-                       + (f" ({torch.get_num_threads()} threads each)" if device.type == "cpu" else "")
-                       + f"; resolved config (profile {cfg.profile!r}):", cfg)
-    mcfg = model_config(cfg)
+    threads = torch.get_num_threads()
+    utils.print_config(f"EquiAV pretraining: {world} process(es) on {device} ({threads} CPU "
+                       f"threads each); resolved config (profile {cfg.profile!r}):", cfg)
     train_loader, eval_loader, norm_stats = build_data(cfg, mcfg, device)
     net, criterion, optimizer, scaler = build_model(cfg, mcfg, device)
     ckpt_path = os.path.join(cfg.run_dir, "checkpoint.pt")
     logger = utils.JsonLogger(os.path.join(cfg.run_dir, "log.jsonl"))
     start_epoch, step = convert.resume_or_init(ckpt_path, cfg, mcfg, net, criterion, optimizer,
                                                scaler)
-    model = wrap(net, cfg, device, local_rank)
+    # Only a zero loss weight leaves modules without gradient: only then must DDP look for them.
+    model = utils.wrap_model(net, device, local_rank, cfg.compile,
+                             find_unused_parameters=min(cfg.w_inter, cfg.w_a, cfg.w_v) == 0)
     bad_data = data.BadDataPolicy(cfg.max_bad_fraction) if cfg.skip_bad else None
     logger.log({"type": "config", "world_size": world, "model_config": dataclasses.asdict(mcfg),
                 **dataclasses.asdict(cfg)} if start_epoch == 0 else
@@ -142,7 +144,8 @@ def run(cfg, device, local_rank=0):
             save_checkpoint(ckpt_path, cfg, mcfg, net, criterion, optimizer, scaler, step,
                             epoch + 1, norm_stats)
         utils.barrier(utils.RANK0_WORK_TIMEOUT_S)   # a base checkpoint is ~2.4 GB to write
-    utils.print0(f"done: {cfg.epochs} epochs, step {step}, {time.time() - t_start:.0f} s; checkpoint {ckpt_path}")
+    utils.print0(f"done: {cfg.epochs} epochs, step {step}, {time.time() - t_start:.0f} s; "
+                 f"checkpoint {ckpt_path}")
     return summary
 
 
@@ -156,17 +159,16 @@ def prepare_inputs(batch, gen, mcfg, S, device, time_roll=True):
     in one pinned copy, so no step waits for the GPU."""
     B, T, F = batch["audio"].shape
     H = W = mcfg.image_size
-    roll = augment.sample_time_roll(B, T, gen) if time_roll else None   # (B,) frames
+    roll = augment.sample_time_roll(B, T, gen) if time_roll else torch.zeros(B)   # (B,) frames
     t_a = augment.sample_audio_params(B, gen, T, F)                     # (B, 24) applied
     t_v = augment.sample_visual_params(B, gen, H, W)                    # (B, 18) applied
     T_a = augment.sample_audio_vectors(B, S, gen, T, F)                 # (B, S, 24) centroid
     T_v = augment.sample_visual_vectors(B, S, gen, H, W)                # (B, S, 18) centroid
-    draws = [t_a, t_v, T_a, T_v] + ([roll] if time_roll else [])
-    t_a, t_v, T_a, T_v, *roll = augment.to_device_together(draws, device)
-    x_a = batch["audio"].to(device, non_blocking=True)                  # (B, T, F) normalized fbank
-    x_v = augment.unit_range(batch["frame"].to(device, non_blocking=True))   # uint8 -> [0, 1]
+    roll, t_a, t_v, T_a, T_v = utils.to_device_together([roll, t_a, t_v, T_a, T_v], device)
+    x_a = batch["audio"].to(device, non_blocking=True)                  # (B, T, F) normalized
+    x_v = data.unit_range(batch["frame"].to(device, non_blocking=True))   # uint8 -> [0, 1]
     if time_roll:
-        x_a = augment.roll_time(x_a, roll[0])   # the original's input noise (SPEC 12) ...
+        x_a = augment.roll_time(x_a, roll)      # the original's input noise (SPEC 12) ...
     x_a_aug = augment.apply_audio(x_a, t_a)     # ... and the view is made of the rolled original
     x_v_aug = augment.apply_visual(x_v, t_v)
     return (x_a, augment.normalize_image(x_v), x_a_aug, augment.normalize_image(x_v_aug),
@@ -212,7 +214,8 @@ def train_one_epoch(model, criterion, optimizer, scaler, loader, epoch, step, cf
         if batch is not None:
             lr = utils.set_lr(optimizer, step, total_steps, warmup_steps, cfg)
             terms = train_step(model, criterion, optimizer, scaler, batch, gen, cfg, mcfg, device)
-            step, done, seen = step + 1, done + 1, seen + batch["index"].numel() * utils.get_world_size()
+            step, done = step + 1, done + 1
+            seen += batch["index"].numel() * utils.get_world_size()
             window.append(torch.stack([terms[k].detach().float() for k in LOG_KEYS]))
         if window and ((i + 1) % cfg.log_every == 0 or i + 1 == len(loader)):
             rows = utils.mean_over_ranks(torch.stack(window)).tolist()   # the sync
@@ -261,34 +264,31 @@ def save_checkpoint(path, cfg, mcfg, net, criterion, optimizer, scaler, step, ep
 
 def resolve_config(cfg):
     """Fill the None fields from the profile and check the rest; returns a new config."""
-    cfg = utils.apply_profile(cfg, PROFILES, cfg.profile or ("toy" if cfg.data is None else "paper"))
+    profile = cfg.profile or ("toy" if cfg.data is None else "paper")
+    cfg = utils.apply_profile(cfg, PROFILES, profile)
     cfg = dataclasses.replace(cfg, w_a=cfg.w_intra if cfg.w_a is None else cfg.w_a,
                               w_v=cfg.w_intra if cfg.w_v is None else cfg.w_v)
     target = cfg.inter_target or ("centroid" if cfg.centroid else "original")
     if target not in INTER_TARGETS or (not cfg.centroid and target != "original"):
-        raise utils.UsageError(f"--inter_target must be one of {INTER_TARGETS} (original with "
-                         f"--centroid false), got {target!r}")
+        raise utils.UsageError(f"--inter_target must be one of {INTER_TARGETS} (original "
+                               f"with --centroid false), got {target!r}")
     cfg = dataclasses.replace(cfg, inter_target=target, centroid=target == "centroid")
     if cfg.compile is None:   # an eager step is host-bound on a GPU at the paper's batch (README)
-        on_cuda = (cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
-        cfg = dataclasses.replace(cfg, compile=on_cuda)
+        device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        cfg = dataclasses.replace(cfg, compile=device.startswith("cuda"))
     if sum(bool(x) for x in (cfg.init_mae, cfg.init_official, cfg.init_from)) > 1:
         raise utils.UsageError("give at most one of --init_mae, --init_official and --init_from")
-    for name in (n for n in ("epochs", "batch_size", "S", "log_every", "eval_batch_size")
-                 if getattr(cfg, n) < 1):
-        raise utils.UsageError(f"--{name} must be at least 1, got {getattr(cfg, name)}")
+    utils.require_at_least_one(cfg, "epochs", "batch_size", "S", "log_every", "eval_batch_size")
     if min(cfg.w_inter, cfg.w_a, cfg.w_v) < 0 or cfg.w_inter + cfg.w_a + cfg.w_v == 0:
         raise utils.UsageError("loss weights must be >= 0 and not all zero")
     return cfg
 
 
 def model_config(cfg):
-    """--preset with --model_overrides applied."""
+    """--preset with --model_overrides applied; a wrong one is a UsageError."""
+    overrides = utils.parse_overrides(cfg.model_overrides, ModelConfig())   # names and types
     try:
-        base = get_config(cfg.preset)
-        return get_config(cfg.preset, **utils.parse_overrides(cfg.model_overrides, base))
-    except utils.UsageError:
-        raise
+        return get_config(cfg.preset, **overrides)
     except ValueError as err:   # an unknown preset, or sizes that do not fit together
         raise utils.UsageError(f"--preset / --model_overrides: {err}") from None
 
@@ -311,8 +311,9 @@ def build_data(cfg, mcfg, device):
 
     train_loader = loader(train_manifest, True, cfg.batch_size)
     eval_loader = loader(eval_manifest, False, cfg.eval_batch_size) if eval_manifest else None
-    utils.print0(f"data: {len(train_loader.dataset)} training clips ({train_manifest}), {len(train_loader)}"
-                 f" steps/epoch of {cfg.batch_size} x {utils.get_world_size()}; retrieval on "
+    utils.print0(f"data: {len(train_loader.dataset)} training clips ({train_manifest}), "
+                 f"{len(train_loader)} steps/epoch of {cfg.batch_size} x {utils.get_world_size()}; "
+                 f"retrieval on "
                  f"{eval_manifest or 'nothing (no --eval_data)'}; fbank mean/std {[mean, std]}")
     return train_loader, eval_loader, [mean, std]
 
@@ -329,22 +330,10 @@ def build_model(cfg, mcfg, device):
                                   weight_decay=cfg.weight_decay,
                                   fused=device.type == "cuda")   # one kernel; no scaler sync
     scaler = utils.make_grad_scaler(device, cfg.amp)
-    utils.print0(f"model: preset {cfg.preset!r} ({sum(p.numel() for p in net.parameters()) / 1e6:.2f}M"
-                 f" parameters), inter_target={cfg.inter_target}, equivariant={cfg.equivariant}")
+    millions = sum(p.numel() for p in net.parameters()) / 1e6
+    utils.print0(f"model: preset {cfg.preset!r} ({millions:.2f}M parameters), "
+                 f"inter_target={cfg.inter_target}, equivariant={cfg.equivariant}")
     return net, criterion, optimizer, scaler
-
-
-def wrap(net, cfg, device, local_rank):
-    """DDP under torchrun, then torch.compile if asked; `net` itself stays what is saved.
-    Only a zero loss weight leaves modules without gradient, so only then does DDP look
-    for unused parameters; the one buffer (position embeddings) is constant."""
-    model = net
-    if utils.get_world_size() > 1:
-        model = DistributedDataParallel(
-            net, device_ids=[local_rank] if device.type == "cuda" else None, broadcast_buffers=False,
-            find_unused_parameters=min(cfg.w_inter, cfg.w_a, cfg.w_v) == 0)
-        utils.print0(f"DDP: find_unused_parameters={model.find_unused_parameters}")
-    return torch.compile(model) if cfg.compile else model
 
 
 if __name__ == "__main__":

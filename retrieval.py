@@ -190,11 +190,11 @@ def extract_embeddings(model, loader, device, S=16, seed=0, amp=False, view=None
     was_training = model.training
     model.eval()
     vectors = centroid_vectors(model.cfg, S, seed, model.inter_target)
-    T_a, T_v = augment.to_device_together(vectors, device)
+    T_a, T_v = utils.to_device_together(vectors, device)
     indices, zs_a, zs_v = [], [], []
     for batch in loader:
         x_a = batch["audio"].to(device, non_blocking=True)
-        x_v = augment.unit_range(batch["frame"].to(device, non_blocking=True))
+        x_v = data.unit_range(batch["frame"].to(device, non_blocking=True))
         if view is not None:
             t = view[1][batch["index"].long()]
             x_a = augment.apply_audio(x_a, t) if view[0] == "a" else x_a
@@ -315,7 +315,7 @@ def intra_embeddings(model, m, x, x_aug, t):
     proj_intra = model.proj_intra_a if m == "a" else model.proj_intra_v
     h, h_aug = encoder(x), encoder(x_aug, aug=True)
     if model.equivariant:
-        both = augment.to_device(torch.stack([t, identity(t.shape[0])], dim=1), h.device)
+        both = utils.to_device(torch.stack([t, identity(t.shape[0])], dim=1), h.device)
         z_equi, z_id = proj_intra(predictor.predict_each(h, both.to(h.dtype))).unbind(dim=1)
     else:
         z_equi = z_id = proj_intra(h.mean(dim=1))
@@ -349,7 +349,7 @@ def equivariance_metrics(model, loader, device, seed=0, amp=False, lam=1.0):
     for batch in loader:
         index = batch["index"].long()
         x = {"a": batch["audio"].to(device, non_blocking=True),
-             "v": augment.unit_range(batch["frame"].to(device, non_blocking=True))}
+             "v": data.unit_range(batch["frame"].to(device, non_blocking=True))}
         x_aug = {"a": augment.apply_audio(x["a"], t_all["a"][index]),
                  "v": augment.normalize_image(augment.apply_visual(x["v"], t_all["v"][index]))}
         x["v"] = augment.normalize_image(x["v"])
@@ -460,7 +460,7 @@ def _localize(model, dataset, dataset_of, cfg, device):
     """Scores on the manifest (when it has boxes) and on the distractor split, and
     figure3.png; returns what goes under "localization" in retrieval.json."""
     vectors = centroid_vectors(model.cfg, cfg.S, cfg.seed, model.inter_target)
-    T_a, T_v = augment.to_device_together(vectors, device)
+    T_a, T_v = utils.to_device_together(vectors, device)
     kw = dict(method=cfg.map, batch_size=cfg.batch_size, num_workers=cfg.num_workers,
               amp=cfg.amp, chunk=cfg.occlusion_chunk)
     out = {"method": cfg.map}
@@ -501,7 +501,7 @@ def _figure_clip(dataset, entries, i, prefix):
     item = dataset[i]
     boxes = (localize.clip_boxes(entries[i], dataset.image_size, dataset.frame_file(i, data.EVAL_FRAME))[0]
              if localize.has_boxes(entries) else [])
-    return item["audio"], augment.unit_range(item["frame"]), boxes, f"{prefix}#{i} {entries[i].get('labels', '')}"[:40]
+    return item["audio"], data.unit_range(item["frame"]), boxes, f"{prefix}#{i} {entries[i].get('labels', '')}"[:40]
 
 
 def _distractor_manifests(cfg):

@@ -21,6 +21,7 @@ from typing import Optional
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 
 
 class UsageError(ValueError):
@@ -181,6 +182,25 @@ def parse_overrides(text, base):
     return out
 
 
+def wrap_model(net, device, local_rank, compile=False, find_unused_parameters=False):
+    """DDP under torchrun, then torch.compile if asked; `net` itself stays what is saved.
+    No buffer broadcast: the one buffer (the position embeddings) is constant."""
+    model = net
+    if get_world_size() > 1:
+        model = DistributedDataParallel(
+            net, device_ids=[local_rank] if device.type == "cuda" else None,
+            broadcast_buffers=False, find_unused_parameters=find_unused_parameters)
+        print0(f"DDP: find_unused_parameters={model.find_unused_parameters}")
+    return torch.compile(model) if compile else model
+
+
+def require_at_least_one(cfg, *names):
+    """A UsageError naming the first of the config fields `names` that is below 1."""
+    for name in names:
+        if getattr(cfg, name) < 1:
+            raise UsageError(f"--{name} must be at least 1, got {getattr(cfg, name)}")
+
+
 def require_files(cfg, *names):
     """Fail with a UsageError naming the option when a file given on the command line (the
     config fields `names`; None means not given) does not exist, before anything reads it."""
@@ -297,7 +317,8 @@ def init_distributed(device=None):
 @contextlib.contextmanager
 def cpu_threads(device, threads, num_workers, world):
     """On the CPU, run with `threads` torch threads per process (0: the cores left after
-    the loader workers, at least 1; None: torch's default), then restore the old count
+    the loader workers, at least 1, since oversubscribed cores run several times slower;
+    None: torch's default), then restore the old count
     (main() may be called in-process: tests, notebooks)."""
     before = torch.get_num_threads()
     if device.type == "cpu" and threads is not None:
@@ -365,6 +386,28 @@ def gather_in_dataset_order(index, *tensors):
     keep = torch.ones_like(index, dtype=torch.bool)
     keep[1:] = index[1:] != index[:-1]
     return (index[keep],) + tuple(t[order][keep] for t in tensors)
+
+
+def to_device(x, device):
+    """A small CPU tensor -> device without waiting for queued GPU work (pinned on CUDA,
+    non-blocking); a tensor already there is returned as it is."""
+    return to_device_together([x], device)[0]
+
+
+def to_device_together(tensors, device):
+    """Small CPU tensors -> `device` in ONE copy: packed into one float32 buffer (exact for
+    the whole numbers in them, all below 2^24), pinned on CUDA so that the copy does not wait
+    for queued GPU work, and split there. Returns float32 views, each of its tensor's shape."""
+    device = torch.device(device)
+    if all(x.device == device for x in tensors):
+        return [x.float() for x in tensors]
+    flat = torch.cat([x.detach().reshape(-1).float().cpu() for x in tensors])
+    if device.type == "cuda":
+        flat = flat.pin_memory()
+    flat = flat.to(device, non_blocking=True)
+    parts = flat.split([x.numel() for x in tensors])
+    return [part.view(x.shape) for part, x in zip(parts, tensors)]
+
 
 
 # ---------------------------------------------------------------------------

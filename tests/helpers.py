@@ -48,7 +48,7 @@ class BlockingTransfers:
     Reading a device tensor on the host (.item(), .tolist(), bool()) fails on meta
     by itself. Use: `with BlockingTransfers() as rec: ...; assert rec.found == []`.
     (Whether the CPU side is pinned, which CUDA needs for a truly asynchronous
-    copy, cannot be seen on meta: augment.to_device pins before every copy.)"""
+    copy, cannot be seen on meta: utils.to_device pins before every copy.)"""
 
     def __init__(self):
         self.found = []

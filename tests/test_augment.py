@@ -11,6 +11,7 @@ import torch
 from torchvision.transforms.v2 import functional as TF
 
 import augment as A
+import utils
 from helpers import BlockingTransfers
 from augment import AUDIO_SLOTS as AS
 from augment import VISUAL_SLOTS as VS
@@ -572,10 +573,10 @@ def test_cuda_matches_cpu():
     torch.testing.assert_close(out.cpu(), A.apply_audio(spec, t.cpu()), rtol=0, atol=5e-2)
     torch.testing.assert_close(A.apply_audio(spec.double().cuda(), t).cpu(),
                                A.apply_audio(spec.double(), t.cpu()), rtol=0, atol=1e-6)
-    assert torch.equal(A.apply_visual(img.cuda(), A.visual_identity(16, "cuda")).cpu(), img)
-    assert torch.equal(A.apply_audio(spec.cuda(), A.audio_identity(16, "cuda")).cpu(), spec)
+    assert torch.equal(A.apply_visual(img.cuda(), A.visual_identity(16).cuda()).cpu(), img)
+    assert torch.equal(A.apply_audio(spec.cuda(), A.audio_identity(16).cuda()).cpu(), spec)
     shift = A.sample_time_roll(16, 128, gen(21))
-    rolled = A.roll_time(spec.cuda(), A.to_device(shift, torch.device("cuda")))
+    rolled = A.roll_time(spec.cuda(), utils.to_device(shift, torch.device("cuda")))
     assert torch.equal(rolled.cpu(), A.roll_time(spec, shift))
 
 
@@ -606,7 +607,7 @@ def test_blocking_transfer_recorder_sees_each_kind():
             blocking()
         assert rec.found, blocking
     with BlockingTransfers() as rec:
-        A.to_device(torch.ones(3), torch.device("meta"))
+        utils.to_device(torch.ones(3), torch.device("meta"))
         x * torch.tensor(2.0)          # a 0-d CPU scalar is passed by value
     assert rec.found == []
 

@@ -21,7 +21,6 @@ from torchaudio.compliance import kaldi
 from torchvision import transforms
 
 import audio_io
-import augment
 import data
 import toy as toy_module
 
@@ -240,9 +239,9 @@ def test_real_manifest_frames_labels_and_eval_frame(real):
         ref5 = _reference_frame(data.frame_path(str(root / "frames"), vid, data.EVAL_FRAME), 24)
         ref4 = _reference_frame(data.frame_path(str(root / "frames"), vid, 4), 24)
         assert item["frame"].shape == (3, 24, 24)
-        assert item["frame"].dtype == torch.uint8   # scaled on the training device (augment.unit_range)
-        torch.testing.assert_close(augment.unit_range(item["frame"]), ref5, atol=1e-6, rtol=0, msg=f"clip {vid}")
-        assert (augment.unit_range(item["frame"]) - ref4).abs().max() > 0.05  # it is frame 5, not a neighbour
+        assert item["frame"].dtype == torch.uint8   # scaled on the training device (data.unit_range)
+        torch.testing.assert_close(data.unit_range(item["frame"]), ref5, atol=1e-6, rtol=0, msg=f"clip {vid}")
+        assert (data.unit_range(item["frame"]) - ref4).abs().max() > 0.05  # it is frame 5, not a neighbour
         assert item["index"] == i
     labels = torch.stack([ds[i]["label"] for i in range(len(ds))])
     expected = torch.tensor([[1, 0, 0, 0], [1, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1], [0, 1, 0, 0],
@@ -261,7 +260,7 @@ def test_training_frames_are_random_but_reproducible(real):
     picked = []
     for epoch in range(8):
         key = data.SampleKey(0, epoch, seed=5)
-        a, b = (augment.unit_range(ds[key]["frame"]) for _ in range(2))
+        a, b = (data.unit_range(ds[key]["frame"]) for _ in range(2))
         assert torch.equal(a, b)
         matches = [k for k in range(10) if torch.allclose(a, refs[k], atol=1e-6)]
         assert len(matches) == 1
@@ -322,7 +321,7 @@ def test_box_in_crop_follows_the_resize_and_crop(tmp_path):
     box_px = (100, 30, 118, 50)  # x0, y0, x1, y1 near the right edge of the centre square
     arr[box_px[1]:box_px[3], box_px[0]:box_px[2]] = 255
     Image.fromarray(arr).save(tmp_path / "f.png")
-    frame = augment.unit_range(data.load_frame(tmp_path / "f.png", size))
+    frame = data.unit_range(data.load_frame(tmp_path / "f.png", size))
     box = data.box_in_crop([box_px[0] / w, box_px[1] / h, box_px[2] / w, box_px[3] / h], (w, h),
                            size)
     x0, y0, x1, y1 = [round(v * size) for v in box]
