@@ -1,8 +1,8 @@
-"""The paper's ablations at toy scale, rebuilt by one command.
+"""The paper's ablations at toy scale, rebuilt by one command, with error bars.
 
     python ablate.py                               # every row, seed 0 (about 80 min on 2 cores)
-    python ablate.py --rows default,invariant --seeds 2
-    python ablate.py --epochs 3                    # a quick look
+    python ablate.py --rows default,invariant --seeds 5
+    python ablate.py --quick                       # 1 epoch, 2 seeds, a tiny toy: a smoke run
 
 Rows (the switches of the paper's ablation tables, as read from the authors'
 poster; AudioSet zero-shot R@1, V->A / A->V):
@@ -19,6 +19,14 @@ parse_config and main, and printed first. The numbers come from what the scripts
 wrote: the last epoch of the run's log.jsonl (retrieval, and the equivariance
 measures of retrieval.equivariance_metrics) and the probe's results.json.
 
+Every finished run is then scored again on --score_data, a held-out split larger than the
+one pretraining evaluates on (the toy writes 3,000 more test clips by its own rules into
+data/toy_eval), in galleries of --gallery clips (300, the size of the toy's retrieval split,
+so that R@k means what it meant there), averaged over the galleries; the evaluation's own
+noise is a bootstrap over the clips of the first gallery. Per row: mean ± sd over seeds of
+a->v and v->a R@1 and R@10, and the paired difference to the default row on the same seeds
+with a 95 % t-interval, and whether that agrees with the paper's direction.
+
 Runs already finished under --out are reused (pretrain.py finds its checkpoint
 complete, a probe with a results.json is not run again), so a later call can add
 seeds or rows; the tables list every requested row and every seed found for it.
@@ -31,8 +39,15 @@ import math
 import os
 import shlex
 
+import torch
+
+import augment
+import convert
+import data
 import finetune
 import pretrain
+import retrieval
+import toy
 import utils
 from utils import option
 
@@ -48,6 +63,16 @@ class AblateConfig:
     pretrain_args: str = option("", "more pretrain.py options for every run, e.g. "
                                     "'--toy_root data/toy'")
     finetune_args: str = option("", "more finetune.py options for every probe")
+    score_data: str = option("auto", "held-out manifest every run is scored on at the end; auto "
+                                     "-> the toy's larger eval split (data/toy_eval, generated "
+                                     "if absent); none -> the runs' own last evaluation")
+    gallery: int = option(300, "clips per retrieval gallery when scoring on --score_data")
+    bootstrap: int = option(1000, "bootstrap resamples of the first gallery's clips")
+    quick: bool = option(False, "smoke run: 1 epoch, 2 seeds, default and invariant rows, a "
+                                "tiny toy and model under --out")
+    survival: bool = option(True, "measure what survives the views on the toy (see survival)")
+    vggss: str = option("", "VGG-SS's metadata/vggss.json: also measure how much of its boxes "
+                            "the visual crop keeps")
 
 
 # name -> (pretrain.py flags, what it is, the paper's R@1 V->A, A->V (None: not given))
@@ -101,6 +126,191 @@ def run_row(cfg, row, seed):
     return result
 
 
+# ---------------------------------------------------------------------------
+# Scoring the finished runs on a larger split, and the statistics over seeds
+# ---------------------------------------------------------------------------
+
+METRICS = ("a2v_R@1", "v2a_R@1", "a2v_R@10", "v2a_R@10")
+# Two-sided 95 % quantiles of Student's t for 1..10 degrees of freedom (then the normal's).
+T_975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228)
+
+
+def score_run(run_dir, manifest, gallery=300, bootstrap=1000, seed=0):
+    """R@1 / R@10 of a run's checkpoint on `manifest`, in consecutive galleries of `gallery`
+    clips (a remainder is dropped), averaged over the galleries; with the bootstrap sd of
+    each over the clips of the first gallery (the evaluation's own noise at that size)."""
+    model = convert.load_equiav(os.path.join(run_dir, "checkpoint.pt")).eval()
+    stats = convert.peek_checkpoint(os.path.join(run_dir, "checkpoint.pt"))["norm_stats"]
+    c = model.cfg
+    dataset = data.AudioVisualDataset(manifest, train=False, norm_mean=stats[0],
+                                      norm_std=stats[1], audio_length=c.audio_length,
+                                      mel_bins=c.mel_bins, image_size=c.image_size)
+    loader = data.make_loader(dataset, 64, train=False, num_workers=0, distributed=False)
+    z_a, z_v = retrieval.extract_embeddings(model, loader, torch.device("cpu"), seed=seed)
+    n = (len(dataset) // gallery) * gallery
+    if n == 0:
+        raise utils.UsageError(f"--score_data {manifest}: fewer clips than --gallery {gallery}")
+    hits = {}                                     # metric -> (n,) 0/1 per clip
+    for start in range(0, n, gallery):
+        a, v = z_a[start:start + gallery], z_v[start:start + gallery]
+        for name, (q, k) in (("a2v", (a, v)), ("v2a", (v, a))):
+            rank = retrieval.clip_ranks(q, k)
+            for r in (1, 10):
+                hits.setdefault(f"{name}_R@{r}", []).append((rank <= r).double())
+    hits = {key: torch.cat(parts) for key, parts in hits.items()}
+    g = torch.Generator().manual_seed(seed)
+    resample = torch.randint(0, gallery, (bootstrap, gallery), generator=g)
+    out = {"clips": n, "galleries": n // gallery}
+    for key, h in hits.items():
+        out[key] = 100.0 * h.mean().item()
+        out[f"{key}_boot_sd"] = 100.0 * h[:gallery][resample].mean(dim=1).std().item()
+    return out
+
+
+def _mean_sd(values):
+    m = sum(values) / len(values)
+    sd = math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
+    return m, sd
+
+
+def row_statistics(results, scores_key="score"):
+    """Per row: seeds, mean and sd of each metric, and (rows other than default) the paired
+    difference to default over the seeds both have, with its 95 % t-interval."""
+    by_row = {}
+    for r in results:
+        by_row.setdefault(r["row"], {})[r["seed"]] = r[scores_key]
+    stats = {}
+    for row, seeds in by_row.items():
+        entry = {"seeds": sorted(seeds)}
+        for key in METRICS:
+            entry[key] = _mean_sd([seeds[s][key] for s in sorted(seeds)])
+        base = by_row.get("default", {})
+        shared = sorted(set(seeds) & set(base))
+        if row != "default" and len(shared) >= 2:
+            for key in METRICS:
+                m, sd = _mean_sd([seeds[s][key] - base[s][key] for s in shared])
+                t = T_975[len(shared) - 2] if len(shared) - 1 <= len(T_975) else 1.96
+                half = t * sd / math.sqrt(len(shared))
+                entry[f"diff_{key}"] = {"n": len(shared), "mean": m, "sd": sd,
+                                        "ci95": (m - half, m + half)}
+        stats[row] = entry
+    return stats
+
+
+def verdict(row, entry):
+    """The toy against the paper's direction for R@1 (both directions pooled): the paper's
+    gap to the default row, and whether the 95 % interval of ours has its sign."""
+    paper = ROWS[row][2]
+    if row == "default" or "diff_a2v_R@1" not in entry:
+        return "–"
+    gaps = [p - d for p, d in zip(paper, ROWS["default"][2]) if p is not None]
+    sign = 1 if sum(gaps) > 0 else -1
+    lows = [entry[f"diff_{k}"]["ci95"][0] for k in ("a2v_R@1", "v2a_R@1")]
+    highs = [entry[f"diff_{k}"]["ci95"][1] for k in ("a2v_R@1", "v2a_R@1")]
+    if all((lo > 0 if sign > 0 else hi < 0) for lo, hi in zip(lows, highs)):
+        return "agrees"
+    if all((hi < 0 if sign > 0 else lo > 0) for lo, hi in zip(lows, highs)):
+        return "contradicts"
+    return "cannot tell"
+
+
+def statistics_table(stats):
+    """The markdown table of row_statistics: mean ± sd, paired difference [95 % CI]."""
+    head = ("| row | seeds | a→v R@1 | v→a R@1 | a→v R@10 | v→a R@10 | Δ a→v R@1 [95 % CI] | "
+            "Δ v→a R@1 [95 % CI] | paper R@1 V→A / A→V | toy vs paper |")
+    lines = [head, "|" + "---|" * 10]
+    for row, e in stats.items():
+        cells = [f"{e[k][0]:.1f} ± {e[k][1]:.1f}" for k in METRICS]
+        diffs = []
+        for k in ("a2v_R@1", "v2a_R@1"):
+            d = e.get(f"diff_{k}")
+            diffs.append("–" if d is None else
+                         f"{d['mean']:+.1f} [{d['ci95'][0]:+.1f}, {d['ci95'][1]:+.1f}]")
+        paper = ROWS[row][2]
+        lines.append(f"| {row} | {len(e['seeds'])} | " + " | ".join(cells + diffs)
+                     + f" | {_f(paper[0])} / {_f(paper[1])} | {verdict(row, e)} |")
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------
+# Why the augmented inter target fails here: what of the object survives a view
+# ---------------------------------------------------------------------------
+
+def crop_coverage(boxes, generator, size=96):
+    """Share of each box [x0, y0, x1, y1] (fractions of the model's square crop) inside one
+    visual resized crop drawn as training draws them (augment.sample_visual_params). (n,)"""
+    boxes = torch.as_tensor(boxes, dtype=torch.float64)
+    t = augment.sample_visual_params(len(boxes), generator, size, size).double()
+    crop = {k: t[:, augment.VISUAL_SLOTS[k]] for k in augment.VISUAL_GROUPS["crop"]}
+    x0 = torch.maximum(boxes[:, 0], crop["rrc_left"])
+    x1 = torch.minimum(boxes[:, 2], crop["rrc_left"] + crop["rrc_width"])
+    y0 = torch.maximum(boxes[:, 1], crop["rrc_top"])
+    y1 = torch.minimum(boxes[:, 3], crop["rrc_top"] + crop["rrc_height"])
+    inside = (x1 - x0).clamp(min=0) * (y1 - y0).clamp(min=0)
+    area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+    return inside / area.clamp(min=1e-12)
+
+
+def pulse_energy_kept(power, generator):
+    """Share of each clip's pulse energy inside one audio crop drawn as training draws it.
+    power (n, T, F): mel power (exp of the un-normalized log-mel); the pulses are what rises
+    above each bin's median over time (the stationary background). (n,)"""
+    n, T, F = power.shape
+    pulses = (power - power.median(dim=1, keepdim=True).values).clamp(min=0)
+    t = augment.sample_audio_params(n, generator, T, F)
+    kept = []
+    for b in range(n):
+        start, width = (round(float(t[b, augment.AUDIO_SLOTS[k]]) * size) for k, size in
+                        (("rrc_time_start", T), ("rrc_time_len", T)))
+        low, band = (round(float(t[b, augment.AUDIO_SLOTS[k]]) * size) for k, size in
+                     (("rrc_freq_start", F), ("rrc_freq_width", F)))
+        total = pulses[b].sum()
+        kept.append((pulses[b, start:start + width, low:low + band].sum() / total).item()
+                    if total > 0 else float("nan"))
+    return torch.tensor(kept)
+
+
+def survival(toy_root, seed=0, vggss=""):
+    """On the toy's training clips, with one view each as training samples it: how much of
+    the object's box the visual crop keeps, how much of the sound's pulse energy the audio
+    crop keeps, and the fixed-feature class accuracy under the views (toy.cue_check); with
+    --vggss, the same box coverage for VGG-SS's annotated boxes."""
+    paths = toy.toy_paths(toy_root)
+    entries = data.read_manifest(paths["train"])
+    g = torch.Generator().manual_seed(seed)
+    size = 96
+    boxes = [data.box_in_crop(e["boxes"][data.EVAL_FRAME][e["sounding"][0]], e["frame_size"],
+                              size) for e in entries]
+    cover = crop_coverage(boxes, g, size)
+    raw = data.AudioVisualDataset(paths["train"], train=False, norm_mean=0.0, norm_std=1.0,
+                                  audio_length=256, mel_bins=64, image_size=size)
+    power = torch.stack([raw[i]["audio"] for i in range(min(len(raw), 500))]).exp()
+    kept = pulse_energy_kept(power, g)
+    out = {"visual_box_kept_mean": cover.mean().item(),
+           "visual_box_kept_half_or_more": (cover >= 0.5).double().mean().item(),
+           "visual_box_lost": (cover == 0).double().mean().item(),
+           "audio_pulse_energy_kept_mean": kept.nanmean().item(),
+           "audio_pulse_energy_kept_half_or_more": (kept >= 0.5).double().mean().item(),
+           "cue_check": toy.cue_check(toy_root, seed=seed)}
+    if vggss:
+        with open(vggss) as f:
+            real = [box for clip in json.load(f) for box in clip["bbox"]]
+        real_cover = crop_coverage(real, g, 224)
+        out.update(vggss_boxes=len(real), vggss_box_kept_mean=real_cover.mean().item(),
+                   vggss_box_kept_half_or_more=(real_cover >= 0.5).double().mean().item(),
+                   vggss_box_lost=(real_cover == 0).double().mean().item())
+    return out
+
+
+def _pairs(record, digits):
+    """{name: number or dict} -> "name value, ..." on one line (nested dicts in brackets)."""
+    def show(v):
+        if isinstance(v, dict):
+            return "(" + _pairs(v, 1) + ")"
+        return _f(v, digits) if isinstance(v, float) else str(v)
+    return ", ".join(f"{k} {show(v)}" for k, v in record.items())
+
+
 def _f(value, digits=1):
     return "–" if value is None or (isinstance(value, float) and math.isnan(value)) \
         else f"{value:.{digits}f}"
@@ -134,7 +344,52 @@ def tables(results):
               "view's intra-modal embedding to t, per augmentation:\n\n" + "\n".join(r2) + "\n")
 
 
+def quick_config(cfg):
+    """--quick: 1 epoch, 2 seeds, default and invariant, a tiny toy and model under --out."""
+    root = os.path.join(cfg.out, "toy")
+    toy.ensure_toy_dataset(root, n_train=16, n_test=8, n_retrieval=8, n_train_multilabel=0,
+                           n_test_multilabel=0, n_distractor=0, num_workers=0)
+    small = ("embed_dim=64,depth=1,num_heads=2,aug_hidden=32,pred_heads=2,pred_head_dim=16,"
+             "proj_hidden=64,proj_dim=32")
+    common = f"--toy_root {root} --device cpu --num_workers 0 --batch_size 4 --log_every 1"
+    return dataclasses.replace(
+        cfg, rows="default,invariant", seeds=2, epochs=1, probe=False, gallery=4, bootstrap=50,
+        pretrain_args=(f"{common} --model_overrides {small} --S 2 --eval_batch_size 8 "
+                       f"--cpu_threads 1 " + cfg.pretrain_args).strip())
+
+
+def score_manifest(cfg):
+    """The manifest the finished runs are scored on (None: their own last evaluation)."""
+    if cfg.score_data == "none":
+        return None
+    if cfg.score_data != "auto":
+        utils.require_files(cfg, "score_data")
+        return cfg.score_data
+    root = os.path.join(cfg.out, "toy_eval") if cfg.quick else os.path.join("data", "toy_eval")
+    n = 8 if cfg.quick else 3000   # the toy's own rules, another seed: new clips of its world
+    return toy.ensure_toy_dataset(root, n_train=0, n_test=n, n_retrieval=n, n_train_multilabel=0,
+                                  n_test_multilabel=0, n_distractor=0, seed=1)["test"]
+
+
+def noise(results, stats):
+    """The two sources of spread in R@1: the evaluation's (bootstrap over one gallery's
+    clips, mean over runs) and training's (sd over seeds of the default row), and the
+    smallest paired effect the default-vs-row comparison resolves (the CI half-width)."""
+    out = {}
+    for key in ("a2v_R@1", "v2a_R@1"):
+        boots = [r["score"].get(f"{key}_boot_sd") for r in results]
+        boots = [b for b in boots if b is not None]
+        out[f"{key}_evaluation_sd"] = sum(boots) / len(boots) if boots else None
+        out[f"{key}_seed_sd_default"] = stats.get("default", {}).get(key, (None, None))[1]
+        halves = [(e[f"diff_{key}"]["ci95"][1] - e[f"diff_{key}"]["ci95"][0]) / 2
+                  for e in stats.values() if f"diff_{key}" in e]
+        out[f"{key}_resolvable"] = min(halves) if halves else None
+    return out
+
+
 def main(cfg):
+    if cfg.quick:
+        cfg = quick_config(cfg)
     rows = list(ROWS) if cfg.rows == "all" else [r.strip() for r in cfg.rows.split(",") if r.strip()]
     unknown = sorted(set(rows) - set(ROWS))
     if unknown or cfg.seeds < 1:
@@ -147,12 +402,26 @@ def main(cfg):
             results.append(run_row(cfg, row, seed))
             seed += 1
     results.sort(key=lambda r: (rows.index(r["row"]), r["seed"]))
+    manifest = score_manifest(cfg)
+    for r in results:
+        r["score"] = (score_run(r["run_dir"], manifest, cfg.gallery, cfg.bootstrap)
+                      if manifest else r["retrieval"])
+    stats = row_statistics(results)
+    spread = noise(results, stats)
+    toy_root = shlex.split(cfg.pretrain_args + " --toy_root data/toy")
+    toy_root = toy_root[toy_root.index("--toy_root") + 1]
+    views = survival(toy_root, vggss=cfg.vggss) if cfg.survival else None
+    report = (tables(results) + f"\nOver seeds, scored on {manifest or 'each run’s last evaluation'}"
+              f" in galleries of {cfg.gallery}:\n\n" + statistics_table(stats)
+              + "\nNoise, R@1 points: " + _pairs(spread, 1) + "\n"
+              + ("\nWhat survives one view: " + _pairs(views, 3) + "\n" if views else ""))
     os.makedirs(cfg.out, exist_ok=True)
     with open(os.path.join(cfg.out, "ablation.md"), "w") as f:
-        f.write(tables(results))
+        f.write(report)
     with open(os.path.join(cfg.out, "ablation.json"), "w") as f:
-        json.dump({"config": dataclasses.asdict(cfg), "runs": results}, f, indent=1)
-    print("\n" + tables(results) + f"\nwrote {cfg.out}/ablation.md and ablation.json")
+        json.dump({"config": dataclasses.asdict(cfg), "runs": results, "statistics": stats,
+                   "noise": spread, "survival": views, "score_data": manifest}, f, indent=1)
+    print("\n" + report + f"\nwrote {cfg.out}/ablation.md and ablation.json")
     return results
 
 

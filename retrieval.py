@@ -113,6 +113,11 @@ def _ranks(queries, keys, chunk_size):
     return ranks
 
 
+def clip_ranks(queries, keys):
+    """1-based rank of key i among all keys for query i, (N,) long, ties as `_ranks`."""
+    return _ranks(queries.float(), keys.float(), 4096)
+
+
 def _summarize(ranks, prefix):
     ranks = ranks.cpu().double()
     out = {f"{prefix}_R@{k}": 100.0 * (ranks <= k).double().mean().item() for k in (1, 5, 10)}

@@ -26,7 +26,8 @@ def test_quick_ablation_runs_each_row_as_the_scripts_and_tabulates(toy_root, tmp
         rows="default,inter_augmented", seeds=1, epochs=1, out=str(tmp_path / "abl"),
         pretrain_args=f"{common} --model_overrides {SMALL} --S 2 --eval_batch_size 4 "
                       f"--cpu_threads 1",
-        finetune_args=f"{common} --eval_batch_size 4 --epochs 1")
+        finetune_args=f"{common} --eval_batch_size 4 --epochs 1", score_data="none",
+        survival=False)
     results = ablate.main(cfg)
     assert [(r["row"], r["seed"]) for r in results] == [("default", 0), ("inter_augmented", 0)]
     for r in results:
@@ -52,3 +53,72 @@ def test_quick_ablation_runs_each_row_as_the_scripts_and_tabulates(toy_root, tmp
     assert again[0]["retrieval"] == results[0]["retrieval"]
     with pytest.raises(ValueError, match="unknown rows"):
         ablate.main(ablate.AblateConfig(rows="default,nope"))
+
+
+def test_quick_run_writes_statistics_that_match_its_runs(tmp_path):
+    """--quick: 1 epoch, 2 seeds of default and invariant on a tiny toy; the JSON's statistics
+    are the mean, sd and paired t-interval of the runs' own scores, and each score is the
+    mean over galleries of retrieval_metrics on that gallery alone."""
+    import statistics
+
+    import convert
+    import data
+    import retrieval
+    import torch
+    ablate.main(ablate.AblateConfig(quick=True, out=str(tmp_path / "q")))
+    saved = json.loads((tmp_path / "q" / "ablation.json").read_text())
+    runs = saved["runs"]
+    assert [(r["row"], r["seed"], r["epochs"]) for r in runs] == [
+        ("default", 0, 1), ("default", 1, 1), ("invariant", 0, 1), ("invariant", 1, 1)]
+    scores = {(r["row"], r["seed"]): r["score"] for r in runs}
+    for row in ("default", "invariant"):
+        values = [scores[(row, s)]["a2v_R@1"] for s in (0, 1)]
+        mean, sd = saved["statistics"][row]["a2v_R@1"]
+        assert mean == pytest.approx(statistics.mean(values))
+        assert sd == pytest.approx(statistics.stdev(values))
+    diffs = [scores[("invariant", s)]["v2a_R@10"] - scores[("default", s)]["v2a_R@10"] for s in (0, 1)]
+    d = saved["statistics"]["invariant"]["diff_v2a_R@10"]
+    half = 12.706 * statistics.stdev(diffs) / 2 ** 0.5          # t(0.975, 1 df)
+    assert d["n"] == 2 and d["mean"] == pytest.approx(statistics.mean(diffs))
+    assert d["ci95"] == pytest.approx([d["mean"] - half, d["mean"] + half])
+    # one run's score, recomputed gallery by gallery with the retrieval code
+    run = runs[0]
+    model = convert.load_equiav(os.path.join(run["run_dir"], "checkpoint.pt")).eval()
+    stats = convert.peek_checkpoint(os.path.join(run["run_dir"], "checkpoint.pt"))["norm_stats"]
+    c = model.cfg
+    ds = data.AudioVisualDataset(saved["score_data"], train=False, norm_mean=stats[0],
+                                 norm_std=stats[1], audio_length=c.audio_length,
+                                 mel_bins=c.mel_bins, image_size=c.image_size)
+    loader = data.make_loader(ds, 8, train=False, num_workers=0, distributed=False)
+    z_a, z_v = retrieval.extract_embeddings(model, loader, torch.device("cpu"))
+    per_gallery = [retrieval.retrieval_metrics(z_a[i:i + 4], z_v[i:i + 4]) for i in (0, 4)]
+    for key in ablate.METRICS:
+        assert run["score"][key] == pytest.approx(statistics.mean(m[key] for m in per_gallery))
+    assert run["score"]["galleries"] == 2 and run["score"]["a2v_R@1_boot_sd"] >= 0
+    survival = saved["survival"]
+    assert 0 <= survival["visual_box_kept_mean"] <= 1 and 0 <= survival["audio_pulse_energy_kept_mean"] <= 1
+    assert set(survival["cue_check"]) == {"audio", "visual"}
+    assert "toy vs paper" in (tmp_path / "q" / "ablation.md").read_text()
+
+
+def test_verdict_reads_the_interval_against_the_papers_direction():
+    def entry(lo, hi):
+        d = {"n": 5, "mean": (lo + hi) / 2, "sd": 1.0, "ci95": (lo, hi)}
+        return {"diff_a2v_R@1": d, "diff_v2a_R@1": d}
+    # the paper: invariant is 4.9 / 5.3 points below default
+    assert ablate.verdict("invariant", entry(-6.0, -1.0)) == "agrees"
+    assert ablate.verdict("invariant", entry(1.0, 4.0)) == "contradicts"
+    assert ablate.verdict("invariant", entry(-3.0, 2.0)) == "cannot tell"
+    assert ablate.verdict("default", entry(-6.0, -1.0)) == "–"
+
+
+def test_crop_coverage_is_the_share_of_the_box_inside_the_crop():
+    import augment
+    import torch
+    g = torch.Generator().manual_seed(3)
+    boxes = [[0.0, 0.0, 1.0, 1.0]] * 200 + [[0.4, 0.4, 0.6, 0.6]] * 200
+    cover = ablate.crop_coverage(boxes, g, 96)
+    t = augment.sample_visual_params(400, torch.Generator().manual_seed(3), 96, 96).double()
+    area = t[:, augment.VISUAL_SLOTS["rrc_height"]] * t[:, augment.VISUAL_SLOTS["rrc_width"]]
+    assert torch.allclose(cover[:200], area[:200])        # the whole frame: the crop's own area
+    assert ((cover >= 0) & (cover <= 1)).all() and (cover[200:] == 1).any() and (cover[200:] < 1).any()
