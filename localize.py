@@ -23,7 +23,8 @@ import augment
 import data
 import utils
 
-MAPS = ("occlusion", "gradient", "token")
+MAPS = ("occlusion", "gradient", "token", "attention")
+SIZE_BUCKETS = {"<10%": (0.0, 0.10), "10-30%": (0.10, 0.30), ">30%": (0.30, 1.01)}
 
 
 # ---------------------------------------------------------------------------
@@ -52,15 +53,22 @@ def localize(model, x_a, x_v, T_a=None, T_v=None, method="occlusion", chunk=64):
       tokens the visual inter path reads (chunk tokens at a time);
     "gradient": m_i = sum_d h_id ds/dh_id on those tokens (gradient x input);
     "token": m_i = cos(z_inter_a, g_inter_v(h_i)), the literal reading, which
-      g_inter_v, trained on whole-frame embeddings only, was never fit for.
+      g_inter_v, trained on whole-frame embeddings only, was never fit for;
+    "attention": m_i = the predictor's cross-attention on patch i, averaged over its heads
+      and the S centroid queries: what u_v reads to make the visual centroid (no audio).
     """
     if method not in MAPS:
-        raise ValueError(f"unknown localization method {method!r}: occlusion, gradient, token")
+        raise ValueError(f"unknown localization method {method!r}: {', '.join(MAPS)}")
     model = utils.unwrap(model)
     with torch.no_grad():
         z_a = F.normalize(model.inter_from_tokens("a", model.inter_tokens("a", x_a), T_a), dim=-1)
         h = model.inter_tokens("v", x_v)                                     # (B, N, D)
-    if method == "token":
+    if method == "attention":
+        if model.predictor_v is None or T_v is None:
+            raise ValueError("the attention map needs a model with a predictor and T_v")
+        with torch.no_grad():
+            m = model.predictor_v.attention(h, T_v).mean(dim=1)             # (B, N)
+    elif method == "token":
         with torch.no_grad():
             z_tok = F.normalize(model.proj_inter_v(h), dim=-1)              # (B, N, P)
             m = torch.einsum("bp,bnp->bn", z_a, z_tok)
@@ -193,13 +201,61 @@ def clip_boxes(entry, image_size, frame_file):
             [b for k, b in enumerate(mapped) if k not in sounding])
 
 
-def score_maps(maps, boxes):
-    """Pointing game and cIoU scores of maps (B, H, W) against B lists of boxes; also
-    the per-clip hits (for pairing two splits clip by clip)."""
+def iou_at_area(maps, boxes, grid):
+    """IoU of each map's top-k patches with its boxes, k = the boxes' area in patches (at
+    least 1): no threshold, so a small object can score as well as a large one. maps
+    (B, H, W) are averaged down to the patch grid (rows, cols); a patch is in a box when
+    its centre is. (B,) float64."""
+    pooled = F.adaptive_avg_pool2d(maps[:, None].double(), grid)[:, 0].flatten(1)   # (B, P)
+    truth = box_masks(boxes, *grid).flatten(1)                                     # (B, P)
+    k = truth.sum(1).clamp(min=1)
+    order = pooled.argsort(dim=1, descending=True, stable=True)
+    ranks = torch.empty_like(order).scatter_(1, order, torch.arange(order.shape[1]).expand_as(order))
+    top = ranks < k[:, None]
+    return (top & truth).sum(1).double() / (top | truth).sum(1).double()
+
+
+def object_sizes(boxes, h=96, w=96):
+    """Each clip's union of boxes as a fraction of the crop, (B,) float64."""
+    return box_masks(boxes, h, w).flatten(1).double().mean(1)
+
+
+def by_size(values, sizes):
+    """Mean of per-clip values (B,) in each object-size bucket: {bucket: (mean, clips)}."""
+    out = {}
+    for name, (lo, hi) in SIZE_BUCKETS.items():
+        inside = (sizes >= lo) & (sizes < hi)
+        out[name] = (values[inside].double().mean().item() if inside.any() else float("nan"),
+                     int(inside.sum()))
+    return out
+
+
+def score_maps(maps, boxes, grid=None):
+    """Scores of maps (B, H, W) against B lists of boxes: the pointing game (the maximum
+    inside a box), overall and per object size; the IoU at the box's own area (top-k
+    patches on the patch `grid`, default one patch per 16 pixels); and the literature's
+    cIoU@0.5, mean cIoU and AUC (median threshold: half the pixels are always predicted,
+    so an object under a quarter of the frame can never reach IoU 0.5). Also the per-clip
+    hits (for pairing two splits clip by clip)."""
+    grid = grid or (maps.shape[1] // 16, maps.shape[2] // 16)
     hits = points_in_boxes(map_peaks(maps), boxes)
+    sizes = object_sizes(boxes, *maps.shape[1:])
+    iou = iou_at_area(maps, boxes, grid)
     cious = ciou(binarize(maps), box_masks(boxes, *maps.shape[1:]))
-    return {"pointing_game": 100.0 * hits.double().mean().item(), **ciou_scores(cious),
-            "hits": hits.tolist()}
+    pointing = {k: (100.0 * m, n) for k, (m, n) in by_size(hits, sizes).items()}
+    return {"pointing_game": 100.0 * hits.double().mean().item(), "pointing_by_size": pointing,
+            "iou_at_area": iou.mean().item(), **ciou_scores(cious), "hits": hits.tolist()}
+
+
+def baseline_maps(n, h, w, seed=0):
+    """The baselines, as maps scored like the model's: the centre point (a narrow centred
+    peak: it points at the centre and its top-k is the central k patches), the centred
+    Gaussian (sigma a quarter of each side) and a random point (uniform noise per clip)."""
+    g = torch.Generator().manual_seed(seed)
+    return {"centre_point": gaussian_map(h, w, sigma=0.05).expand(n, h, w),
+            "gaussian": gaussian_map(h, w).expand(n, h, w),
+            "random_point": torch.rand(n, h // 16, w // 16, generator=g)
+            .repeat_interleave(16, 1).repeat_interleave(16, 2)}
 
 
 def evaluate_localization(model, dataset, entries, T_a, T_v, device, method="occlusion",
@@ -230,29 +286,119 @@ def evaluate_localization(model, dataset, entries, T_a, T_v, device, method="occ
            .mean().item()}
     if any(silent):
         out["silent"] = score_maps(maps, silent)
-    centre = points_in_boxes(torch.full((n, 2), 0.5, dtype=torch.float64), sounding)
-    gauss = score_maps(gaussian_map(h, w).expand(n, h, w), sounding)
+    out["baselines"] = {name: {k: v for k, v in score_maps(m, sounding).items() if k != "hits"}
+                        for name, m in baseline_maps(n, h, w).items()}
     area = [min(1.0, sum((x1 - x0) * (y1 - y0) for x0, y0, x1, y1 in bs)) for bs in sounding]
-    out["baselines"] = {"centre_point": 100.0 * centre.double().mean().item(),
-                        "random_point_expected": 100.0 * float(np.mean(area)),
-                        "gaussian": {k: v for k, v in gauss.items() if k != "hits"}}
+    out["baselines"]["random_point_expected"] = 100.0 * float(np.mean(area))
     return out
 
 
+def auroc(positive, negative):
+    """Area under the ROC curve of a score telling positives from negatives: the chance
+    that a random positive scores above a random negative, ties counting half."""
+    p, n = torch.as_tensor(positive).double(), torch.as_tensor(negative).double()
+    above = (p[:, None] > n[None, :]).double() + 0.5 * (p[:, None] == n[None, :]).double()
+    return above.mean().item()
+
+
+@torch.no_grad()
+def _confidence(model, audio, frame, T_a, T_v):
+    """The clip's confidence that its sound is in its frame, defined before any scoring:
+    s = cos(z_inter_a, z_inter_v), the retrieval similarity (SPEC 13). (B,)"""
+    b = audio.shape[0]
+    z_a, z_v = utils.unwrap(model).embed(audio, augment.normalize_image(frame),
+                                         T_a.expand(b, -1, -1), T_v.expand(b, -1, -1))
+    return (z_a * z_v).sum(-1)
+
+
+def evaluate_negatives(model, dataset, negatives, T_a, T_v, device, method="occlusion",
+                       batch_size=32, num_workers=0, amp=False, chunk=64):
+    """The maps under the true sound and under sounds the frame does not make.
+
+    negatives: {kind: a dataset of the same frames, in the same order, with another sound}
+    or {kind: "silence" | "scrambled"}, built here from `dataset` (digital silence; the next
+    clip's sound). One global threshold is fixed on the true-sound maps before any negative
+    is scored: half the median of their maxima. pIA (the fraction of the frame above it, %)
+    for every set, and the AUROC of the confidence s (see _confidence) for the true sound
+    against each negative. Also the maps and frames of the first clips (for the figure)."""
+    def batches(ds):
+        return data.make_loader(ds, batch_size, train=False, num_workers=num_workers,
+                                distributed=False)
+    silence = dataset._normalize(dataset.fbank(torch.zeros(41600), "silence"))    # (T, F)
+    maps, conf, frames = {}, {}, []
+    for kind, source in {"true": dataset, **negatives}.items():
+        parts, scores = [], []
+        loader = batches(dataset if isinstance(source, str) else source)
+        for batch in loader:
+            frame = data.unit_range(batch["frame"].to(device, non_blocking=True))
+            audio = batch["audio"]
+            if source == "silence":
+                audio = silence.expand_as(audio)
+            elif source == "scrambled":   # the sound of the clip after it in the manifest
+                audio = torch.stack([dataset[(int(i) + 1) % len(dataset)]["audio"]
+                                     for i in batch["index"]])
+            audio = audio.to(device, non_blocking=True)
+            parts.append(localization_maps(model, audio, frame, T_a, T_v, method, amp, chunk).cpu())
+            scores.append(_confidence(model, audio, frame, T_a, T_v).float().cpu())
+            if kind == "true" and sum(len(f) for f in frames) < 8:
+                frames.append(frame.cpu())
+        maps[kind], conf[kind] = torch.cat(parts), torch.cat(scores)
+    threshold = 0.5 * maps["true"].flatten(1).max(1).values.median().item()
+    pia = {kind: 100.0 * (m > threshold).double().mean().item() for kind, m in maps.items()}
+    out = {"method": method, "threshold": threshold, "pia": pia,
+           "auroc": {kind: auroc(conf["true"], conf[kind]) for kind in negatives}}
+    figure = {kind: m[:8] for kind, m in maps.items()}
+    return out, torch.cat(frames)[:8], figure
+
+
+def targets(scored, negatives=None, distractor=None):
+    """The issue's targets for a map, each (value, bound, met): pointing against the centre
+    point's per object size and overall, IoU at box area against the Gaussian's, pIA under
+    each negative sound against the true sound's, the confidence's AUROC, and the
+    distractor's sounding against silent object."""
+    out = {}
+    s, centre = scored["sounding"], scored["baselines"]["centre_point"]
+    for name, factor in (("<10%", 4.0), ("10-30%", 0.9)):
+        value, bound = s["pointing_by_size"][name][0], factor * centre["pointing_by_size"][name][0]
+        out[f"pointing {name} >= {factor}x centre"] = (value, bound, value >= bound)
+    value, bound = s["pointing_game"], 1.25 * centre["pointing_game"]
+    out["pointing >= 1.25x centre"] = (value, bound, value >= bound)
+    value, bound = s["iou_at_area"], 1.5 * scored["baselines"]["gaussian"]["iou_at_area"]
+    out["IoU at area >= 1.5x Gaussian"] = (value, bound, value >= bound)
+    if negatives:
+        for kind, pia in negatives["pia"].items():
+            if kind != "true":
+                bound = 0.25 * negatives["pia"]["true"]
+                out[f"pIA {kind} <= 25% of true"] = (pia, bound, pia <= bound)
+        for kind, area in negatives["auroc"].items():
+            bound = 0.95 if kind in ("silence", "noise") else 0.9
+            out[f"AUROC {kind} >= {bound}"] = (area, bound, area >= bound)
+    if distractor and "silent" in distractor:
+        value, bound = distractor["sounding"]["pointing_game"], 4 * distractor["silent"]["pointing_game"]
+        out["distractor sounding >= 4x silent"] = (value, bound, value >= bound)
+    return out
+
+
+def format_negatives(score):
+    pia = ", ".join(f"{k} {v:.1f}%" for k, v in score["pia"].items())
+    roc = ", ".join(f"{k} {v:.3f}" for k, v in score["auroc"].items())
+    return (f"negative sounds ({score['method']} map): pIA at one threshold {pia}; AUROC of the "
+            f"confidence cos(z_a, z_v), true sound against {roc}")
+
+
 def format_localization(name, score):
-    """Lines for one evaluation: model against the baselines."""
+    """Lines for one evaluation: the model against the baselines, scored alike."""
     def row(what, s):
-        return (f"{what:<22} pointing {s['pointing_game']:5.1f}%  cIoU@0.5 {s['ciou@0.5']:5.1f}%  "
-                f"mean cIoU {s['mean_ciou']:.3f}  AUC {s['auc']:.3f}")
-    base = score["baselines"]
-    lines = [f"{name}: {score['method']} map, {score['n_clips']} clips",
-             row("  sounding object", score["sounding"])]
+        sizes = " / ".join(f"{m:.1f}" for m, _ in s["pointing_by_size"].values())
+        return (f"  {what:<16} pointing {s['pointing_game']:5.1f}% (by size {sizes})  IoU at "
+                f"box area {s['iou_at_area']:.3f} | literature's, size-biased: cIoU@0.5 "
+                f"{s['ciou@0.5']:.1f}%, mean cIoU {s['mean_ciou']:.3f}, AUC {s['auc']:.3f}")
+    counts = " / ".join(f"{k} {n}" for k, (_, n) in score["sounding"]["pointing_by_size"].items())
+    lines = [f"{name}: {score['method']} map, {score['n_clips']} clips (object sizes {counts})",
+             row("sounding object", score["sounding"])]
     if "silent" in score:
-        lines.append(row("  silent object", score["silent"]))
-    lines.append(f"  {'baselines':<20} centre point {base['centre_point']:.1f}%, random point "
-                 f"{base['random_point_expected']:.1f}% (expected); "
-                 + row("Gaussian map", {**base["gaussian"], "pointing_game": base["centre_point"]})
-                 .split("  ", 1)[1])
+        lines.append(row("silent object", score["silent"]))
+    lines += [row(k.replace("_", " "), v) for k, v in score["baselines"].items() if isinstance(v, dict)]
     return "\n".join(lines)
 
 

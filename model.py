@@ -1,10 +1,9 @@
-"""EquiAV model (SPEC 2-6): Kim et al., "EquiAV: Leveraging Equivariance for
-Audio-Visual Contrastive Learning", ICML 2024. Read top to bottom it follows the paper's
-ladder: PatchEmbed -> Attention -> MLP -> Block -> ViTEncoder (f_m),
-AugEncoder (e_m) -> TransformationPredictor (u_m), ProjectionHead (g_m),
-EquiAV (the pretraining forward). The fine-tuning classifier (SPEC 11) is in
-finetune.py, localization maps (SPEC 13) in localize.py, checkpoint loading
-(SPEC 10) in convert.py. This file needs nothing but torch: copy it out alone.
+"""EquiAV model (SPEC 2-6): Kim et al., "EquiAV: Leveraging Equivariance for Audio-Visual
+Contrastive Learning", ICML 2024. Read top to bottom it follows the paper's ladder:
+PatchEmbed -> Attention -> MLP -> Block -> ViTEncoder (f_m), AugEncoder (e_m) ->
+TransformationPredictor (u_m), ProjectionHead (g_m), EquiAV (the pretraining forward). The
+fine-tuning classifier (SPEC 11) is in finetune.py, localization maps (SPEC 13) in
+localize.py, checkpoint loading (SPEC 10) in convert.py. Needs only torch: copy it out alone.
 """
 
 from __future__ import annotations
@@ -60,7 +59,7 @@ class ModelConfig:
 
     @property
     def visual_grid(self) -> tuple[int, int]:  # (rows, cols) of the visual patch grid
-        return self.image_size // self.patch_size, self.image_size // self.patch_size
+        return (self.image_size // self.patch_size,) * 2
 
 
 PRESETS = {
@@ -76,10 +75,10 @@ def get_config(name: str, **overrides) -> ModelConfig:
     """Preset `name` with some fields replaced, e.g. get_config("tiny", drop_path=0.1)."""
     if name not in PRESETS:
         raise ValueError(f"unknown model preset {name!r}; available: {sorted(PRESETS)}")
-    fields = {f.name for f in dataclasses.fields(ModelConfig)}
-    unknown = sorted(set(overrides) - fields)
-    if unknown:
-        raise ValueError(f"unknown ModelConfig field(s) {unknown}; valid fields: {sorted(fields)}")
+    fields = sorted(f.name for f in dataclasses.fields(ModelConfig))
+    if set(overrides) - set(fields):
+        raise ValueError(f"unknown ModelConfig field(s) {sorted(set(overrides) - set(fields))}; "
+                         f"valid fields: {fields}")
     return dataclasses.replace(PRESETS[name], **overrides)
 
 
@@ -184,12 +183,11 @@ class Block(nn.Module):
 
 
 class ViTEncoder(nn.Module):
-    """One modality's ViT f_m (SPEC 2): patches + fixed 2-D sin-cos position embedding
-    + learned modality embedding, `depth` blocks, final LayerNorm. Audio (B, T, F) is
-    laid out as a 1-channel image (B, 1, F, T): rows frequency, cols time, grid (F/p,
-    T/p). Visual input is (B, 3, H, W), ImageNet-normalized. Original inputs end in
-    `norm`, augmented ones in `norm_aug` (same blocks); `with_aug_norm=False` drops
-    `norm_aug` (the fine-tuning classifier never uses it)."""
+    """One modality's ViT f_m (SPEC 2): patches + fixed 2-D sin-cos position embedding +
+    learned modality embedding, `depth` blocks, final LayerNorm. Audio (B, T, F) is laid out
+    as a 1-channel image (B, 1, F, T): rows frequency, cols time, grid (F/p, T/p). Visual
+    input is (B, 3, H, W), ImageNet-normalized. Original inputs end in `norm`, augmented ones
+    in `norm_aug` (same blocks); `with_aug_norm=False` drops `norm_aug` (fine-tuning)."""
 
     def __init__(self, cfg: ModelConfig, in_chans: int, grid: tuple[int, int],
                  with_aug_norm: bool = True):
@@ -251,13 +249,10 @@ class AugEncoder(nn.Module):
 
 
 class TransformationPredictor(nn.Module):
-    """u_m(h, t) (SPEC 4): predicts the embedding of the transformed input
-    from the original tokens h (B, N, D) and parameter vectors t.
-
-    Each augmentation vector is one cross-attention query over the tokens, so
-    the S queries never interact and the output for S vectors is the mean of
-    the S single-vector predictions (the centroid h̄_m of SPEC 4).
-    """
+    """u_m(h, t) (SPEC 4): predicts the embedding of the transformed input from the original
+    tokens h (B, N, D) and parameter vectors t. Each augmentation vector is one
+    cross-attention query over the tokens, so the S queries never interact and the output
+    for S vectors is the mean of the S single-vector predictions (the centroid of SPEC 4)."""
 
     def __init__(self, cfg: ModelConfig, d_t: int):
         super().__init__()
@@ -292,6 +287,12 @@ class TransformationPredictor(nn.Module):
     def forward(self, h: torch.Tensor, t: torch.Tensor, keep=None) -> torch.Tensor:
         """h (B, N, D), t (B, d_t) or (B, S, d_t) -> (B, D), the mean over the S rows."""
         return self.predict_each(h, t if t.ndim == 3 else t.unsqueeze(1), keep).mean(dim=1)
+
+    def attention(self, h: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """Where the queries look: the softmax over the N tokens, mean over heads (B, S, N)."""
+        q = self.to_q(self.norm_aug(self.aug_encoder(t))).view(*t.shape[:2], self.num_heads, -1)
+        k = self.to_k(h).view(*h.shape[:2], self.num_heads, -1)              # (B, N, H, hd)
+        return (torch.einsum("bshd,bnhd->bhsn", q, k) * q.shape[-1] ** -0.5).softmax(-1).mean(1)
 
 
 def mean_tokens(h: torch.Tensor, keep=None) -> torch.Tensor:
@@ -412,9 +413,8 @@ class EquiAV(nn.Module):
 
     @torch.no_grad()
     def embed(self, x_a, x_v, T_a=None, T_v=None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Retrieval embeddings (SPEC 13): z_inter_a, z_inter_v of the originals,
-        L2-normalized, each (B, proj_dim). The caller supplies T_a, T_v as for
-        inter_from_tokens (retrieval.evaluation_vectors)."""
+        """Retrieval embeddings (SPEC 13): z_inter_a, z_inter_v of the originals, L2-normalized,
+        each (B, proj_dim); T_a, T_v as for inter_from_tokens (retrieval.centroid_vectors)."""
         z_a = self.inter_from_tokens("a", self.inter_tokens("a", x_a), T_a)
         z_v = self.inter_from_tokens("v", self.inter_tokens("v", x_v), T_v)
         return F.normalize(z_a, dim=-1), F.normalize(z_v, dim=-1)

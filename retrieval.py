@@ -64,7 +64,12 @@ class RetrievalConfig:
                                "at all")
     localize_indices: str = option("", "comma-separated manifest indices to draw instead of the "
                                        "first --localize")
-    map: str = option("occlusion", "sound-source map (SPEC 13): occlusion, gradient or token")
+    map: str = option("occlusion", "sound-source map (SPEC 13): occlusion, gradient, token or "
+                                   "attention; a comma list scores each, the first is drawn")
+    negatives: bool = option(True, "also score the maps under sounds the frame does not make: "
+                                   "the manifest's {name}_{silence,noise,offscreen}.json "
+                                   "beside it (the toy writes them), else silence and another "
+                                   "clip's sound built here")
     occlusion_chunk: int = option(64, "patch tokens removed at once by the occlusion map "
                                       "(memory: chunk x S predictor rows per clip)")
     distractor: str = option("auto", "localization on a split whose frames show a silent object "
@@ -462,44 +467,92 @@ def run(cfg, device):
 
 
 def _localize(model, dataset, dataset_of, cfg, device):
-    """Scores on the manifest (when it has boxes) and on the distractor split, and
-    figure3.png; returns what goes under "localization" in retrieval.json."""
+    """For each map of --map: scores on the manifest (when it has boxes), on the distractor
+    split, under negative sounds, and the targets; figure3.png and negatives.png with the
+    first map. Returns what goes under "localization" in retrieval.json."""
     vectors = centroid_vectors(model.cfg, cfg.S, cfg.seed, model.inter_target)
     T_a, T_v = utils.to_device_together(vectors, device)
-    kw = dict(method=cfg.map, batch_size=cfg.batch_size, num_workers=cfg.num_workers,
-              amp=cfg.amp, chunk=cfg.occlusion_chunk)
-    out = {"method": cfg.map}
+    methods = [m.strip() for m in cfg.map.split(",") if m.strip()]
     entries = data.read_manifest(dataset.manifest)
-    if localize.has_boxes(entries):
-        out["manifest"] = localize.evaluate_localization(model, dataset, entries, T_a, T_v, device, **kw)
-        utils.print0(localize.format_localization(f"localization on {dataset.manifest}", out["manifest"]))
-    chosen = ([int(i) for i in cfg.localize_indices.split(",")] if cfg.localize_indices
-              else list(range(min(cfg.localize, len(dataset)))))
-    figure = [_figure_clip(dataset, entries, i, "") for i in chosen]
     splits = _distractor_manifests(cfg)
-    if splits:
+    negatives = _negatives(cfg, dataset, dataset_of) if cfg.negatives else {}
+    out = {"method": methods[0], "maps": {}}
+    for method in methods:
+        kw = dict(method=method, batch_size=cfg.batch_size, num_workers=cfg.num_workers,
+                  amp=cfg.amp, chunk=cfg.occlusion_chunk)
+        one = {}
+        if localize.has_boxes(entries):
+            one["manifest"] = localize.evaluate_localization(model, dataset, entries, T_a, T_v,
+                                                             device, **kw)
+            utils.print0(localize.format_localization(f"localization on {dataset.manifest}",
+                                                      one["manifest"]))
         scored = []
         for path in splits:
             ds, ents = dataset_of(path), data.read_manifest(path)
             scored.append(localize.evaluate_localization(model, ds, ents, T_a, T_v, device, **kw))
             utils.print0(localize.format_localization(f"distractor {path}", scored[-1]))
-            if len(scored) == 1:
-                figure += [_figure_clip(ds, ents, i, "distractor ")
-                           for i in range(min(cfg.figure_distractors, len(ds)))]
-        out["distractor"] = scored[0]
+        if scored:
+            one["distractor"] = scored[0]
         if len(scored) == 2:
-            out["distractor_swap"] = scored[1]
+            one["distractor_swap"] = scored[1]
             both = [a and b for a, b in zip(scored[0]["sounding"]["hits"],
                                             scored[1]["sounding"]["hits"])]
-            out["follows_sound"] = 100.0 * float(np.mean(both))
+            one["follows_sound"] = 100.0 * float(np.mean(both))
             utils.print0(f"the map's maximum follows the sound (on the sounding object with "
-                         f"either sound) in {out['follows_sound']:.1f}% of the clips")
+                         f"either sound) in {one['follows_sound']:.1f}% of the clips")
+        if negatives:
+            one["negatives"], frames, neg_maps = localize.evaluate_negatives(
+                model, dataset, negatives, T_a, T_v, device, **kw)
+            utils.print0(localize.format_negatives(one["negatives"]))
+            if method == methods[0]:
+                _negatives_figure(cfg, frames, neg_maps, method)
+        if "manifest" in one:
+            one["targets"] = localize.targets(one["manifest"], one.get("negatives"),
+                                              one.get("distractor"))
+            met = sum(t[2] for t in one["targets"].values())
+            utils.print0(f"{method}: {met} of {len(one['targets'])} targets met; missed: "
+                         + (", ".join(k for k, t in one["targets"].items() if not t[2]) or "none"))
+        out["maps"][method] = one
+    out.update(out["maps"][methods[0]])     # the first map's scores at the top, as before
+    chosen = ([int(i) for i in cfg.localize_indices.split(",")] if cfg.localize_indices
+              else list(range(min(cfg.localize, len(dataset)))))
+    figure = [_figure_clip(dataset, entries, i, "") for i in chosen]
+    if splits:
+        ds, ents = dataset_of(splits[0]), data.read_manifest(splits[0])
+        figure += [_figure_clip(ds, ents, i, "distractor ")
+                   for i in range(min(cfg.figure_distractors, len(ds)))]
     png = os.path.join(cfg.out_dir, "figure3.png")
-    localize.save_figure3(png, model, figure, T_a, T_v, device, cfg.map, cfg.amp)
+    localize.save_figure3(png, model, figure, T_a, T_v, device, methods[0], cfg.amp)
     out["figure"] = png
-    utils.print0(f"wrote {png}: frame | {cfg.map} map, and the augmented view nearest to the "
+    utils.print0(f"wrote {png}: frame | {methods[0]} map, and the augmented view nearest to the "
                  f"centroid | its map; sounding boxes green, map maxima white crosses")
     return out
+
+
+def _negatives(cfg, dataset, dataset_of):
+    """{kind: dataset or how to build it} of the negative sounds for the manifest: the
+    {stem}_{kind}.json beside it (the toy writes them for its splits), else silence and
+    another clip's sound, built in localize.evaluate_negatives."""
+    if not cfg.manifest:
+        toy.negative_manifests(cfg.toy_root, "retrieval")
+    stem = os.path.splitext(dataset.manifest)[0]
+    found = {kind: f"{stem}_{kind}.json" for kind in toy.NEGATIVES}
+    if all(os.path.exists(p) for p in found.values()):
+        return {kind: dataset_of(path) for kind, path in found.items()}
+    return {"silence": "silence", "scrambled": "scrambled"}
+
+
+def _negatives_figure(cfg, frames, maps, method):
+    """negatives.png: each clip's frame with its map under the true sound and each negative
+    (one colour scale per tile, so look at where, and at pIA for how much)."""
+    kinds = list(maps)
+    order = [(i, k) for i in range(frames.shape[0]) for k in kinds]
+    png = os.path.join(cfg.out_dir, "negatives.png")
+    localize.save_localization_grid(png, torch.stack([frames[i] for i, _ in order]),
+                                    torch.stack([maps[k][i] for i, k in order]),
+                                    captions=[f"#{i} {k}" for i, k in order], cols=len(kinds))
+    utils.print0(f"wrote {png}: frames with the {method} map under the true sound and "
+                 + ", ".join(kinds[1:]))
 
 
 def _figure_clip(dataset, entries, i, prefix):

@@ -431,6 +431,65 @@ class _ToyClips(Dataset):
             Image.fromarray(frames[k]).save(path, format="JPEG", quality=90)
 
 
+# ===========================================================================
+# Negative sounds for localization: the test frames paired with audio that the
+# frame does not make. The rules, fixed before any map was scored:
+#   silence    digital silence (zeros) as long as a toy clip;
+#   noise      white Gaussian noise with the RMS of the clip's own sound (seeded by clip);
+#   offscreen  the sound of the next test clip, in manifest order and wrapping around,
+#              none of whose labels is an object in this frame: a real sound, not here.
+# ===========================================================================
+
+NEGATIVES = ("silence", "noise", "offscreen")
+
+
+def negative_manifests(root, split="retrieval"):
+    """{kind: manifest} of `split`'s clips with each negative sound, written once beside the
+    split as {split}_{kind}.json (the sounds under root/negatives/; the toy's own clips and
+    world are untouched). split "test_heldout": the test clips not in the retrieval split,
+    written as test_heldout.json first (for choosing a map without the scored clips)."""
+    paths = toy_paths(root)
+    if split == "test_heldout":
+        heldout = os.path.join(paths["root"], "test_heldout.json")
+        if not os.path.exists(heldout):
+            n = len(data.read_manifest(paths["retrieval"]))
+            data.write_manifest(heldout, data.read_manifest(paths["test"])[n:])
+        paths[split] = heldout
+    manifests = {kind: os.path.join(paths["root"], f"{split}_{kind}.json") for kind in NEGATIVES}
+    if all(os.path.exists(p) for p in manifests.values()):
+        return manifests
+    entries = data.read_manifest(paths[split])
+    os.makedirs(os.path.join(paths["root"], "negatives"), exist_ok=True)
+    n = int(round(TOY_DURATION * audio_io.SAMPLE_RATE))
+    _write_pcm(os.path.join(paths["root"], "negatives", "silence.wav"), np.zeros(n))
+    in_frame = [{o["label"] for o in e["objects"]} for e in entries]
+    written = {kind: [] for kind in NEGATIVES}
+    for i, entry in enumerate(entries):
+        own = audio_io.load_waveform(os.path.join(paths["root"], entry["wav"])).numpy()
+        noise = f"negatives/noise_{entry['video_id']}.wav"
+        rng = np.random.default_rng([7, int(entry["video_id"].rsplit("_", 1)[-1])])
+        _write_pcm(os.path.join(paths["root"], noise),
+                   rng.standard_normal(n) * float(np.sqrt(np.mean(own ** 2))))
+        j = next(k % len(entries) for k in range(i + 1, i + len(entries))
+                 if not set(entries[k % len(entries)]["labels"].split(",")) & in_frame[i])
+        for kind, wav in (("silence", "negatives/silence.wav"), ("noise", noise),
+                          ("offscreen", entries[j]["wav"])):
+            written[kind].append({**entry, "wav": wav, "labels": "", "negative": kind})
+    for kind, items in written.items():
+        data.write_manifest(manifests[kind], items)
+    return manifests
+
+
+def _write_pcm(path, samples):
+    """float samples in [-1, 1] -> a 16 kHz 16-bit mono WAV."""
+    pcm = np.clip(np.round(samples * 32767), -32768, 32767).astype("<i2")
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(audio_io.SAMPLE_RATE)
+        w.writeframes(pcm.tobytes())
+
+
 def _entry(vid, wav, objects, boxes, sounding):
     """A manifest entry: labels of the sounding objects, and every object's box per frame."""
     return {"video_id": vid, "wav": wav, "video_path": "frames",

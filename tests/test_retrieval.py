@@ -224,7 +224,7 @@ def test_retrieval_script_end_to_end(tmp_path, tiny_equiav):
     centre = [any(b[0] <= 0.5 <= b[2] and b[1] <= 0.5 <= b[3]
                   for b in (data.box_in_crop(box, e["frame_size"], 96)
                             for box in e["boxes"][data.EVAL_FRAME])) for e in entries]
-    assert loc["manifest"]["baselines"]["centre_point"] == pytest.approx(100.0 * sum(centre) / 8)
+    assert loc["manifest"]["baselines"]["centre_point"]["pointing_game"] == pytest.approx(100.0 * sum(centre) / 8)
     # the distractor split and its swap: sounding and silent objects scored apart, paired
     d, w = loc["distractor"], loc["distractor_swap"]
     assert d["n_clips"] == w["n_clips"] == 4 and "silent" in d and "silent" in w
@@ -388,3 +388,108 @@ def test_augmented_views_identity_reproduces_clean_and_groups_differ(tiny_equiav
         for metrics in rows.values():
             assert metrics == clean_here
     assert any(m != clean for rows in views.values() for m in rows.values())
+
+
+# ---------------------------------------------------------------------------
+# Localization scored at any object size, and under negative sounds
+# ---------------------------------------------------------------------------
+
+def test_iou_at_box_area_takes_as_many_patches_as_the_box_has():
+    # 4 x 4 patch grid of 16-pixel patches; the box covers patches (1..2, 1..2): k = 4
+    box = [[[0.25, 0.25, 0.75, 0.75]]]
+    on = torch.zeros(1, 64, 64)
+    on[0, 16:48, 16:48] = 1.0                               # exactly the box's patches
+    half = torch.zeros(1, 64, 64)
+    half[0, 16:48, 16:32] = 2.0                             # two of them, ...
+    half[0, 0:16, 0:32] = 1.0                               # ... then two outside
+    off = torch.zeros(1, 64, 64)
+    off[0, 48:, :] = torch.arange(64.0)                     # the bottom row of patches only
+    assert localize.iou_at_area(on, box, (4, 4)).item() == 1.0
+    assert localize.iou_at_area(half, box, (4, 4)).item() == pytest.approx(2 / 6)
+    assert localize.iou_at_area(off, box, (4, 4)).item() == 0.0
+
+
+def test_pointing_by_object_size_and_baselines_scored_like_maps():
+    # three clips: a small (6 %), a middle (25 %) and a large (56 %) box, all centred
+    boxes = [[[0.38, 0.38, 0.62, 0.62]], [[0.25, 0.25, 0.75, 0.75]], [[0.12, 0.12, 0.87, 0.87]]]
+    sizes = localize.object_sizes(boxes, 96, 96)
+    assert [localize.by_size(torch.ones(3), sizes)[k][1] for k in localize.SIZE_BUCKETS] == [1, 1, 1]
+    corner = torch.zeros(3, 96, 96)
+    corner[:, 2, 2] = 1.0                                   # every maximum in the corner
+    s = localize.score_maps(corner, boxes)
+    assert s["pointing_game"] == 0.0 and all(v[0] == 0.0 for v in s["pointing_by_size"].values())
+    base = localize.baseline_maps(3, 96, 96)
+    centre = localize.score_maps(base["centre_point"], boxes)
+    assert centre["pointing_game"] == 100.0                 # centred boxes: the centre hits
+    assert centre["iou_at_area"] > localize.score_maps(corner, boxes)["iou_at_area"]
+    rand = localize.score_maps(base["random_point"], [[[0.0, 0.0, 1.0, 1.0]]] * 3)
+    assert rand["pointing_game"] == 100.0                   # the whole frame: any point hits
+
+
+def test_auroc_against_counting_pairs():
+    pos, neg = [0.9, 0.8, 0.3], [0.1, 0.3, 0.85]
+    pairs = [(p > n) + 0.5 * (p == n) for p in pos for n in neg]
+    assert localize.auroc(pos, neg) == pytest.approx(sum(pairs) / 9)
+    assert localize.auroc([1.0, 2.0], [0.0]) == 1.0 and localize.auroc([0.0], [1.0]) == 0.0
+
+
+def test_negative_sounds_threshold_is_fixed_on_the_true_maps(tmp_path, monkeypatch):
+    """Planted maps: the true sound's peak at 2 (threshold = half the median maximum = 1)
+    over a 10 % patch; silence lights the whole frame at 1.5; the confidence follows the
+    planted values. pIA, AUROC and the threshold come out as the rules say."""
+    import data
+    import toy
+    root = tmp_path / "toy"
+    toy.make_toy_dataset(root, n_train=0, n_test=4, n_retrieval=4, n_train_multilabel=0,
+                         n_test_multilabel=0, n_distractor=0, num_workers=0)
+    manifests = toy.negative_manifests(root, "retrieval")
+    kw = dict(audio_length=256, mel_bins=64, image_size=96, train=False, norm_mean=0.0,
+              norm_std=1.0)
+    ds = data.AudioVisualDataset(toy.toy_paths(root)["retrieval"], **kw)
+    silent = data.AudioVisualDataset(manifests["silence"], **kw)
+    is_silence = {}
+
+    def fake_maps(model, audio, frame, T_a, T_v, method, amp=False, chunk=64):
+        quiet = audio.flatten(1).std(1) < 1e-6             # digital silence: a constant fbank
+        m = torch.zeros(audio.shape[0], 96, 96)
+        m[:, :30, :30] = 2.0                               # 900 / 9216 of the frame
+        m[quiet] = 1.5
+        is_silence["seen"] = quiet
+        return m
+
+    monkeypatch.setattr(localize, "localization_maps", fake_maps)
+    monkeypatch.setattr(localize, "_confidence", lambda *a: 1.0 - is_silence["seen"].float())
+    out, frames, maps = localize.evaluate_negatives(None, ds, {"silence": silent}, None, None,
+                                                    "cpu", batch_size=2)
+    assert out["threshold"] == 1.0
+    assert out["pia"]["true"] == pytest.approx(100 * 900 / 9216)
+    assert out["pia"]["silence"] == 100.0
+    assert out["auroc"]["silence"] == 1.0 and frames.shape == (4, 3, 96, 96)
+    t = localize.targets({"sounding": {"pointing_game": 50.0, "iou_at_area": 0.5,
+                                       "pointing_by_size": {"<10%": (40.0, 1), "10-30%": (90.0, 1)}},
+                          "baselines": {"centre_point": {"pointing_game": 50.0, "pointing_by_size":
+                                                         {"<10%": (10.0, 1), "10-30%": (100.0, 1)}},
+                                        "gaussian": {"iou_at_area": 0.3}}}, out)
+    assert t["pointing <10% >= 4.0x centre"][2] and t["pointing 10-30% >= 0.9x centre"][2]
+    assert not t["pointing >= 1.25x centre"][2] and t["IoU at area >= 1.5x Gaussian"][2]
+    assert not t["pIA silence <= 25% of true"][2] and t["AUROC silence >= 0.95"][2]
+
+
+def test_attention_map_is_the_predictor_softmax_over_patches(tiny_equiav):
+    model = tiny_equiav
+    g = torch.Generator().manual_seed(1)
+    h = torch.randn(2, 36, model.cfg.embed_dim, generator=g)
+    t = torch.rand(2, 3, model.cfg.visual_aug_dim, generator=g)
+    p = model.predictor_v
+    with torch.no_grad():
+        a = p.attention(h, t)                                            # (2, 3, 36)
+        q = p.to_q(p.norm_aug(p.aug_encoder(t))).view(2, 3, p.num_heads, -1)
+        k = p.to_k(h).view(2, 36, p.num_heads, -1)
+        for head in range(p.num_heads):   # one head by hand
+            w = (q[:, :, head] @ k[:, :, head].transpose(1, 2) / q.shape[-1] ** 0.5).softmax(-1)
+            if head == 0:
+                total = w
+            else:
+                total = total + w
+    assert torch.allclose(a, total / p.num_heads, atol=1e-6)
+    assert torch.allclose(a.sum(-1), torch.ones(2, 3), atol=1e-5)

@@ -5,6 +5,7 @@ safely by concurrent callers."""
 import colorsys
 import json
 import multiprocessing
+import os
 import wave
 from pathlib import Path
 
@@ -227,3 +228,33 @@ def test_class_survives_every_augmentation_without_training(tmp_path_factory):
     f = toy_module.audio_cue_features(x)
     shuffled = y[torch.randperm(len(y), generator=torch.Generator().manual_seed(0))]
     assert toy_module.nearest_centroid_accuracy(f, shuffled, f, y) < 40
+
+
+def test_negative_sound_manifests_follow_their_rules(tmp_path):
+    """silence is zeros; noise has the clip's own RMS; the off-screen sound is another test
+    clip's, none of whose labels is an object of this frame; the frames are the split's."""
+    import audio_io
+    root = tmp_path / "toy"
+    toy_module.make_toy_dataset(root, n_train=0, n_test=6, n_retrieval=6, n_train_multilabel=0,
+                         n_test_multilabel=0, n_distractor=0, num_workers=0)
+    paths = toy_module.toy_paths(root)
+    manifests = toy_module.negative_manifests(root, "retrieval")
+    split = data.read_manifest(paths["retrieval"])
+    for kind, path in manifests.items():
+        entries = data.read_manifest(path)
+        assert [e["video_id"] for e in entries] == [e["video_id"] for e in split]
+        assert all(e["negative"] == kind and e["boxes"] == s["boxes"] for e, s in zip(entries, split))
+    raw = {}
+    for kind in toy_module.NEGATIVES:
+        raw[kind] = [audio_io.read_wav(os.path.join(paths["root"], e["wav"]))[0][0]
+                     for e in data.read_manifest(manifests[kind])]
+    assert all((w == 0).all() for w in raw["silence"])
+    for e, w in zip(split, raw["noise"]):
+        own = audio_io.load_waveform(os.path.join(paths["root"], e["wav"])).numpy()
+        assert np.sqrt(np.mean(w ** 2)) == pytest.approx(np.sqrt(np.mean(own ** 2)), rel=0.05)
+    wavs = {e["wav"]: e for e in split}
+    for e, o in zip(split, data.read_manifest(manifests["offscreen"])):
+        other = wavs[o["wav"]]
+        assert other is not e
+        assert not set(other["labels"].split(",")) & {x["label"] for x in e["objects"]}
+    assert toy_module.negative_manifests(root, "retrieval") == manifests   # written once
