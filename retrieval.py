@@ -64,7 +64,7 @@ class RetrievalConfig:
                                "at all")
     localize_indices: str = option("", "comma-separated manifest indices to draw instead of the "
                                        "first --localize")
-    map: str = option("occlusion", "sound-source map (SPEC 13): occlusion, gradient, token or "
+    map: str = option("gradient", "sound-source map (SPEC 13): gradient, occlusion, token or "
                                    "attention; a comma list scores each, the first is drawn")
     negatives: bool = option(True, "also score the maps under sounds the frame does not make: "
                                    "the manifest's {name}_{silence,noise,offscreen}.json "

@@ -217,7 +217,11 @@ def test_retrieval_script_end_to_end(tmp_path, tiny_equiav):
     assert saved["retrieval"]["a2v_R@10"] == 100.0
     assert -1 <= saved["equivariance"]["similarity_v"] <= 1
     loc = saved["localization"]
-    assert loc["method"] == "occlusion" and (tmp_path / "out" / "figure3.png").exists()
+    assert loc["method"] == "gradient" and (tmp_path / "out" / "figure3.png").exists()
+    # negative sounds: the toy's three manifests were written beside its retrieval split
+    assert set(loc["negatives"]["pia"]) == {"true", "silence", "noise", "offscreen"}
+    assert set(loc["negatives"]["auroc"]) == {"silence", "noise", "offscreen"}
+    assert (tmp_path / "out" / "negatives.png").exists() and loc["targets"]
     assert loc["manifest"]["n_clips"] == 8 and 0.0 <= loc["manifest"]["sounding"]["pointing_game"] <= 100.0
     # the centre baseline, recomputed from the manifest's boxes
     entries = data.read_manifest(toy.toy_paths(root)["retrieval"])
