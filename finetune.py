@@ -8,8 +8,11 @@ accuracy. Recipe (SPEC 11, public defaults): AdamW (0.9, 0.95), weight decay
 1e-5, lr 1e-4 with the head at 50x (its own parameter group, scaled every
 step), warm-up + cosine, mixup p 0.5 with lambda ~ Beta(10, 10), SpecAugment
 on the fine-tuning input, drop path 0.1, class-balanced sampling from a
-weights CSV. Evaluation on the test split after every epoch; the best epoch
-by the main metric is kept in best.pt; checkpoint.pt resumes the run.
+weights CSV. Evaluation on the test split after every epoch; checkpoint.pt
+resumes the run. The headline figure is never chosen on the data it reports:
+with --val, best.pt and the headline are the epoch best on the validation
+manifest, scored on test; without it, the headline is the final epoch, and the
+epoch best on test (what the authors' code reports) is labelled optimistic.
 
     python finetune.py                                  # toy data, our toy checkpoint, CPU
     python finetune.py --toy_multilabel true            # toy multi-label variant (mAP)
@@ -110,6 +113,9 @@ class FinetuneConfig(utils.TrainConfig):
                                         "(generated under --toy_root if absent)")
     test: Optional[str] = option(None, "evaluation manifest, scored after every epoch; none -> "
                                        "the toy test split")
+    val: Optional[str] = option(None, "validation manifest (labelled, disjoint from test): the "
+                                      "best epoch (best.pt, the headline) is chosen on it; none -> "
+                                      "the headline is the final epoch's test metric")
     label_csv: Optional[str] = option(None, "index,mid,display_name class list; none -> the toy's")
     toy_multilabel: bool = option(False, "use the toy dataset's multi-label variant (two "
                                          "sounding objects per clip; reports mAP)")
@@ -286,7 +292,7 @@ def evaluation_metrics(scores, targets, multilabel):
 def main(cfg):
     """Fine-tune with config `cfg` (resolved here); returns the results dict."""
     cfg = resolve_config(cfg)
-    utils.require_files(cfg, "train", "test", "label_csv")
+    utils.require_files(cfg, "train", "test", "val", "label_csv")
     if cfg.init is not None:
         convert.require_checkpoint(cfg.init, "init")
     _, _, local_rank, device = utils.init_distributed(cfg.device)
@@ -302,9 +308,10 @@ def run(cfg, device, local_rank=0):
     utils.print_config(f"EquiAV fine-tuning: {world} process(es) on {device}; resolved config "
                        f"(profile {cfg.profile!r}):", cfg)
     init_kind, mcfg = inspect_init(cfg)
-    train_loader, test_loader, multilabel = build_data(cfg, mcfg, device)
+    train_loader, test_loader, val_loader, multilabel = build_data(cfg, mcfg, device)
     num_classes = train_loader.dataset.num_classes
     main_metric = "mAP" if multilabel else "top1"
+    chosen_on = "val" if val_loader is not None else "test"
     net, optimizer, scaler = build_model(cfg, init_kind, mcfg, num_classes, device)
     logger = utils.JsonLogger(os.path.join(cfg.run_dir, "log.jsonl"))
     meta = {"model_config": dataclasses.asdict(net.cfg), "mode": cfg.mode,
@@ -324,34 +331,57 @@ def run(cfg, device, local_rank=0):
                                       cfg, multilabel, device, logger, bad_data)
         train_s = time.time() - t0
         metrics = evaluate(net, test_loader, device, cfg, multilabel)
+        # the epoch is chosen on the validation split when there is one, else on test itself
+        val = evaluate(net, val_loader, device, cfg, multilabel) if val_loader is not None else None
+        choice = (val or metrics)[main_metric]
         record = {"type": "epoch", "epoch": epoch + 1, "step": step, **train,
                   "train_time_s": train_s, "eval_time_s": time.time() - t0 - train_s, **metrics}
+        if val is not None:
+            record.update({f"val_{k}": v for k, v in val.items()})
         history.append(record)
         logger.log(record)
-        improved = best is None or metrics[main_metric] > best["value"]
+        improved = best is None or choice > best["value"]
         if improved:
-            best = {"metric": main_metric, "value": metrics[main_metric], "epoch": epoch + 1,
-                    "metrics": metrics}
+            best = {"metric": main_metric, "chosen_on": chosen_on, "value": choice,
+                    "epoch": epoch + 1, "metrics": metrics}
         shown = ", ".join(f"{k} {v:.2f}" for k, v in metrics.items()
                           if k not in ("classes_evaluated", "test_skipped"))
         utils.print0(f"epoch {epoch + 1}/{cfg.epochs}  train loss {train['train_loss']:.4f}  "
-                     f"test: {shown}  ({train_s:.0f} s)"
+                     f"test: {shown}"
+                     + (f"  val {main_metric} {choice:.2f}" if val is not None else "")
+                     + f"  ({train_s:.0f} s)"
                      + (f"  skipped {train['train_skipped']}" if train["train_skipped"] else "")
-                     + ("  best" if improved else ""))
+                     + (f"  best on {chosen_on}" if improved else ""))
         save(cfg.run_dir, meta, net, optimizer, scaler, epoch + 1, step, best, history, improved)
         utils.barrier()
     return _results(cfg, multilabel, main_metric, best, history)
 
 
 def _results(cfg, multilabel, main_metric, best, history):
-    """The run's summary, printed and written to {run_dir}/results.json (rank 0)."""
+    """The run's summary, printed and written to {run_dir}/results.json (rank 0).
+
+    "headline" is the figure to report: the test metrics of the epoch best on --val, or,
+    without --val, of the final epoch. "best" is the epoch best on the split it names in
+    "chosen_on"; when that is "test", its figure was selected on the data it reports and
+    is optimistic (the authors' code reports this one)."""
     results = {"task": "multilabel" if multilabel else "singlelabel", "main_metric": main_metric,
-               "best": best, "final": history[-1] if history else None,
+               "headline": None, "best": best, "final": history[-1] if history else None,
                "run_dir": cfg.run_dir, "config": dataclasses.asdict(cfg)}
     if best is not None:
-        utils.print0(f"best {main_metric} {best['value']:.2f} at epoch {best['epoch']} "
-                     f"({os.path.join(cfg.run_dir, 'best.pt')}); final {main_metric} "
-                     f"{history[-1][main_metric]:.2f}")
+        on_val = best["chosen_on"] == "val"
+        results["headline"] = {"chosen_by": "val" if on_val else "final epoch",
+                               "epoch": best["epoch"] if on_val else history[-1]["epoch"],
+                               "metrics": best["metrics"] if on_val else
+                               {k: v for k, v in history[-1].items() if k in best["metrics"]}}
+        head = results["headline"]
+        line = (f"{main_metric} {head['metrics'][main_metric]:.2f} on test at epoch "
+                f"{head['epoch']}, ")
+        if on_val:
+            line += f"the epoch best on --val ({os.path.join(cfg.run_dir, 'best.pt')})"
+        else:
+            line += (f"the final epoch; best on test {best['value']:.2f} at epoch "
+                     f"{best['epoch']} (optimistic: chosen on test; give --val to choose fairly)")
+        utils.print0(line)
     if utils.is_main():
         with open(os.path.join(cfg.run_dir, "results.json"), "w") as f:
             json.dump(results, f, indent=1)
@@ -363,7 +393,7 @@ def _results(cfg, multilabel, main_metric, best, history):
 # =============================================================================
 
 def build_data(cfg, mcfg, device):
-    """(train loader, test loader, multilabel) at the model's input sizes."""
+    """(train loader, test loader, val loader or None, multilabel) at the model's input sizes."""
     train, test, label_csv = cfg.train, cfg.test, cfg.label_csv
     if train is None:
         paths = toy.ensure_toy_dataset(cfg.toy_root)  # generated on first use
@@ -379,8 +409,9 @@ def build_data(cfg, mcfg, device):
                  skip_bad=cfg.skip_bad)
     train_set = data.AudioVisualDataset(train, train=True, mixup=cfg.mixup,
                                         label_smoothing=cfg.label_smoothing, **sizes)
-    # the test split is normalised like the training split it is scored against
+    # the test and validation splits are normalised like the training split
     test_set = data.AudioVisualDataset(test, train=False, **sizes)
+    val_set = data.AudioVisualDataset(cfg.val, train=False, **sizes) if cfg.val else None
     if cfg.task != "auto":
         multilabel = cfg.task == "multilabel"
     else:
@@ -391,16 +422,18 @@ def build_data(cfg, mcfg, device):
     train_loader = data.make_loader(train_set, cfg.batch_size, train=True,
                                     num_workers=cfg.num_workers, seed=cfg.seed, weights=weights,
                                     num_samples=cfg.samples_per_epoch, pin_memory=device.type == "cuda")
-    test_loader = data.make_loader(test_set, cfg.eval_batch_size, train=False,
-                                   num_workers=cfg.num_workers, seed=cfg.seed,
-                                   pin_memory=device.type == "cuda")
+    test_loader, val_loader = (
+        data.make_loader(split, cfg.eval_batch_size, train=False, num_workers=cfg.num_workers,
+                         seed=cfg.seed, pin_memory=device.type == "cuda") if split is not None else None
+        for split in (test_set, val_set))
     world = utils.get_world_size()
     utils.print0(f"data: {len(train_set)} training clips, {len(test_set)} test clips, "
-                 f"{train_set.num_classes} classes, {'multi' if multilabel else 'single'}-label "
+                 + (f"{len(val_set)} validation clips, " if val_set is not None else "")
+                 + f"{train_set.num_classes} classes, {'multi' if multilabel else 'single'}-label "
                  f"({'BCE; mAP, mAUC, d' + chr(39) if multilabel else 'CE; top-1, top-5'}), "
                  f"{len(train_loader)} steps/epoch of {cfg.batch_size} x {world}"
                  + (f", class-balanced sampling from {cfg.weights_csv}" if weights is not None else ""))
-    return train_loader, test_loader, multilabel
+    return train_loader, test_loader, val_loader, multilabel
 
 
 def inspect_init(cfg):

@@ -1,5 +1,6 @@
 import dataclasses
 import itertools
+import json
 import math
 import os
 
@@ -230,11 +231,37 @@ def test_finetune_end_to_end_resumes_and_keeps_best(toy_and_checkpoint, tmp_path
     best = torch.load(run / "best.pt", weights_only=True)
     assert best["metrics"]["top1"] == max(h["top1"] for h in ckpt2["history"])
     assert second["best"]["value"] == best["metrics"]["top1"]
+    # without --val the headline is the final epoch, and "best" says it was chosen on test
+    assert second["best"]["chosen_on"] == "test"
+    assert second["headline"]["chosen_by"] == "final epoch" and second["headline"]["epoch"] == 2
+    assert second["headline"]["metrics"]["top1"] == ckpt2["history"][1]["top1"]
     # the encoders really trained (full fine-tuning) and started from the checkpoint
     w0 = pretrained.audio_encoder.blocks[0].mlp.fc1.weight
     assert not torch.equal(ckpt2["model"]["audio_encoder.blocks.0.mlp.fc1.weight"], w0)
     with pytest.raises(ValueError, match="holds a different run"):
         finetune.main(_cfg(root, ckpt, run, mode="audio"))
+
+
+def test_val_manifest_chooses_the_epoch_and_the_headline_is_its_test_score(
+        toy_and_checkpoint, tmp_path):
+    """With --val, best.pt and the headline are the epoch best on the validation split
+    (the first of equals), and the headline carries that epoch's test metrics."""
+    root, ckpt, _ = toy_and_checkpoint
+    entries = json.loads((root / "train.json").read_text())["data"]
+    val = root / "val_from_train.json"        # beside the toy: its paths are relative
+    val.write_text(json.dumps({"data": entries[:8]}))
+    run = tmp_path / "run_val"
+    res = finetune.main(_cfg(root, ckpt, run, val=str(val), epochs=3, lr=1e-3))
+    history = torch.load(run / "checkpoint.pt", weights_only=True)["history"]
+    val_top1 = [h["val_top1"] for h in history]
+    chosen = val_top1.index(max(val_top1))                   # first epoch with the best val
+    assert res["best"]["chosen_on"] == "val" and res["headline"]["chosen_by"] == "val"
+    assert res["headline"]["epoch"] == chosen + 1
+    assert res["headline"]["metrics"]["top1"] == history[chosen]["top1"]
+    assert torch.load(run / "best.pt", weights_only=True)["epoch"] == chosen + 1
+    # a missing validation file is a usage error before anything runs
+    with pytest.raises(utils.UsageError, match="--val .*no such file"):
+        finetune.main(_cfg(root, ckpt, tmp_path / "x", val=str(tmp_path / "missing.json")))
 
 
 def test_finetune_multilabel_linear_probe_keeps_encoders(toy_and_checkpoint, tmp_path):
