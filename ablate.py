@@ -109,9 +109,15 @@ def run_row(cfg, row, seed):
     print(f"\n$ python pretrain.py {shlex.join(pre)}", flush=True)
     pretrain.main(utils.parse_config(pretrain.PretrainConfig, pre, profiles=pretrain.PROFILES))
     with open(os.path.join(run_dir, "log.jsonl")) as f:
-        last = [r for r in map(json.loads, f) if r["type"] == "epoch"][-1]
+        log = [json.loads(line) for line in f]
+    last = [r for r in log if r["type"] == "epoch"][-1]
+    steps = [r for r in log if r["type"] == "step"]
+    # did the inter-modal loss learn in training? its first and last log windows
+    training = {f"{k}_{when}": r[k] for when, r in (("first", steps[0]), ("last", steps[-1]))
+                for k in ("inter", "acc_a2v")}
     result = {"row": row, "seed": seed, "run_dir": run_dir, "epochs": last["epoch"],
               "retrieval": last.get("retrieval"), "equivariance": last.get("equivariance"),
+              "training": training,
               "probe_top1": None, "pretrain_command": "python pretrain.py " + shlex.join(pre)}
     if cfg.probe:
         results_path = os.path.join(run_dir, "probe", "results.json")
@@ -319,8 +325,9 @@ def _f(value, digits=1):
 def tables(results):
     """The markdown of ablation.md: retrieval, probe and similarity per run, then R^2."""
     head = ("| row | seed | a→v R@1 / 5 / 10 | v→a R@1 / 5 / 10 | probe top-1 | "
-            "similarity A / V (identity t) | paper R@1 V→A / A→V |")
-    lines = [head, "|" + "---|" * 7]
+            "similarity A / V (identity t) | train L_inter, a→v acc: first → last log | "
+            "paper R@1 V→A / A→V |")
+    lines = [head, "|" + "---|" * 8]
     for r in results:
         ret, eq = r["retrieval"], r["equivariance"]
         rec = {d: " / ".join(_f(ret[f"{d}_R@{k}"]) for k in (1, 5, 10)) for d in ("a2v", "v2a")}
@@ -329,8 +336,11 @@ def tables(results):
                f"({_f(eq['identity_similarity_a'], 3)} / {_f(eq['identity_similarity_v'], 3)})")
         if r["row"] == "default":
             sim += f"; paper {PAPER_SIMILARITY[0]:.2f} / {PAPER_SIMILARITY[1]:.2f}"
+        tr = r["training"]
+        curve = (f"{_f(tr['inter_first'], 2)} → {_f(tr['inter_last'], 2)}, "
+                 f"{_f(tr['acc_a2v_first'], 2)} → {_f(tr['acc_a2v_last'], 2)}")
         lines.append(f"| {r['row']} | {r['seed']} | {rec['a2v']} | {rec['v2a']} | "
-                     f"{_f(r['probe_top1'])} | {sim} | {_f(paper[0])} / {_f(paper[1])} |")
+                     f"{_f(r['probe_top1'])} | {sim} | {curve} | {_f(paper[0])} / {_f(paper[1])} |")
     groups = {m: list(results[0]["equivariance"][f"r2_{m}"]) for m in ("a", "v")}
     r2_head = ("| row | seed | " + " | ".join(f"A {g}" for g in groups["a"]) + " | "
                + " | ".join(f"V {g}" for g in groups["v"]) + " |")

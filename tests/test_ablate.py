@@ -33,8 +33,13 @@ def test_quick_ablation_runs_each_row_as_the_scripts_and_tabulates(toy_root, tmp
     for r in results:
         # the numbers are the ones the scripts wrote: the log's last epoch, results.json
         with open(os.path.join(r["run_dir"], "log.jsonl")) as f:
-            epoch = [x for x in map(json.loads, f) if x["type"] == "epoch"][-1]
+            log = list(map(json.loads, f))
+        epoch = [x for x in log if x["type"] == "epoch"][-1]
         assert r["retrieval"] == epoch["retrieval"] and r["epochs"] == 1
+        steps = [x for x in log if x["type"] == "step"]
+        assert len(steps) > 1 and r["training"] == {
+            "inter_first": steps[0]["inter"], "acc_a2v_first": steps[0]["acc_a2v"],
+            "inter_last": steps[-1]["inter"], "acc_a2v_last": steps[-1]["acc_a2v"]}
         with open(os.path.join(r["run_dir"], "probe", "results.json")) as f:
             assert r["probe_top1"] == json.load(f)["final"]["top1"]
     md = (tmp_path / "abl" / "ablation.md").read_text()
