@@ -61,14 +61,9 @@ P_SPECAUG, P_JITTER, P_BLUR, P_FLIP, P_GRAY = 0.8, 0.8, 0.5, 0.5, 0.2
 JITTER_STRENGTH, HUE_RANGE = 0.4, 0.1        # factors U(0.6, 1.4), hue U(-0.1, 0.1)
 SIGMA_RANGE = (0.1, 2.0)
 TIME_MASK_MAX, FREQ_MASK_MAX, BASE_T, BASE_F = 192, 48, 1024, 128
-
-
-def visual_blur_radius(sigma):   # kernel 2 ceil(3 sigma) + 1 (our choice; torchvision's rule)
-    return torch.ceil(3 * sigma)
-
-
-def audio_blur_radius(sigma):    # kernel 2 ceil(sigma) + 1 (the public code's)
-    return torch.ceil(sigma)
+# Blur kernels are 2 ceil(k sigma) + 1 wide: visual k = 3 (our choice; torchvision's rule),
+# audio k = 1 (the public code's).
+VISUAL_BLUR_SIGMAS, AUDIO_BLUR_SIGMAS = 3, 1
 
 
 # =============================================================================
@@ -83,7 +78,7 @@ def apply_visual(img, t):
     x = resized_crop(img, v["rrc_on"], v["rrc_top"], v["rrc_left"], v["rrc_height"], v["rrc_width"])
     x = colour_jitter(x, v["cj_on"], jitter_order(v), v["cj_brightness"], v["cj_contrast"],
                       v["cj_saturation"], v["cj_hue"])
-    x = gaussian_blur(x, v["blur_on"], v["blur_sigma"], visual_blur_radius)
+    x = gaussian_blur(x, v["blur_on"], v["blur_sigma"], VISUAL_BLUR_SIGMAS)
     x = flip(x, v["flip_on"])                      # width is the last axis: a horizontal flip
     return grayscale(x, v["gray_on"])
 
@@ -100,7 +95,7 @@ def apply_audio(spec, t):
     x = resized_crop(x, v["rrc_on"], v["rrc_time_start"], v["rrc_freq_start"],
                      v["rrc_time_len"], v["rrc_freq_width"])
     x = spectrogram_jitter(x, v["cj_on"], v["cj_brightness"], v["cj_contrast"])
-    x = gaussian_blur(x, v["blur_on"], v["blur_sigma"], audio_blur_radius)
+    x = gaussian_blur(x, v["blur_on"], v["blur_sigma"], AUDIO_BLUR_SIGMAS)
     x = flip(x, v["flip_on"])                      # frequency is the last axis
     return x.squeeze(1)
 
@@ -179,17 +174,17 @@ def spectrogram_jitter(x, on, brightness, contrast):
     return b * (c * x + (1 - c) * x.mean(dim=(1, 2, 3), keepdim=True))
 
 
-def gaussian_blur(x, on, sigma, radius):
+def gaussian_blur(x, on, sigma, sigmas):
     """torchvision's gaussian_blur (reflect padding) with each sample's sigma and kernel size
-    2 radius(sigma) + 1, for the whole batch: every kernel is padded with zeros to the largest
-    one the sampler can draw (sigma < 2), and a Gaussian is separable, so the blur is two
-    grouped convolutions, down the rows and then along the columns. x (B, C, H, W). A sample
-    with blur off gets the kernel (..., 0, 1, 0, ...), which returns it exactly."""
+    2 ceil(sigmas sigma) + 1, for the whole batch: every kernel is padded with zeros to the
+    largest one the sampler can draw (sigma < 2), and a Gaussian is separable, so the blur is
+    two grouped convolutions, down the rows and then along the columns. x (B, C, H, W). A
+    sample with blur off gets the kernel (..., 0, 1, 0, ...), which returns it exactly."""
     B, C, H, W = x.shape
-    R = int(radius(torch.tensor(SIGMA_RANGE[1])))
+    R = math.ceil(sigmas * SIGMA_RANGE[1])
     offset = torch.arange(-R, R + 1, device=x.device, dtype=x.dtype)                 # (2R + 1,)
     sigma = torch.where(on, sigma, 1.0).unsqueeze(1)                                 # (B, 1)
-    kernel = torch.exp(-0.5 * (offset / sigma) ** 2) * (offset.abs() <= radius(sigma))
+    kernel = torch.exp(-0.5 * (offset / sigma) ** 2) * (offset.abs() <= torch.ceil(sigmas * sigma))
     kernel = torch.where(per_sample(on, 2), kernel / kernel.sum(dim=1, keepdim=True),
                          (offset == 0).to(x.dtype))                                   # (B, 2R + 1)
     kernel = kernel.repeat_interleave(C, dim=0)                  # one per channel: (B C, 2R + 1)
