@@ -383,8 +383,9 @@ def score_manifest(cfg):
 
 def noise(results, stats):
     """The two sources of spread in R@1: the evaluation's (bootstrap over one gallery's
-    clips, mean over runs) and training's (sd over seeds of the default row), and the
-    smallest paired effect the default-vs-row comparison resolves (the CI half-width)."""
+    clips, mean over runs) and training's (sd over seeds of the default row), and the range
+    of the paired intervals' half-widths over the rows: the effects the table can resolve
+    (the smallest is one lucky row's, so both ends are reported)."""
     out = {}
     for key in ("a2v_R@1", "v2a_R@1"):
         boots = [r["score"].get(f"{key}_boot_sd") for r in results]
@@ -393,7 +394,8 @@ def noise(results, stats):
         out[f"{key}_seed_sd_default"] = stats.get("default", {}).get(key, (None, None))[1]
         halves = [(e[f"diff_{key}"]["ci95"][1] - e[f"diff_{key}"]["ci95"][0]) / 2
                   for e in stats.values() if f"diff_{key}" in e]
-        out[f"{key}_resolvable"] = min(halves) if halves else None
+        out[f"{key}_ci_half_width_min"] = min(halves) if halves else None
+        out[f"{key}_ci_half_width_max"] = max(halves) if halves else None
     return out
 
 

@@ -1,6 +1,7 @@
 """ablate.py: the runner's quick mode on a tiny config builds both tables from what
 pretrain.py and finetune.py wrote, and reuses finished runs."""
 import json
+import math
 import os
 
 import pytest
@@ -127,3 +128,25 @@ def test_crop_coverage_is_the_share_of_the_box_inside_the_crop():
     area = t[:, augment.VISUAL_SLOTS["rrc_height"]] * t[:, augment.VISUAL_SLOTS["rrc_width"]]
     assert torch.allclose(cover[:200], area[:200])        # the whole frame: the crop's own area
     assert ((cover >= 0) & (cover <= 1)).all() and (cover[200:] == 1).any() and (cover[200:] < 1).any()
+
+
+def test_noise_reports_both_ends_of_the_interval_half_widths():
+    """Half-widths t_{n-1} sd(diff) / sqrt(n), computed here from the differences: the
+    narrowest and the widest row, never one of them alone."""
+    base = [20.0, 22.0, 21.0]
+    rows = {"default": base, "narrow": [19.0, 21.2, 19.9], "wide": [25.0, 18.0, 24.0]}
+    results = [{"row": row, "seed": i, "score": {m: v for m in ablate.METRICS}}
+               for row, values in rows.items() for i, v in enumerate(values)]
+    # the score dicts need bootstrap sds for the evaluation's share
+    for r in results:
+        r["score"].update({"a2v_R@1_boot_sd": 2.0, "v2a_R@1_boot_sd": 3.0})
+    out = ablate.noise(results, ablate.row_statistics(results))
+
+    def half(values):
+        d = [v - b for v, b in zip(values, base)]
+        m = sum(d) / 3
+        return 4.303 * math.sqrt(sum((x - m) ** 2 for x in d) / 2) / math.sqrt(3)
+    assert out["a2v_R@1_ci_half_width_min"] == pytest.approx(half(rows["narrow"]))
+    assert out["a2v_R@1_ci_half_width_max"] == pytest.approx(half(rows["wide"]))
+    assert out["a2v_R@1_evaluation_sd"] == 2.0 and out["v2a_R@1_evaluation_sd"] == 3.0
+    assert out["a2v_R@1_seed_sd_default"] == pytest.approx(1.0)
