@@ -33,11 +33,13 @@ seeds or rows; the tables list every requested row and every seed found for it.
 Writes {out}/ablation.md (markdown tables, the paper's numbers beside ours) and
 {out}/ablation.json.
 """
+import contextlib
 import dataclasses
 import json
 import math
 import os
 import shlex
+import types
 
 import torch
 
@@ -73,6 +75,8 @@ class AblateConfig:
     survival: bool = option(True, "measure what survives the views on the toy (see survival)")
     vggss: str = option("", "VGG-SS's metadata/vggss.json: also measure how much of its boxes "
                             "the visual crop keeps")
+    views: bool = option(False, "also run the view diagnostic (VIEW_DIAGNOSTIC): the augmented "
+                                "inter target with some views kept, 3 epochs each, seed 0")
 
 
 # name -> (pretrain.py flags, what it is, the paper's R@1 V->A, A->V (None: not given))
@@ -399,6 +403,81 @@ def noise(results, stats):
     return out
 
 
+# ---------------------------------------------------------------------------
+# Which views stop the augmented inter-modal target from learning (a diagnostic)
+# ---------------------------------------------------------------------------
+
+# name -> (augmentation groups the applied audio view keeps, the visual view's); "all" keeps
+# every group, () none (the identity). The centroid vectors are never restricted.
+VIEW_DIAGNOSTIC = {
+    "no views": ((), ()),
+    "visual views only": ((), "all"),
+    "audio views only": ("all", ()),
+    "audio specaugment only": (("specaugment",), ()),
+    "audio shift only": (("shift",), ()),
+    "audio crop only": (("crop",), ()),
+    "audio flip only": (("flip",), ()),
+    "audio all but crop": (("specaugment", "shift", "jitter", "blur", "flip"), ()),
+}
+VIEW_EPOCHS = 3
+
+
+@contextlib.contextmanager
+def applied_views(audio_groups, visual_groups):
+    """Within it, the views pretrain.prepare_inputs applies keep only the given augmentation
+    groups (the others at the identity, augment.only), while the centroid vectors and the
+    evaluation are as always; every draw is still made, so the random stream is unchanged.
+    pretrain.py reads its samplers through its module name `augment`, which is swapped here
+    for a copy with the two samplers restricted. A diagnostic, never a training setting."""
+    def keeping(sample, groups, table):
+        if groups == "all":
+            return sample
+        names = [name for group in groups for name in table[group]]
+        return lambda *args: augment.only(sample(*args), names)
+    proxy = types.SimpleNamespace(**vars(augment))
+    proxy.sample_audio_params = keeping(augment.sample_audio_params, audio_groups,
+                                        augment.AUDIO_GROUPS)
+    proxy.sample_visual_params = keeping(augment.sample_visual_params, visual_groups,
+                                         augment.VISUAL_GROUPS)
+    real, pretrain.augment = pretrain.augment, proxy
+    try:
+        yield
+    finally:
+        pretrain.augment = real
+
+
+def view_diagnostic(cfg):
+    """Each VIEW_DIAGNOSTIC entry: the augmented inter target for VIEW_EPOCHS epochs, seed 0,
+    with the applied views restricted; L_inter and a->v training accuracy of the first and
+    last log windows, and a->v R@10 of each epoch (chance: 10 / the gallery size)."""
+    out = {}
+    for name, (audio, visual) in VIEW_DIAGNOSTIC.items():
+        run_dir = os.path.join(cfg.out, "views", name.replace(" ", "_"))
+        args = (["--inter_target", "augmented", "--epochs", str(VIEW_EPOCHS), "--seed", "0",
+                 "--run_dir", run_dir] + shlex.split(cfg.pretrain_args))
+        print(f"\n$ (views: {name}) python pretrain.py {shlex.join(args)}", flush=True)
+        with applied_views(audio, visual):
+            pretrain.main(utils.parse_config(pretrain.PretrainConfig, args,
+                                             profiles=pretrain.PROFILES))
+        with open(os.path.join(run_dir, "log.jsonl")) as f:
+            log = [json.loads(line) for line in f]
+        steps = [r for r in log if r["type"] == "step"]
+        out[name] = {"inter": (steps[0]["inter"], steps[-1]["inter"]),
+                     "acc_a2v": (steps[0]["acc_a2v"], steps[-1]["acc_a2v"]),
+                     "a2v_R@10": [r["retrieval"]["a2v_R@10"] for r in log if r["type"] == "epoch"]}
+    return out
+
+
+def views_table(views):
+    lines = ["| views kept (augmented inter target) | L_inter first → last | a→v acc first → last "
+             "| a→v R@10 by epoch |", "|---|---|---|---|"]
+    for name, v in views.items():
+        lines.append(f"| {name} | {_f(v['inter'][0], 2)} → {_f(v['inter'][1], 2)} | "
+                     f"{_f(v['acc_a2v'][0], 2)} → {_f(v['acc_a2v'][1], 2)} | "
+                     + " / ".join(_f(r) for r in v["a2v_R@10"]) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def main(cfg):
     if cfg.quick:
         cfg = quick_config(cfg)
@@ -423,16 +502,20 @@ def main(cfg):
     toy_root = shlex.split(cfg.pretrain_args + " --toy_root data/toy")
     toy_root = toy_root[toy_root.index("--toy_root") + 1]
     views = survival(toy_root, vggss=cfg.vggss) if cfg.survival else None
+    diagnostic = view_diagnostic(cfg) if cfg.views else None
     report = (tables(results) + f"\nOver seeds, scored on {manifest or 'each run’s last evaluation'}"
               f" in galleries of {cfg.gallery}:\n\n" + statistics_table(stats)
               + "\nNoise, R@1 points: " + _pairs(spread, 1) + "\n"
-              + ("\nWhat survives one view: " + _pairs(views, 3) + "\n" if views else ""))
+              + ("\nWhat survives one view: " + _pairs(views, 3) + "\n" if views else "")
+              + ("\nWhich views stop the augmented target (seed 0, "
+                 f"{VIEW_EPOCHS} epochs):\n\n" + views_table(diagnostic) if diagnostic else ""))
     os.makedirs(cfg.out, exist_ok=True)
     with open(os.path.join(cfg.out, "ablation.md"), "w") as f:
         f.write(report)
     with open(os.path.join(cfg.out, "ablation.json"), "w") as f:
         json.dump({"config": dataclasses.asdict(cfg), "runs": results, "statistics": stats,
-                   "noise": spread, "survival": views, "score_data": manifest}, f, indent=1)
+                   "noise": spread, "survival": views, "view_diagnostic": diagnostic,
+                   "score_data": manifest}, f, indent=1)
     print("\n" + report + f"\nwrote {cfg.out}/ablation.md and ablation.json")
     return results
 

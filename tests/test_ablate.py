@@ -5,6 +5,7 @@ import math
 import os
 
 import pytest
+import torch
 
 import ablate
 import toy
@@ -150,3 +151,30 @@ def test_noise_reports_both_ends_of_the_interval_half_widths():
     assert out["a2v_R@1_ci_half_width_max"] == pytest.approx(half(rows["wide"]))
     assert out["a2v_R@1_evaluation_sd"] == 2.0 and out["v2a_R@1_evaluation_sd"] == 3.0
     assert out["a2v_R@1_seed_sd_default"] == pytest.approx(1.0)
+
+
+def test_applied_views_restrict_only_the_applied_vectors_and_are_undone():
+    """Inside applied_views the applied t_a is the identity and t_v keeps only the flip slot
+    of the draw it replaces; the centroid vectors and the random stream are untouched."""
+    import augment
+    import pretrain
+    from model import get_config
+    mcfg = get_config("tiny")
+    batch = {"audio": torch.randn(4, mcfg.audio_length, mcfg.mel_bins),
+             "frame": torch.randint(0, 256, (4, 3, mcfg.image_size, mcfg.image_size),
+                                    dtype=torch.uint8)}
+    cpu = torch.device("cpu")
+    free = pretrain.prepare_inputs(batch, torch.Generator().manual_seed(3), mcfg, 2, cpu)
+    with ablate.applied_views((), ("flip",)):
+        kept = pretrain.prepare_inputs(batch, torch.Generator().manual_seed(3), mcfg, 2, cpu)
+    after = pretrain.prepare_inputs(batch, torch.Generator().manual_seed(3), mcfg, 2, cpu)
+    t_a, t_v, T_a, T_v = kept[4:]
+    assert torch.equal(t_a, augment.audio_identity(4))
+    flip = augment.VISUAL_SLOTS["flip_on"]
+    expected = augment.visual_identity(4)
+    expected[:, flip] = free[5][:, flip]
+    assert torch.equal(t_v, expected) and not torch.equal(free[5], expected)
+    assert torch.equal(T_a, free[6]) and torch.equal(T_v, free[7])   # centroid vectors as drawn
+    assert torch.equal(kept[0], free[0])                              # the same time roll
+    assert torch.equal(kept[2], augment.apply_audio(kept[0], t_a))    # the identity view
+    assert pretrain.augment is augment and all(torch.equal(a, b) for a, b in zip(after, free))
