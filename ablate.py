@@ -3,6 +3,7 @@
     python ablate.py                               # every row, seed 0 (about 80 min on 2 cores)
     python ablate.py --rows default,invariant --seeds 5
     python ablate.py --quick                       # 1 epoch, 2 seeds, a tiny toy: a smoke run
+    python ablate.py --rows inter_augmented --views true   # + which views stop that target
 
 Rows (the switches of the paper's ablation tables, as read from the authors'
 poster; AudioSet zero-shot R@1, V->A / A->V):
