@@ -318,6 +318,11 @@ def run(cfg, device, local_rank=0):
             "num_classes": num_classes, "multilabel": multilabel,
             "linear_probe": cfg.linear_probe, "config": dataclasses.asdict(cfg)}
     start_epoch, step, best, history = resume(cfg.run_dir, meta, net, optimizer, scaler)
+    earlier = best.get("chosen_on", "test") if best is not None else chosen_on
+    if earlier != chosen_on:   # an epoch chosen on test must not compete with one on val
+        raise utils.UsageError(f"{cfg.run_dir} chose its best epoch on {earlier}; resume it "
+                               f"{'with' if earlier == 'val' else 'without'} --val, or pass "
+                               f"another --run_dir")
     model = utils.wrap_model(net, device, local_rank)
     bad_data = data.BadDataPolicy(cfg.max_bad_fraction) if cfg.skip_bad else None
     if start_epoch == 0:
@@ -333,7 +338,7 @@ def run(cfg, device, local_rank=0):
         metrics = evaluate(net, test_loader, device, cfg, multilabel)
         # the epoch is chosen on the validation split when there is one, else on test itself
         val = evaluate(net, val_loader, device, cfg, multilabel) if val_loader is not None else None
-        choice = (val or metrics)[main_metric]
+        choice = (val if val is not None else metrics)[main_metric]
         record = {"type": "epoch", "epoch": epoch + 1, "step": step, **train,
                   "train_time_s": train_s, "eval_time_s": time.time() - t0 - train_s, **metrics}
         if val is not None:
@@ -368,7 +373,7 @@ def _results(cfg, multilabel, main_metric, best, history):
                "headline": None, "best": best, "final": history[-1] if history else None,
                "run_dir": cfg.run_dir, "config": dataclasses.asdict(cfg)}
     if best is not None:
-        on_val = best["chosen_on"] == "val"
+        on_val = best.get("chosen_on") == "val"
         results["headline"] = {"chosen_by": "val" if on_val else "final epoch",
                                "epoch": best["epoch"] if on_val else history[-1]["epoch"],
                                "metrics": best["metrics"] if on_val else

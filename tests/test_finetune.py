@@ -259,6 +259,9 @@ def test_val_manifest_chooses_the_epoch_and_the_headline_is_its_test_score(
     assert res["headline"]["epoch"] == chosen + 1
     assert res["headline"]["metrics"]["top1"] == history[chosen]["top1"]
     assert torch.load(run / "best.pt", weights_only=True)["epoch"] == chosen + 1
+    # resuming it without --val would let a test-chosen epoch compete: refused
+    with pytest.raises(utils.UsageError, match="chose its best epoch on val; resume it with --val"):
+        finetune.main(_cfg(root, ckpt, run, epochs=4, lr=1e-3))
     # a missing validation file is a usage error before anything runs
     with pytest.raises(utils.UsageError, match="--val .*no such file"):
         finetune.main(_cfg(root, ckpt, tmp_path / "x", val=str(tmp_path / "missing.json")))
