@@ -178,3 +178,23 @@ def test_applied_views_restrict_only_the_applied_vectors_and_are_undone():
     assert torch.equal(kept[0], free[0])                              # the same time roll
     assert torch.equal(kept[2], augment.apply_audio(kept[0], t_a))    # the identity view
     assert pretrain.augment is augment and all(torch.equal(a, b) for a, b in zip(after, free))
+
+
+def test_view_diagnostic_reports_what_its_runs_logged(toy_root, tmp_path, monkeypatch):
+    """One restricted-view run (1 epoch): the augmented inter target, the numbers read back
+    from its own log, and the table row that shows them."""
+    monkeypatch.setattr(ablate, "VIEW_DIAGNOSTIC", {"audio crop only": (("crop",), ())})
+    monkeypatch.setattr(ablate, "VIEW_EPOCHS", 1)
+    common = f"--toy_root {toy_root} --device cpu --num_workers 0 --batch_size 4 --log_every 1"
+    cfg = ablate.AblateConfig(out=str(tmp_path / "abl"), pretrain_args=(
+        f"{common} --model_overrides {SMALL} --S 2 --eval_batch_size 4 --cpu_threads 1"))
+    out = ablate.view_diagnostic(cfg)["audio crop only"]
+    run_dir = tmp_path / "abl" / "views" / "audio_crop_only"
+    log = [json.loads(line) for line in open(run_dir / "log.jsonl")]
+    config = [r for r in log if r["type"] == "config"][0]
+    assert config["inter_target"] == "augmented" and config["epochs"] == 1
+    steps = [r for r in log if r["type"] == "step"]
+    assert out["inter"] == (steps[0]["inter"], steps[-1]["inter"])
+    assert out["a2v_R@10"] == [r["retrieval"]["a2v_R@10"] for r in log if r["type"] == "epoch"]
+    assert "| audio crop only | " in ablate.views_table({"audio crop only": out})
+    assert ablate.pretrain.augment is ablate.augment          # the samplers are restored
