@@ -116,10 +116,7 @@ def run_row(cfg, row, seed):
     with open(os.path.join(run_dir, "log.jsonl")) as f:
         log = [json.loads(line) for line in f]
     last = [r for r in log if r["type"] == "epoch"][-1]
-    steps = [r for r in log if r["type"] == "step"]
-    # did the inter-modal loss learn in training? its first and last log windows
-    training = {f"{k}_{when}": r[k] for when, r in (("first", steps[0]), ("last", steps[-1]))
-                for k in ("inter", "acc_a2v")}
+    training = training_curve(log)
     result = {"row": row, "seed": seed, "run_dir": run_dir, "epochs": last["epoch"],
               "retrieval": last.get("retrieval"), "equivariance": last.get("equivariance"),
               "training": training,
@@ -135,6 +132,18 @@ def run_row(cfg, row, seed):
         result.update(probe_top1=final.get("top1", final.get("mAP")),
                       probe_command="python finetune.py " + shlex.join(probe))
     return result
+
+
+def training_curve(log):
+    """Did the inter-modal loss learn in training? L_inter and the a->v training accuracy of
+    the first and last log windows of a run's log.jsonl records."""
+    steps = [r for r in log if r["type"] == "step"]
+    return {f"{k}_{when}": r[k] for when, r in (("first", steps[0]), ("last", steps[-1]))
+            for k in ("inter", "acc_a2v")}
+
+
+def _curve(tr, key):
+    return f"{_f(tr[key + '_first'], 2)} → {_f(tr[key + '_last'], 2)}"
 
 
 # ---------------------------------------------------------------------------
@@ -341,9 +350,7 @@ def tables(results):
                f"({_f(eq['identity_similarity_a'], 3)} / {_f(eq['identity_similarity_v'], 3)})")
         if r["row"] == "default":
             sim += f"; paper {PAPER_SIMILARITY[0]:.2f} / {PAPER_SIMILARITY[1]:.2f}"
-        tr = r["training"]
-        curve = (f"{_f(tr['inter_first'], 2)} → {_f(tr['inter_last'], 2)}, "
-                 f"{_f(tr['acc_a2v_first'], 2)} → {_f(tr['acc_a2v_last'], 2)}")
+        curve = f"{_curve(r['training'], 'inter')}, {_curve(r['training'], 'acc_a2v')}"
         lines.append(f"| {r['row']} | {r['seed']} | {rec['a2v']} | {rec['v2a']} | "
                      f"{_f(r['probe_top1'])} | {sim} | {curve} | {_f(paper[0])} / {_f(paper[1])} |")
     groups = {m: list(results[0]["equivariance"][f"r2_{m}"]) for m in ("a", "v")}
@@ -462,9 +469,7 @@ def view_diagnostic(cfg):
                                              profiles=pretrain.PROFILES))
         with open(os.path.join(run_dir, "log.jsonl")) as f:
             log = [json.loads(line) for line in f]
-        steps = [r for r in log if r["type"] == "step"]
-        out[name] = {"inter": (steps[0]["inter"], steps[-1]["inter"]),
-                     "acc_a2v": (steps[0]["acc_a2v"], steps[-1]["acc_a2v"]),
+        out[name] = {**training_curve(log),
                      "a2v_R@10": [r["retrieval"]["a2v_R@10"] for r in log if r["type"] == "epoch"]}
     return out
 
@@ -473,8 +478,7 @@ def views_table(views):
     lines = ["| views kept (augmented inter target) | L_inter first → last | a→v acc first → last "
              "| a→v R@10 by epoch |", "|---|---|---|---|"]
     for name, v in views.items():
-        lines.append(f"| {name} | {_f(v['inter'][0], 2)} → {_f(v['inter'][1], 2)} | "
-                     f"{_f(v['acc_a2v'][0], 2)} → {_f(v['acc_a2v'][1], 2)} | "
+        lines.append(f"| {name} | {_curve(v, 'inter')} | {_curve(v, 'acc_a2v')} | "
                      + " / ".join(_f(r) for r in v["a2v_R@10"]) + " |")
     return "\n".join(lines) + "\n"
 

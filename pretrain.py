@@ -313,8 +313,8 @@ def build_data(cfg, mcfg, device):
     eval_loader = loader(eval_manifest, False, cfg.eval_batch_size) if eval_manifest else None
     utils.print0(f"data: {len(train_loader.dataset)} training clips ({train_manifest}), "
                  f"{len(train_loader)} steps/epoch of {cfg.batch_size} x {utils.get_world_size()}; "
-                 f"retrieval on "
-                 f"{eval_manifest or 'nothing (no --eval_data)'}; fbank mean/std {[mean, std]}")
+                 f"retrieval on {eval_manifest or 'nothing (no --eval_data)'}; "
+                 f"fbank mean/std {[mean, std]}")
     return train_loader, eval_loader, [mean, std]
 
 

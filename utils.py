@@ -318,8 +318,8 @@ def init_distributed(device=None):
 def cpu_threads(device, threads, num_workers, world):
     """On the CPU, run with `threads` torch threads per process (0: the cores left after
     the loader workers, at least 1, since oversubscribed cores run several times slower;
-    None: torch's default), then restore the old count
-    (main() may be called in-process: tests, notebooks)."""
+    None: torch's default), then restore the old count (main() may be called in-process:
+    tests, notebooks)."""
     before = torch.get_num_threads()
     if device.type == "cpu" and threads is not None:
         torch.set_num_threads(threads or max(1, available_cores() // world - num_workers))
@@ -407,7 +407,6 @@ def to_device_together(tensors, device):
     flat = flat.to(device, non_blocking=True)
     parts = flat.split([x.numel() for x in tensors])
     return [part.view(x.shape) for part, x in zip(parts, tensors)]
-
 
 
 # ---------------------------------------------------------------------------

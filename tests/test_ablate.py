@@ -194,7 +194,7 @@ def test_view_diagnostic_reports_what_its_runs_logged(toy_root, tmp_path, monkey
     config = [r for r in log if r["type"] == "config"][0]
     assert config["inter_target"] == "augmented" and config["epochs"] == 1
     steps = [r for r in log if r["type"] == "step"]
-    assert out["inter"] == (steps[0]["inter"], steps[-1]["inter"])
+    assert (out["inter_first"], out["inter_last"]) == (steps[0]["inter"], steps[-1]["inter"])
     assert out["a2v_R@10"] == [r["retrieval"]["a2v_R@10"] for r in log if r["type"] == "epoch"]
     assert "| audio crop only | " in ablate.views_table({"audio crop only": out})
     assert ablate.pretrain.augment is ablate.augment          # the samplers are restored
