@@ -227,13 +227,6 @@ def augment_audio(spec, generator):
     return apply_audio(spec, t), t
 
 
-def sample_time_roll(B, T, generator):
-    """Input noise on the original spectrogram (SPEC 12): a circular shift along time by an
-    integer uniform in [0, T) per sample, not recorded. (B,) frames, float32 on the CPU
-    (for `roll_time`)."""
-    return torch.randint(0, T, (B,), generator=generator).float()
-
-
 # =============================================================================
 # Sampling (on the CPU, vectorized over samples)
 # =============================================================================
@@ -281,6 +274,13 @@ def sample_visual_vectors(B, S, generator, H=224, W=224):
 def sample_audio_vectors(B, S, generator, T=1024, F=128):
     """S vectors per sample for the centroid (SPEC 6), never applied: (B, S, 24) on the CPU."""
     return sample_audio_params(B * S, generator, T, F).view(B, S, AUDIO_DIM)
+
+
+def sample_time_roll(B, T, generator):
+    """Input noise on the original spectrogram (SPEC 12): a circular shift along time by an
+    integer uniform in [0, T) per sample, not recorded. (B,) frames, float32 on the CPU
+    (for `roll_time`)."""
+    return torch.randint(0, T, (B,), generator=generator).float()
 
 
 def _crop_boxes(n, generator, H, W, ratio):
