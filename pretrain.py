@@ -241,7 +241,7 @@ def train_one_epoch(model, criterion, optimizer, scaler, loader, epoch, step, cf
 
 
 # =============================================================================
-# Building: config, data, model, loss, optimiser
+# The checkpoint's contents, then building: config, data, model, loss, optimiser
 # =============================================================================
 
 def save_checkpoint(path, cfg, mcfg, net, criterion, optimizer, scaler, step, epoch, norm_stats):
