@@ -1,16 +1,20 @@
 """prepare.py on media encoded here with PyAV (CI has no FFmpeg binary and no network):
 videos and sound + picture pairs become the layout data.py reads, failures are named,
 an interrupted run resumes. Skipped, with the install command, without PyAV."""
+import dataclasses
 import json
 import os
+import sys
 import wave
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 import audio_io
 import data
+import localize
 import prepare
 
 av = pytest.importorskip("av", reason=f"PyAV is an optional extra: {audio_io.PYAV_INSTALL}")
@@ -227,3 +231,250 @@ def test_videos_without_labels_are_an_unlabelled_set_that_passes_check(tmp_path,
     assert data.main(["check", str(out / "data.json")]) == 0
     printed = capsys.readouterr().out
     assert "labels NOT checked: no entry has labels" in printed and "2 entries, 0 bad" in printed
+
+
+# ===========================================================================
+# Segment lists (--segments), fetching (--fetch), evaluation subsets (--vggss, --ids)
+# ===========================================================================
+
+SW, SH, SR = 96, 48, 16000
+
+
+def encode_seconds(path, seconds, first=0, with_audio=True, with_video=True):
+    """A video whose second k (k = first, first + 1, ...) shows a white square at
+    x = 2 + 5 k and sounds a tone of 300 + 100 k Hz: what any second of a cut came from
+    can be read off its picture and its sound."""
+    c = av.open(str(path), "w")
+    vs = c.add_stream("mpeg4", rate=FPS) if with_video else None
+    s = c.add_stream("aac", rate=SR) if with_audio else None
+    if with_audio:
+        s.layout = "mono"
+    if with_video:
+        vs.width, vs.height, vs.pix_fmt = SW, SH, "yuv420p"
+        for i in range(int(seconds * FPS)):
+            img = np.zeros((SH, SW, 3), np.uint8)
+            x = 2 + 5 * (first + i // FPS)
+            img[18:30, x:x + 4] = 255
+            for p in vs.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
+                c.mux(p)
+        for p in vs.encode():
+            c.mux(p)
+    if with_audio:
+        t = np.arange(int(seconds * SR)) / SR
+        hz = 300 + 100 * (first + np.floor(t))
+        x = (0.5 * np.sin(2 * np.pi * np.cumsum(hz) / SR)).astype(np.float32)
+        step = s.codec_context.frame_size or 1024
+        for start in range(0, x.size, step):
+            f = av.AudioFrame.from_ndarray(x[None, start:start + step].copy(), format="fltp",
+                                           layout="mono")
+            f.sample_rate, f.pts = SR, start
+            for p in s.encode(f):
+                c.mux(p)
+        for p in s.encode():
+            c.mux(p)
+    c.close()
+
+
+def second_of_frame(path):
+    """Which source second a frame shows: its square's position."""
+    return round((square_x(path) - 1.5 - 2) / 5)
+
+
+def tone_hz(x):
+    spec = np.abs(np.fft.rfft(x * np.hanning(len(x))))
+    return np.fft.rfftfreq(len(x), 1 / SR)[spec.argmax()]
+
+
+def wav_samples(path):
+    with wave.open(str(path)) as w:
+        return np.frombuffer(w.readframes(w.getnframes()), "<i2").astype(float) / 32768
+
+
+def assert_seconds(out, video_id, first, n_seconds):
+    """The clip's sound second j and frame j are the source's second first + j; a sound
+    second's tone changes within 20 ms of where the source's did."""
+    x = wav_samples(out / "audio" / f"{video_id}.wav")
+    # Matroska keeps the AAC encoder's padding of the last frame: up to 1024 samples more
+    assert abs(x.size - n_seconds * SR) < 0.07 * SR
+    for j in range(n_seconds):
+        assert abs(tone_hz(x[j * SR + 320:(j + 1) * SR - 320]) - (300 + 100 * (first + j))) < 15
+        if j:                                  # just before and just after the boundary
+            before, after = x[j * SR - 1600:j * SR - 320], x[j * SR + 320:j * SR + 1600]
+            assert abs(tone_hz(before) - (200 + 100 * (first + j))) < 40
+            assert abs(tone_hz(after) - (300 + 100 * (first + j))) < 40
+    shown = [second_of_frame(data.frame_path(out / "frames", video_id, k)) for k in range(10)]
+    last = first + n_seconds - 1
+    assert shown == [min(first + k, last) for k in range(10)]
+
+
+def test_segment_lists_in_both_published_formats(tmp_path):
+    audioset = tmp_path / "balanced_train_segments.csv"
+    audioset.write_text("# Segments csv created Sun Mar  5 10:54:31 2017\n"
+                        "# num_ytids=2, num_segs=2, num_unique_labels=3, num_positive_labels=3\n"
+                        "# YTID, start_seconds, end_seconds, positive_labels\n"
+                        '--PJHxphWEs, 30.000, 40.000, "/m/09x0r,/t/dd00088"\n'
+                        '-0Gj8-vB1q4, 12.500, 20.000, "/m/04rlf"\n')
+    fmt, rows = prepare.read_segments(audioset)
+    assert fmt == "audioset"
+    assert [(s.video_id, s.ytid, s.start, s.end, s.labels) for s in rows] == [
+        ("--PJHxphWEs_000030", "--PJHxphWEs", 30.0, 40.0, ("/m/09x0r", "/t/dd00088")),
+        ("-0Gj8-vB1q4_000012.500", "-0Gj8-vB1q4", 12.5, 20.0, ("/m/04rlf",))]
+    vgg = tmp_path / "vggsound.csv"
+    vgg.write_text('---g-f_I2yQ,1,people marching,test\n'
+                   '--0PQM4-hqg,30,"female speech, woman speaking",train\n')
+    fmt, rows = prepare.read_segments(vgg)
+    assert fmt == "vggsound"
+    assert [(s.video_id, s.end, s.labels, s.split) for s in rows] == [
+        ("---g-f_I2yQ_000001", 11.0, ("people marching",), "test"),
+        ("--0PQM4-hqg_000030", 40.0, ("female speech, woman speaking",), "train")]
+    labels, classes = prepare.segment_labels(fmt, rows, None)
+    assert classes == [(0, "female_speech_woman_speaking", "female speech, woman speaking"),
+                       (1, "people_marching", "people marching")]
+    assert labels["---g-f_I2yQ_000001"] == "people_marching"
+    # a class list given: names are matched to its mids; an unknown one names its row
+    (tmp_path / "classes.csv").write_text("index,mid,display_name\n0,/v/0,people marching\n")
+    with pytest.raises(data.DataError, match=r"vggsound.csv:2: 'female speech, woman speaking'"):
+        prepare.segment_labels(fmt, rows, str(tmp_path / "classes.csv"))
+    # a broken row: its file and line
+    vgg.write_text('---g-f_I2yQ,1,people marching,test\nabc,x,dog,train\n')
+    with pytest.raises(data.DataError, match=r"vggsound.csv:2: expected a YouTube id"):
+        prepare.read_segments(vgg)
+    vgg.write_text('---g-f_I2yQ,1,people marching,validation\n')
+    with pytest.raises(data.DataError, match=r"vggsound.csv:1: the split column"):
+        prepare.read_segments(vgg)
+
+
+def test_segments_are_cut_at_the_right_seconds_from_full_and_precut_videos(tmp_path, capsys):
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    encode_seconds(videos / "AAAAAAAAAAA.mp4", 15)                   # a whole video
+    encode_seconds(videos / "BBBBBBBBBBB_000002.mp4", 10, first=2)   # the segment, cut already
+    encode_seconds(videos / "CCCCCCCCCCC.mkv", 12)                   # ends before the segment
+    encode_seconds(videos / "DDDDDDDDDDD.mp4", 12, with_audio=False)
+    encode_seconds(videos / "EEEEEEEEEEE.mp4", 3, with_video=False)
+    encode_seconds(videos / "GGGGGGGGGGG.mp4", 12)
+    (videos / "HHHHHHHHHHH.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42" + bytes(range(256)) * 8)
+    csv_path = tmp_path / "eval_segments.csv"
+    csv_path.write_text("# YTID, start_seconds, end_seconds, positive_labels\n"
+                        'AAAAAAAAAAA, 3.000, 13.000, "/m/a"\nBBBBBBBBBBB, 2.000, 12.000, "/m/b"\n'
+                        'CCCCCCCCCCC, 5.000, 15.000, "/m/a,/m/b"\n'
+                        'DDDDDDDDDDD, 0.000, 10.000, "/m/a"\nEEEEEEEEEEE, 0.000, 3.000, "/m/a"\n'
+                        'FFFFFFFFFFF, 0.000, 10.000, "/m/a"\nGGGGGGGGGGG, 11.500, 21.500, "/m/a"\n'
+                        'HHHHHHHHHHH, 0.000, 10.000, "/m/a"\n')
+    out = tmp_path / "out"
+    cfg = prepare.PrepareConfig(segments=str(csv_path), videos=str(videos), out=str(out))
+    entries, missing = prepare.main(cfg)
+    assert [e["video_id"] for e in entries] == ["AAAAAAAAAAA_000003", "BBBBBBBBBBB_000002",
+                                                "CCCCCCCCCCC_000005"]
+    assert_seconds(out, "AAAAAAAAAAA_000003", 3, 10)
+    assert_seconds(out, "BBBBBBBBBBB_000002", 2, 10)      # from its own time 0
+    assert_seconds(out, "CCCCCCCCCCC_000005", 5, 7)       # what there is: seconds 5..11
+    a, b, c = entries
+    assert "source_was_cut" not in a and b["source_was_cut"] and c["short"]
+    assert c["frames_repeated"] == 3 and c["labels"] == "/m/a,/m/b"
+    assert (a["start"], a["end"], a["frame_size"]) == (3.0, 13.0, [SW, SH])
+    assert missing == {"DDDDDDDDDDD_000000": "no audio track",
+                       "EEEEEEEEEEE_000000": "no video track", "FFFFFFFFFFF_000000": "not found",
+                       "GGGGGGGGGGG_000011.500": "too short",
+                       "HHHHHHHHHHH_000000": "undecodable"}
+    failures = [line.split("\t") for line in (out / "failures.txt").read_text().splitlines()]
+    assert {f[0]: f[1] for f in failures} == missing and all(f[2] for f in failures)
+    printed = capsys.readouterr().out
+    assert "8 clips asked, 3 written (0 before this run), 5 missing" in printed
+    assert "missing, too short: 1" in printed and "written short" in printed
+    # the manifest is named after its CSV and passes check against the class CSV written
+    assert data.main(["check", str(out / "eval_segments.json")]) == 0
+    assert data.read_label_csv(out / "class_labels_indices.csv")[0] == ["/m/a", "/m/b"]
+    # a rerun makes nothing again; a CSV row's id with a bare YTID and a clip id as --ids
+    (out / "clips" / "AAAAAAAAAAA_000003.json").touch()
+    before = {p.name: p.stat().st_mtime_ns for p in (out / "clips").iterdir()}
+    prepare.main(cfg)
+    assert "0 to make" in capsys.readouterr().out
+    assert {p.name: p.stat().st_mtime_ns for p in (out / "clips").iterdir()} == before
+    (tmp_path / "subset.txt").write_text("AAAAAAAAAAA\nCCCCCCCCCCC_000005\nDDDDDDDDDDD_000000\n")
+    prepare.main(prepare.PrepareConfig(ids=str(tmp_path / "subset.txt"), out=str(out)))
+    assert [e["video_id"] for e in data.read_manifest(out / "subset.json")] == [
+        "AAAAAAAAAAA_000003", "CCCCCCCCCCC_000005"]
+    assert (out / "subset_missing.txt").read_text() == "DDDDDDDDDDD_000000\n"
+
+
+FAKE_FETCH = '''
+import shutil, sys, time
+ytid, start, out, source, log = sys.argv[1:]
+open(log, "a").write(ytid + " " + start + "\\n")
+if ytid.startswith("X"):
+    open(out + ".part", "w").write("half")
+    sys.exit("ERROR: [youtube] " + ytid + ": Video unavailable")
+if ytid.startswith("S"):
+    open(out + ".part", "w").write("half")
+    time.sleep(60)
+shutil.copy(source + "/" + ytid + ".mp4", out)
+'''
+
+
+def test_fetch_runs_the_command_per_clip_and_records_what_fails(tmp_path, capsys):
+    source = tmp_path / "youtube"
+    source.mkdir()
+    for ytid in ("AAAAAAAAAAA", "BBBBBBBBBBB"):
+        encode_seconds(source / f"{ytid}.mp4", 12)
+    script, log = tmp_path / "fake_fetch.py", tmp_path / "calls.txt"
+    script.write_text(FAKE_FETCH)
+    template = f"{sys.executable} {script} {{ytid}} {{start}} {{out}} {source} {log}"
+    vgg = tmp_path / "vggsound.csv"
+    vgg.write_text("AAAAAAAAAAA,1,dog barking,train\nBBBBBBBBBBB,0,cat meowing,test\n"
+                   "XXXXXXXXXXX,4,dog barking,train\nSSSSSSSSSSS,0,dog barking,train\n")
+    out = tmp_path / "out"
+    cfg = prepare.PrepareConfig(segments=str(vgg), fetch=template, fetch_timeout=1.0,
+                                out=str(out), workers=2)
+    entries, missing = prepare.main(cfg)
+    assert sorted(e["video_id"] for e in entries) == ["AAAAAAAAAAA_000001", "BBBBBBBBBBB_000000"]
+    assert_seconds(out, "AAAAAAAAAAA_000001", 1, 10)
+    assert missing == {"XXXXXXXXXXX_000004": "fetch failed", "SSSSSSSSSSS_000000": "fetch timed out"}
+    report = (out / "failures.txt").read_text()
+    assert "XXXXXXXXXXX_000004\tfetch failed\t" in report and "Video unavailable" in report
+    assert not any((out / ".fetch").iterdir())             # nothing of a failed fetch is left
+    calls = log.read_text().split("\n")
+    assert sorted(c for c in calls if c.startswith(("X", "S"))) == ["SSSSSSSSSSS 0"] * 2 + [
+        "XXXXXXXXXXX 4"] * 2                                 # one retry each
+    assert [e["video_id"] for e in data.read_manifest(out / "train.json")] == ["AAAAAAAAAAA_000001"]
+    assert data.read_label_csv(out / "class_labels_indices.csv")[0] == ["cat_meowing", "dog_barking"]
+    # a rerun fetches nothing again; --retry_missing only the missing
+    n_calls = len(log.read_text().splitlines())
+    prepare.main(cfg)
+    assert len(log.read_text().splitlines()) == n_calls
+    assert "2 failed before (--retry_missing retries them), 0 to make" in capsys.readouterr().out
+    _, still = prepare.main(dataclasses.replace(cfg, retry_missing=True, fetch_timeout=0.5))
+    again = log.read_text().splitlines()[n_calls:]
+    assert sorted(again) == ["SSSSSSSSSSS 0"] * 2 + ["XXXXXXXXXXX 4"] * 2 and still == missing
+
+
+def test_vggss_boxes_reach_the_manifest_and_score_with_localize(tmp_path):
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    for ytid in ("AAAAAAAAAAA", "BBBBBBBBBBB"):
+        encode_seconds(videos / f"{ytid}.mp4", 12)
+    vgg = tmp_path / "vggsound.csv"
+    vgg.write_text("AAAAAAAAAAA,0,dog barking,test\nBBBBBBBBBBB,2,dog barking,test\n")
+    out = tmp_path / "out"
+    prepare.main(prepare.PrepareConfig(segments=str(vgg), videos=str(videos), out=str(out)))
+    # VGG-SS's format: the box of the square at the middle frame (second start + 5)
+    def square_box(second):
+        return [(2 + 5 * second) / SW, 18 / SH, (6 + 5 * second) / SW, 30 / SH]
+    (tmp_path / "vggss.json").write_text(json.dumps([
+        {"file": "AAAAAAAAAAA_000000", "class": "dog barking", "bbox": [square_box(5)]},
+        {"file": "BBBBBBBBBBB_000002", "class": "dog barking",
+         "bbox": [square_box(7), [-2.9e16, 0.1, -1.0, 0.2]]},
+        {"file": "ZZZZZZZZZZZ_000030", "class": "dog barking", "bbox": [[0.1, 0.1, 0.5, 0.5]]}]))
+    prepare.main(prepare.PrepareConfig(vggss=str(tmp_path / "vggss.json"), out=str(out)))
+    entries = data.read_manifest(out / "vggss.json")
+    assert [e["boxes"] for e in entries] == [[square_box(5)], [square_box(7)]]  # one dropped
+    assert (out / "vggss_missing.txt").read_text() == "ZZZZZZZZZZZ_000030\n"
+    # scored as localize.py scores: a map that is the frame's brightness points into the box
+    ds = data.AudioVisualDataset(str(out / "vggss.json"), train=False, norm_mean=0.0,
+                                 norm_std=1.0, audio_length=128, mel_bins=32, image_size=48)
+    frames = torch.stack([ds[i]["frame"] for i in range(len(ds))]).float().mean(1)   # (B, H, W)
+    boxes = [localize.clip_boxes(e, 48, ds.frame_file(i, data.EVAL_FRAME))[0]
+             for i, e in enumerate(entries)]
+    scores = localize.score_maps(frames, boxes)
+    assert scores["pointing_game"] == 100.0
+    assert localize.score_maps(frames.flip(-1), boxes)["pointing_game"] == 0.0
