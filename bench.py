@@ -21,6 +21,10 @@ augment    augmentation (augment.augment_audio / augment_visual) at the base siz
 data       data loading from the toy dataset files (tiny sizes), 0 and 2 workers:
            samples over the wall time from creating the iterator to the last batch.
 retrieval  retrieval.retrieval_metrics on random unit embeddings of the presets' sizes.
+cut        (not run unless asked; needs PyAV) prepare.py's cut of one 10 s segment out of a
+           YouTube-like video written here: 60 s of 640x360 H.264 at 25 fps with a
+           keyframe every 5 s, AAC 44.1 kHz stereo; decode, resample, 10 frames, WAV and
+           JPEGs written. Seconds per clip, in this process.
 
 Every timing: warm-up first, the device synchronized before each clock read,
 the median of the repeats. Peak memory is torch.cuda.max_memory_allocated on
@@ -43,6 +47,7 @@ import sys
 import tempfile
 import time
 import traceback
+from pathlib import Path
 from typing import Optional
 
 import torch
@@ -50,8 +55,10 @@ import torch.nn.functional as F
 import torch.utils._pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
+import audio_io
 import augment
 import data
+import prepare
 import pretrain
 import retrieval
 import toy
@@ -108,7 +115,7 @@ DEFAULTS = {
     "quick": dict(presets="tiny", precisions="fp32", compile=False, warmup=1, repeats=2,
                   aug_batch=4, data_batches=2, retrieval_sizes="1725"),
 }
-PARTS = ("step", "augment", "data", "retrieval")
+PARTS = ("step", "augment", "data", "retrieval", "cut")
 
 
 def resolve_config(cfg):
@@ -583,6 +590,51 @@ def bench_retrieval(cfg, devices):
 
 
 # =============================================================================
+# Part 5: cutting a segment out of a video (prepare.py --segments)
+# =============================================================================
+
+def bench_cut(cfg):
+    av = audio_io.import_av("the cut part writes and decodes a video with PyAV")
+    seconds, (w, h) = (12, (320, 180)) if cfg.quick else (60, (640, 360))
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "video.mp4")
+        codec = "libx264" if "libx264" in av.codecs_available else "mpeg4"
+        with av.open(path, "w") as c:
+            vs, aus = c.add_stream(codec, rate=25), c.add_stream("aac", rate=44100)
+            vs.width, vs.height, vs.pix_fmt = w, h, "yuv420p"
+            vs.codec_context.gop_size, aus.layout = 125, "stereo"
+            noise = torch.Generator().manual_seed(cfg.seed)
+            for i in range(seconds * 25):   # moving noise, so that frames cost what real ones do
+                img = torch.randint(0, 256, (h, w, 3), generator=noise, dtype=torch.uint8)
+                c.mux(vs.encode(av.VideoFrame.from_ndarray(img.numpy(), format="rgb24")))
+            c.mux(vs.encode())
+            sound = (0.1 * torch.randn(2, seconds * 44100, generator=noise)).numpy()
+            for start in range(0, sound.shape[1], 1024):
+                frame = av.AudioFrame.from_ndarray(sound[:, start:start + 1024].copy(),
+                                                   format="fltp", layout="stereo")
+                frame.sample_rate, frame.pts = 44100, start
+                c.mux(aus.encode(frame))
+            c.mux(aus.encode())
+        out = Path(tmp) / "out"
+        for folder in ("audio", "clips", *(f"frames/frame_{k}" for k in range(data.NUM_FRAMES))):
+            (out / folder).mkdir(parents=True)
+        start = seconds // 2
+        clips = iter(range(1000))
+
+        def cut_and_write():
+            wave_16k, frames, _ = prepare.cut_segment(path, start, start + 10)
+            prepare.write_clip(out, {"video_id": f"clip{next(clips)}"}, wave_16k, frames)
+
+        t, _ = timed(cut_and_write, torch.device("cpu"), warmup=1, repeats=3 if cfg.quick else 7)
+        row = {"video": f"{seconds} s {w}x{h} {codec} 25 fps, AAC 44.1 kHz stereo",
+               "segment": f"[{start}, {start + 10}) s", "seconds_per_clip": t}
+        rows.append(row)
+        _print_row(row)
+    return rows
+
+
+# =============================================================================
 # Tables
 # =============================================================================
 
@@ -612,6 +664,7 @@ TABLES = {
     "data": [("workers", "workers"), ("B", "batch"), ("samples/s", "samples_per_s"),
              ("ms/batch", "ms_per_batch"), ("first batch s", "first_batch_s")],
     "retrieval": [("device", "device"), ("N", "N"), ("dim", "dim"), ("seconds", "seconds")],
+    "cut": [("video", "video"), ("segment", "segment"), ("s/clip", "seconds_per_clip")],
 }
 _SCALE = {"inputs_share": 100, "mfu": 100, "flops_per_s": 1e-12}
 
@@ -672,6 +725,7 @@ def main(cfg):
         "augment": lambda: bench_augment(cfg, devices),
         "data": lambda: bench_data(cfg, device, notes),
         "retrieval": lambda: bench_retrieval(cfg, devices),
+        "cut": lambda: bench_cut(cfg),
     }
     for part in PARTS:
         if part not in _items(cfg.parts):

@@ -1,6 +1,10 @@
-"""Real recordings in: videos, or sound + picture pairs, in the layout data.py reads.
+"""Real recordings into the layout data.py reads: segment lists, videos, sound + picture.
 
     pip install -r requirements-prepare.txt        # PyAV (its wheels bundle FFmpeg)
+    python prepare.py --segments vggsound.csv --fetch "yt-dlp ... -o {out} ..." --out data/vgg
+    python prepare.py --segments balanced_train_segments.csv,eval_segments.csv \
+        --videos /data/audioset/videos --label_csv class_labels_indices.csv --out data/as
+    python prepare.py --vggss vggss.json --out data/vgg         # VGG-SS's boxes, its clips
     python prepare.py --videos VIDEO_DIR --labels labels.csv --out data/mine
     python prepare.py --pairs pairs.csv --out data/mine
     python prepare.py --pairs_from FOLDER --out data/mine   # X.ogg + X.png = a clip
@@ -12,10 +16,24 @@ Output, the CAV-MAE / EquiAV layout (see data.py):
     OUT/train.json, OUT/test.json             with --test_fraction: a split by file-name hash
     OUT/class_labels_indices.csv              written from the labels seen, or --label_csv's
     OUT/stats.json                            fbank mean / std of the (training) clips
-    OUT/failures.txt                          every input that failed, with the reason
+    OUT/failures.txt                          every input that failed: id, reason, detail
+
+--segments CSV[,CSV]: AudioSet's segment CSVs or VGGSound's vggsound.csv (told apart by
+their columns). A clip's video_id is {YTID}_{start}, start in whole seconds with six
+digits as VGGSound and VGG-SS name clips (a fractional start adds .mmm). Its video is
+the file in --videos whose name starts with the YTID (the one named as the clip or the
+video if several), else --fetch's command writes it; a video no longer than the segment
+is taken as the segment already cut. The clip is [start, end) (VGGSound: 10 s): its
+frame k is the frame shown at start + k s, its sound that span at 16 kHz mono. A clip
+that cannot be made is recorded with its reason (see REASONS) and skipped by a rerun
+(--retry_missing: retried); missing clips are data, the exit status stays 0. Manifests:
+VGGSound's train.json / test.json by its split column, AudioSet one per CSV, named as
+it. No stats.json: `python data.py stats train.json --write` makes it.
+--vggss FILE / --ids FILE: a manifest of those of the listed clips that are in OUT
+(VGG-SS's with their boxes), and OUT/{name}_missing.txt of the others.
 
 --videos: a folder (searched recursively) or a text file listing video files. Frame k
-is the first frame shown at or after k seconds; a video shorter than 10 s repeats its
+is the frame shown at k seconds; a video shorter than 10 s repeats its
 last frame (the entry's "frames_repeated" says how many times). Its audio track is
 downmixed and resampled to 16 kHz; a video without one fails (never silence).
 --pairs CSV (columns audio, image, labels[, video_id]; paths relative to the CSV): a
@@ -24,12 +42,13 @@ are the picture. --pairs_from FOLDER pairs every sound file with the picture of 
 same name beside it, labelled by the sub-folder (e.g. animals/mammals).
 --labels CSV (video_id, labels): the comma-separated label ids of each video.
 
-A sound whose peak stays below --min_peak_db (a silent placeholder) fails. Every clip
+A sound whose peak stays below --min_peak_db (a silent placeholder) fails (not in a
+segment list, where silence is a class). Every clip
 is written into OUT/.partial first and moved into place, then recorded in
 OUT/clips/{video_id}.json: a run stopped at any point leaves no half-written clip, and
 the same command again skips the recorded clips and redoes the rest. Inputs that
 failed are listed with file and reason; then the exit status is 1 and no manifest is
-written, unless --allow_failures.
+written, unless --allow_failures (a segment list's missing clips never block it).
 """
 import csv
 import dataclasses
@@ -479,11 +498,7 @@ def cut_segment(path, start, end):
     av = audio_io.import_av()
     try:
         with av.open(str(path)) as c:
-            if not c.streams.video:
-                raise ClipError(f"{path}: no video track", "no video track")
-            if not c.streams.audio:
-                raise ClipError(f"{path}: no audio track (a clip needs its sound)",
-                                "no audio track")
+            _check_tracks(c, path)
             origin = (c.start_time or 0) / av.time_base
             duration = c.duration / av.time_base if c.duration else None
             precut = start > 0 and duration is not None and duration <= end - start + PRECUT_TOLERANCE
@@ -499,6 +514,13 @@ def cut_segment(path, start, end):
     if repeated:
         info["frames_repeated"] = repeated
     return sound, frames, info
+
+
+def _check_tracks(container, path):
+    if not container.streams.video:
+        raise ClipError(f"{path}: no video track", "no video track")
+    if not container.streams.audio:
+        raise ClipError(f"{path}: no audio track (a clip needs its sound)", "no audio track")
 
 
 def _read_sound(c, t0, t1, path):
@@ -560,6 +582,9 @@ def prepare_segments(cfg):
     exist: VGGSound's train.json / test.json, one per AudioSet CSV. Returns (the entries
     written into the manifests, {video_id: reason} of every listed clip that is missing)."""
     out = Path(cfg.out)
+    if cfg.segments_format not in ("auto", "audioset", "vggsound"):
+        raise data.DataError(f"--segments_format must be auto, audioset or vggsound, got "
+                             f"{cfg.segments_format!r}")
     fmt, segments = None, []
     for path in cfg.segments.split(","):
         kind, rows = read_segments(path.strip(), cfg.segments_format)
@@ -810,29 +835,17 @@ def _write_json(path, obj):
 
 
 def read_video_frames(path):
-    """Frame k = the first frame shown at or after k seconds, k = 0 .. 9, as RGB PIL
-    images; a shorter video repeats its last frame. Returns (frames, repeats)."""
+    """Frame k = the frame shown at k seconds, k = 0 .. 9 (the rule of a segment's cut), as
+    RGB PIL images; a shorter video repeats its last frame. Returns (frames, repeats)."""
     av = audio_io.import_av()
-    frames = []
     try:
-        with av.open(str(path)) as container:
-            if not container.streams.video:
-                raise ClipError(f"{path}: no video track", "no video track")
-            if not container.streams.audio:
-                raise ClipError(f"{path}: no audio track (a clip needs its sound)", "no audio track")
-            for frame in container.decode(video=0):
-                if frame.time is None:
-                    continue
-                while len(frames) < data.NUM_FRAMES and frame.time >= len(frames) - 1e-6:
-                    frames.append(frame.to_image().convert("RGB"))
-                if len(frames) == data.NUM_FRAMES:
-                    break
+        with av.open(str(path)) as c:
+            _check_tracks(c, path)
+            origin = (c.start_time or 0) / av.time_base
+            return _read_shown_frames(c, [origin + k for k in range(data.NUM_FRAMES)],
+                                      float("inf"), path)
     except av.FFmpegError as err:
         raise ClipError(f"{path}: cannot decode video ({err})") from err
-    if not frames:
-        raise ClipError(f"{path}: no decodable video frame")
-    repeated = data.NUM_FRAMES - len(frames)
-    return frames + [frames[-1]] * repeated, repeated
 
 
 def _read_image(path):
