@@ -3,6 +3,7 @@
     python ablate.py                               # every row, seed 0 (about 80 min on 2 cores)
     python ablate.py --rows default,invariant --seeds 5
     python ablate.py --quick                       # 1 epoch, 2 seeds, a tiny toy: a smoke run
+    python ablate.py --rows default,invariant --seeds 3 --epochs 10,30   # by training length
     python ablate.py --rows inter_augmented --views true   # + which views stop that target
 
 Rows (the switches of the paper's ablation tables, as read from the authors'
@@ -60,7 +61,9 @@ class AblateConfig:
     """Every field is a `--field value` option."""
     rows: str = option("all", "comma-separated rows (see ROWS) or 'all'")
     seeds: int = option(1, "seeds 0 .. seeds-1 for every requested row")
-    epochs: int = option(0, "pretraining epochs of every run; 0 -> the profile's (toy: 10)")
+    epochs: str = option("0", "pretraining epochs of every run; 0 -> the profile's (toy: 10); "
+                              "several (10,30): every row at each length, and a table of the "
+                              "rows' differences by length; other lengths run apart (RUN_e{N})")
     out: str = option("runs/ablate", "run folders, ablation.md and ablation.json go here")
     probe: bool = option(True, "also run the linear probe of each pretraining run")
     pretrain_args: str = option("", "more pretrain.py options for every run, e.g. "
@@ -97,9 +100,17 @@ PAPER_SIMILARITY = (0.90, 0.92)  # the attention predictor, A / V
 
 
 def commands(cfg, row, seed):
-    """(run_dir, pretrain.py argv, finetune.py argv) of one row and seed."""
-    epochs = ["--epochs", str(cfg.epochs)] if cfg.epochs else []
-    run_dir = os.path.join(cfg.out, f"{row}_s{seed}" + (f"_e{cfg.epochs}" if cfg.epochs else ""))
+    """(run_dir, pretrain.py argv, finetune.py argv) of one row and seed. A run's length is
+    part of its identity: its folder is {row}_s{seed}, plus _e{epochs} when the run's
+    epochs (--epochs, else --pretrain_args', else the profile's) are not the profile's own,
+    so that a run is only ever reused for a run of its length."""
+    given = utils.parse_config(pretrain.PretrainConfig, shlex.split(cfg.pretrain_args),
+                               profiles=pretrain.PROFILES)
+    resolved = pretrain.resolve_config(given)
+    length = int(cfg.epochs) or resolved.epochs
+    epochs = ["--epochs", str(length)] if int(cfg.epochs) else []
+    suffix = "" if length == pretrain.PROFILES[resolved.profile]["epochs"] else f"_e{length}"
+    run_dir = os.path.join(cfg.out, f"{row}_s{seed}{suffix}")
     pre = (ROWS[row][0] + ["--seed", str(seed), "--run_dir", run_dir] + epochs
            + shlex.split(cfg.pretrain_args))
     probe = (["--linear_probe", "true", "--init", os.path.join(run_dir, "checkpoint.pt"),
@@ -252,6 +263,36 @@ def statistics_table(stats):
     return "\n".join(lines) + "\n"
 
 
+def length_table(by_length, results):
+    """Each row's paired difference to default [95 % CI] at each training length, R@1 and
+    R@10 both ways; then each row's predictor similarity and augmentation-awareness R²
+    (mean over seeds) at each length."""
+    lines = ["| row − default | epochs | seeds | " + " | ".join(f"Δ {k} [95 % CI]" for k in METRICS)
+             + " |", "|" + "---|" * (3 + len(METRICS))]
+    for n, stats in by_length.items():
+        for row, e in stats.items():
+            if row == "default" or f"diff_{METRICS[0]}" not in e:
+                continue
+            d = [e[f"diff_{k}"] for k in METRICS]
+            lines.append(f"| {row} | {n} | {d[0]['n']} | " + " | ".join(
+                f"{x['mean']:+.1f} [{x['ci95'][0]:+.1f}, {x['ci95'][1]:+.1f}]" for x in d) + " |")
+    groups = {m: list(results[0]["equivariance"][f"r2_{m}"]) for m in ("a", "v")}
+    head = ("| row | epochs | similarity A / V | " + " | ".join(
+        f"R² {m.upper()} {g}" for m in ("a", "v") for g in groups[m]) + " |")
+    eq = [head, "|" + "---|" * (3 + len(groups["a"]) + len(groups["v"]))]
+    for n in by_length:
+        for row in dict.fromkeys(r["row"] for r in results):
+            runs = [r["equivariance"] for r in results if r["row"] == row and r["epochs"] == n]
+            if not runs:
+                continue
+            sim = [sum(x[f"similarity_{m}"] for x in runs) / len(runs) for m in ("a", "v")]
+            r2 = [sum(x[f"r2_{m}"][g] for x in runs) / len(runs)
+                  for m in ("a", "v") for g in groups[m]]
+            eq.append(f"| {row} | {n} | {_f(sim[0], 3)} / {_f(sim[1], 3)} | "
+                      + " | ".join(_f(v, 2) for v in r2) + " |")
+    return "\n".join(lines) + "\n\nMean over seeds:\n\n" + "\n".join(eq) + "\n"
+
+
 # ---------------------------------------------------------------------------
 # Why the augmented inter target fails here: what of the object survives a view
 # ---------------------------------------------------------------------------
@@ -338,10 +379,10 @@ def _f(value, digits=1):
 
 def tables(results):
     """The markdown of ablation.md: retrieval, probe and similarity per run, then R^2."""
-    head = ("| row | seed | a→v R@1 / 5 / 10 | v→a R@1 / 5 / 10 | probe top-1 | "
+    head = ("| row | seed | epochs | a→v R@1 / 5 / 10 | v→a R@1 / 5 / 10 | probe top-1 | "
             "similarity A / V (identity t) | train L_inter, a→v acc: first → last log | "
             "paper R@1 V→A / A→V |")
-    lines = [head, "|" + "---|" * 8]
+    lines = [head, "|" + "---|" * 9]
     for r in results:
         ret, eq = r["retrieval"], r["equivariance"]
         rec = {d: " / ".join(_f(ret[f"{d}_R@{k}"]) for k in (1, 5, 10)) for d in ("a2v", "v2a")}
@@ -351,15 +392,15 @@ def tables(results):
         if r["row"] == "default":
             sim += f"; paper {PAPER_SIMILARITY[0]:.2f} / {PAPER_SIMILARITY[1]:.2f}"
         curve = f"{_curve(r['training'], 'inter')}, {_curve(r['training'], 'acc_a2v')}"
-        lines.append(f"| {r['row']} | {r['seed']} | {rec['a2v']} | {rec['v2a']} | "
+        lines.append(f"| {r['row']} | {r['seed']} | {r['epochs']} | {rec['a2v']} | {rec['v2a']} | "
                      f"{_f(r['probe_top1'])} | {sim} | {curve} | {_f(paper[0])} / {_f(paper[1])} |")
     groups = {m: list(results[0]["equivariance"][f"r2_{m}"]) for m in ("a", "v")}
-    r2_head = ("| row | seed | " + " | ".join(f"A {g}" for g in groups["a"]) + " | "
+    r2_head = ("| row | seed | epochs | " + " | ".join(f"A {g}" for g in groups["a"]) + " | "
                + " | ".join(f"V {g}" for g in groups["v"]) + " |")
-    r2 = [r2_head, "|" + "---|" * (2 + len(groups["a"]) + len(groups["v"]))]
+    r2 = [r2_head, "|" + "---|" * (3 + len(groups["a"]) + len(groups["v"]))]
     for r in results:
         cells = [_f(r["equivariance"][f"r2_{m}"][g], 2) for m in ("a", "v") for g in groups[m]]
-        r2.append(f"| {r['row']} | {r['seed']} | " + " | ".join(cells) + " |")
+        r2.append(f"| {r['row']} | {r['seed']} | {r['epochs']} | " + " | ".join(cells) + " |")
     return ("Zero-shot retrieval (%) on the held-out split, linear-probe top-1 (%), "
             "predictor similarity:\n\n" + "\n".join(lines)
             + "\n\nAugmentation awareness, R² of a ridge regression from the augmented "
@@ -375,7 +416,7 @@ def quick_config(cfg):
              "proj_hidden=64,proj_dim=32")
     common = f"--toy_root {root} --device cpu --num_workers 0 --batch_size 4 --log_every 1"
     return dataclasses.replace(
-        cfg, rows="default,invariant", seeds=2, epochs=1, probe=False, gallery=4, bootstrap=50,
+        cfg, rows="default,invariant", seeds=2, epochs="1", probe=False, gallery=4, bootstrap=50,
         pretrain_args=(f"{common} --model_overrides {small} --S 2 --eval_batch_size 8 "
                        f"--cpu_threads 1 " + cfg.pretrain_args).strip())
 
@@ -490,26 +531,36 @@ def main(cfg):
     unknown = sorted(set(rows) - set(ROWS))
     if unknown or cfg.seeds < 1:
         raise utils.UsageError(f"unknown rows {unknown} (choose from {list(ROWS)}) or --seeds < 1")
-    results = [run_row(cfg, row, seed) for row in rows for seed in range(cfg.seeds)]
-    # seeds found from earlier calls, beyond the ones run now
-    for row in rows:
-        seed = cfg.seeds
-        while os.path.exists(os.path.join(commands(cfg, row, seed)[0], "checkpoint.pt")):
-            results.append(run_row(cfg, row, seed))
-            seed += 1
-    results.sort(key=lambda r: (rows.index(r["row"]), r["seed"]))
+    lengths = [int(n) for n in str(cfg.epochs).split(",")]
+    results = []
+    for length in lengths:
+        at = dataclasses.replace(cfg, epochs=str(length))
+        results += [run_row(at, row, seed) for row in rows for seed in range(cfg.seeds)]
+        for row in rows:   # seeds found from earlier calls, beyond the ones run now
+            seed = cfg.seeds
+            while os.path.exists(os.path.join(commands(at, row, seed)[0], "checkpoint.pt")):
+                results.append(run_row(at, row, seed))
+                seed += 1
+    results.sort(key=lambda r: (r["epochs"], rows.index(r["row"]), r["seed"]))
     manifest = score_manifest(cfg)
     for r in results:
         r["score"] = (score_run(r["run_dir"], manifest, cfg.gallery, cfg.bootstrap)
                       if manifest else r["retrieval"])
-    stats = row_statistics(results)
-    spread = noise(results, stats)
+    by_length = {}   # epochs -> row statistics of the runs of that length
+    for r in results:
+        by_length.setdefault(r["epochs"], []).append(r)
+    by_length = {n: row_statistics(runs) for n, runs in by_length.items()}
+    stats = by_length[max(by_length)]
+    spread = noise([r for r in results if r["epochs"] == max(by_length)], stats)
     toy_root = shlex.split(cfg.pretrain_args + " --toy_root data/toy")
     toy_root = toy_root[toy_root.index("--toy_root") + 1]
     views = survival(toy_root, vggss=cfg.vggss) if cfg.survival else None
     diagnostic = view_diagnostic(cfg) if cfg.views else None
-    report = (tables(results) + f"\nOver seeds, scored on {manifest or 'each run’s last evaluation'}"
-              f" in galleries of {cfg.gallery}:\n\n" + statistics_table(stats)
+    scored = f"scored on {manifest or 'each run’s last evaluation'} in galleries of {cfg.gallery}"
+    report = (tables(results) + "".join(f"\nOver seeds, {n} epochs, {scored}:\n\n"
+                                        + statistics_table(s) for n, s in by_length.items())
+              + (f"\nEach row against default, by training length ({scored}):\n\n"
+                 + length_table(by_length, results) if len(by_length) > 1 else "")
               + "\nNoise, R@1 points: " + _pairs(spread, 1) + "\n"
               + ("\nWhat survives one view: " + _pairs(views, 3) + "\n" if views else "")
               + ("\nWhich views stop the augmented target (seed 0, "
@@ -519,6 +570,7 @@ def main(cfg):
         f.write(report)
     with open(os.path.join(cfg.out, "ablation.json"), "w") as f:
         json.dump({"config": dataclasses.asdict(cfg), "runs": results, "statistics": stats,
+                   "statistics_by_epochs": by_length,
                    "noise": spread, "survival": views, "view_diagnostic": diagnostic,
                    "score_data": manifest}, f, indent=1)
     print("\n" + report + f"\nwrote {cfg.out}/ablation.md and ablation.json")

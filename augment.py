@@ -55,12 +55,23 @@ VISUAL_DIM, AUDIO_DIM = len(VISUAL_LAYOUT), len(AUDIO_LAYOUT)   # 18, 24
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 CROP_SCALE = (0.08, 1.0)                     # area fraction, both modalities
 VISUAL_CROP_RATIO = (3.0 / 4.0, 4.0 / 3.0)   # width / height
-AUDIO_CROP_RATIO = (1.0 / 10.0, 1.5 / 8.0)   # freq width / time length, at T=1024, F=128
+# freq width / time length, in bins per frame (SPEC 8, the authors' values): the range
+# brackets the plane's own 128 / 1024 = 1/8, so a crop keeps the spectrogram's long-in-time
+# shape (a crop spanning all 128 bins covers 683-1280 frames before the fit to the plane).
+AUDIO_CROP_RATIO = (1.0 / 10.0, 1.5 / 8.0)
 CROP_ATTEMPTS = 10                           # torchvision's attempts before the fallback
-P_SPECAUG, P_JITTER, P_BLUR, P_FLIP, P_GRAY = 0.8, 0.8, 0.5, 0.5, 0.2
-JITTER_STRENGTH, HUE_RANGE = 0.4, 0.1        # factors U(0.6, 1.4), hue U(-0.1, 0.1)
+P_SPECAUG = 0.8
+P_JITTER = 0.8
+P_BLUR = 0.5
+P_FLIP = 0.5
+P_GRAY = 0.2
+JITTER_STRENGTH = 0.4                        # factors U(0.6, 1.4)
+HUE_RANGE = 0.1                              # hue U(-0.1, 0.1)
 SIGMA_RANGE = (0.1, 2.0)
-TIME_MASK_MAX, FREQ_MASK_MAX, BASE_T, BASE_F = 192, 48, 1024, 128
+TIME_MASK_MAX = 192                          # SpecAugment's longest masks at T = 1024, F = 128,
+FREQ_MASK_MAX = 48                           # scaled to other plane sizes (our choice)
+BASE_T = 1024
+BASE_F = 128
 # Blur kernels are 2 ceil(k sigma) + 1 wide: visual k = 3 (our choice; torchvision's rule),
 # audio k = 1 (the public code's).
 VISUAL_BLUR_SIGMAS, AUDIO_BLUR_SIGMAS = 3, 1
@@ -106,10 +117,12 @@ def spec_augment(x, on, tmask_start, tmask_end, fmask_start, fmask_end):
     B, T, F = x.shape
     frame = torch.arange(T, device=x.device).view(1, T, 1)   # time: rows
     mel = torch.arange(F, device=x.device).view(1, 1, F)     # frequency: columns
-    in_time = (frame >= per_sample(to_index(tmask_start, T), 3)) \
-        & (frame < per_sample(to_index(tmask_end, T), 3))                    # (B, T, 1)
-    in_freq = (mel >= per_sample(to_index(fmask_start, F), 3)) \
-        & (mel < per_sample(to_index(fmask_end, F), 3))                      # (B, 1, F)
+    t0 = per_sample(to_index(tmask_start, T), 3)             # (B, 1, 1) first masked frame
+    t1 = per_sample(to_index(tmask_end, T), 3)
+    f0 = per_sample(to_index(fmask_start, F), 3)             # (B, 1, 1) first masked bin
+    f1 = per_sample(to_index(fmask_end, F), 3)
+    in_time = (frame >= t0) & (frame < t1)                   # (B, T, 1)
+    in_freq = (mel >= f0) & (mel < f1)                       # (B, 1, F)
     return x.masked_fill(per_sample(on, 3) & (in_time | in_freq), 0.0)
 
 
@@ -205,6 +218,17 @@ def grayscale(x, on):
     return torch.where(per_sample(on, 4), TF.rgb_to_grayscale(x, num_output_channels=3), x)
 
 
+def unit_range(frames):
+    """Frames as the loader gives them, uint8 0-255 (a quarter of float32's bytes to move to
+    the device) or float in [0, 1] (mixed-up frames), -> float32 in [0, 1] on their device."""
+    return frames.float().div_(255.0) if frames.dtype == torch.uint8 else frames
+
+
+def frames_to(device, frames):
+    """A loader batch's frames on `device` in [0, 1], copied there as they are (uint8)."""
+    return unit_range(frames.to(device, non_blocking=True))
+
+
 def normalize_image(img):
     """ImageNet normalization, the last visual step (SPEC 1), after the colour augmentations,
     which are defined on [0, 1] colours. img (B, 3, H, W) in [0, 1]. One channel at a time
@@ -245,7 +269,8 @@ def sample_audio_params(n, generator, T=1024, F=128):
     and frequency masks of width floor(U(0, 192 T/1024)) frames and floor(U(0, 48 F/128)) bins
     (scaled with the input size: our choice) at uniform integer starts (end exclusive); the
     time shift, on exactly when SpecAugment is, uniform in [-T, T); the crop's height is time."""
-    t, slots = torch.zeros(n, AUDIO_DIM), AUDIO_SLOTS
+    t = torch.zeros(n, AUDIO_DIM)
+    slots = AUDIO_SLOTS
     on = _coin(n, P_SPECAUG, generator)
     masks = (("tmask", T, TIME_MASK_MAX * T / BASE_T), ("fmask", F, FREQ_MASK_MAX * F / BASE_F))
     for axis, size, widest in masks:
@@ -295,7 +320,8 @@ def _crop_boxes(n, generator, H, W, ratio):
     fits = (w > 0) & (w <= W) & (h > 0) & (h <= H)
     first, found = fits.int().argmax(dim=1, keepdim=True), fits.any(dim=1)
     h, w = h.gather(1, first).squeeze(1).long(), w.gather(1, first).squeeze(1).long()
-    u_top, u_left = (torch.rand(n, generator=generator, dtype=torch.float64) for _ in range(2))
+    u_top = torch.rand(n, generator=generator, dtype=torch.float64)
+    u_left = torch.rand(n, generator=generator, dtype=torch.float64)
     fallback_w = min(W, round(H * ratio[1]))
     fallback_h = min(H, round(W / ratio[0]))
     h, w = torch.where(found, h, fallback_h), torch.where(found, w, fallback_w)
@@ -313,7 +339,8 @@ def _sample_common(t, slots, crop, boxes, size, generator):
     exactly (float32 holds every integer below 2^24)."""
     n = t.shape[0]
     t[:, slots[crop[0]]] = 1.0
-    for name, value, length in zip(crop[1:], boxes, size * 2):
+    rows, cols = size
+    for name, value, length in zip(crop[1:], boxes, (rows, cols, rows, cols)):   # top left h w
         t[:, slots[name]] = (value.double() / length).float()
     on = _coin(n, P_JITTER, generator)
     order = torch.argsort(torch.rand(n, 4, generator=generator), dim=1)   # a uniform permutation

@@ -320,39 +320,25 @@ def load_equiav(path, preset="base") -> EquiAV:
 
 
 # ---------------------------------------------------------------------------
-# Our pretraining checkpoints: written by rank 0 after every epoch (pretrain.py);
-# a run resumes from its own
+# A new pretraining run's weights (pretrain.py; resuming its own checkpoint is there,
+# next to what it saves)
 # ---------------------------------------------------------------------------
 
 def pretraining_flags(cfg):   # what a pretrain.py config builds beyond its ModelConfig
     return {"inter_target": cfg.inter_target, "equivariant": cfg.equivariant}
 
 
-def resume_or_init(path, cfg, mcfg, net, criterion, optimizer, scaler):
-    """Resume from our checkpoint at `path` if there is one (it wins over --init_*),
-    else initialise from --init_mae / --init_official / --init_from. Returns (epoch, step)."""
-    if not os.path.exists(path):
-        if cfg.init_mae:
-            print_report(f"ImageNet MAE checkpoint {cfg.init_mae}",
-                         load_mae_checkpoint(net, cfg.init_mae))
-        elif cfg.init_official:
-            print_report(f"authors' EquiAV checkpoint {cfg.init_official}",
-                         load_official_checkpoint(net, cfg.init_official))
-        elif cfg.init_from:
-            source = utils.load_checkpoint(cfg.init_from)
-            check_same_model(cfg.init_from, source, mcfg, pretraining_flags(cfg))
-            net.load_state_dict(source["model"])
-            utils.print0(f"initialised from {cfg.init_from}")
-        return 0, 0
-    ckpt = utils.load_checkpoint(path)
-    check_same_model(path, ckpt, mcfg, pretraining_flags(cfg))
-    net.load_state_dict(ckpt["model"])
-    criterion.load_state_dict(ckpt["loss"])
-    optimizer.load_state_dict(ckpt["optimizer"])
-    utils.load_scaler_state(scaler, ckpt["scaler"], path)
-    changed = {k: (v, getattr(cfg, k)) for k, v in ckpt["config"].items() if getattr(cfg, k, v) != v}
-    utils.print0(f"resumed from {path}: {ckpt['epoch']} epoch(s), step {ckpt['step']} done"
-                 + (f"; config changed since (old, new): {changed}" if changed else "")
-                 + ("; --init_* ignored: resuming wins" if cfg.init_mae or cfg.init_official
-                    or cfg.init_from else ""))
-    return ckpt["epoch"], ckpt["step"]
+def init_weights(cfg, mcfg, net):
+    """A new run's start: --init_mae, --init_official or --init_from (our checkpoint of the
+    same model), each with its report; none of them leaves net as built."""
+    if cfg.init_mae:
+        print_report(f"ImageNet MAE checkpoint {cfg.init_mae}",
+                     load_mae_checkpoint(net, cfg.init_mae))
+    elif cfg.init_official:
+        print_report(f"authors' EquiAV checkpoint {cfg.init_official}",
+                     load_official_checkpoint(net, cfg.init_official))
+    elif cfg.init_from:
+        source = utils.load_checkpoint(cfg.init_from)
+        check_same_model(cfg.init_from, source, mcfg, pretraining_flags(cfg))
+        net.load_state_dict(source["model"])
+        utils.print0(f"initialised from {cfg.init_from}")

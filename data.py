@@ -18,7 +18,7 @@ failure raises DataError naming the manifest, the entry index (and its line in
 the JSON file when it can be found), the file and the reason. With
 skip_bad=True the dataset instead returns a BadSample that `collate` drops and
 counts in the batch's "skipped"; the training scripts pass batches through a
-BadDataPolicy, which counts them (SkipCounter) and fails once more than a set
+bad_data.BadDataPolicy, which counts them and fails once more than a set
 fraction of samples was bad. `python data.py check MANIFEST` validates every
 entry up front.
 
@@ -50,6 +50,7 @@ from torchaudio.compliance import kaldi
 
 from audio_io import SAMPLE_RATE, load_waveform
 import utils
+from bad_data import BadSample
 from utils import DataError
 
 # Dataset fbank statistics (SPEC 1): (mean, std) of the 128-bin fbank.
@@ -304,7 +305,7 @@ def load_frame(path, image_size=224):
 
     SPEC 1: RGB, short side resized to image_size (bicubic), centre crop. Frames stay uint8
     until they are on the training device (a quarter of float32's bytes to move), where
-    unit_range scales them to [0, 1]; ImageNet normalization comes after the
+    augment.unit_range scales them to [0, 1]; ImageNet normalization comes after the
     augmentations (augment.py).
     """
     img = _open_rgb(path)
@@ -316,12 +317,6 @@ def load_frame(path, image_size=224):
     arr = np.asarray(img)[top:top + image_size, left:left + image_size]  # (H, W, 3) uint8
     arr = np.array(arr)  # a copy: PIL's buffer is read-only
     return torch.from_numpy(arr).permute(2, 0, 1).contiguous()  # (3, H, W) uint8
-
-
-def unit_range(frames):
-    """Frames as the loader gives them, uint8 0-255 (a quarter of float32's bytes to move to
-    the device) or float in [0, 1] (mixed-up frames), -> float32 in [0, 1] on their device."""
-    return frames.float().div_(255.0) if frames.dtype == torch.uint8 else frames
 
 
 def box_in_crop(box, frame_size, image_size):
@@ -358,16 +353,6 @@ class SampleKey(NamedTuple):
     epoch: int = 0
     seed: int = 0
     draw: int = 0
-
-
-class BadSample(NamedTuple):
-    """Returned instead of a sample when skip_bad=True; collate drops and counts it.
-    The shapes let collate build empty tensors when a whole batch is bad."""
-    index: int
-    message: str
-    audio_shape: tuple
-    frame_shape: tuple
-    num_classes: int
 
 
 def resolve_norm_stats(option="auto", manifest=None, checkpoint_stats=None, audio_length=None,
@@ -645,96 +630,6 @@ def collate(batch):
     return out
 
 
-class SkipCounter:
-    """Counts samples that collate dropped (skip_bad=True) and fails past a fraction.
-
-        counter = SkipCounter(max_fraction=0.01)
-        for batch in loader:
-            counter.update(batch)          # raises DataError once too many were bad
-            if batch["index"].numel() == 0: continue
-            ...
-        counter.check()                    # end of epoch: the same test without min_samples
-
-    update() only judges after min_samples samples, so that one bad clip early
-    in a run does not exceed the fraction by itself.
-    """
-
-    def __init__(self, max_fraction=0.01, min_samples=200, keep_errors=10):
-        self.max_fraction, self.min_samples = max_fraction, min_samples
-        self.keep_errors = keep_errors
-        self.seen = 0
-        self.skipped = 0
-        self.errors = []
-
-    @property
-    def fraction(self):
-        return self.skipped / max(self.seen, 1)
-
-    def update(self, batch):
-        self.add(int(batch["index"].numel()), int(batch["skipped"]), batch.get("errors", []))
-
-    def add(self, good, bad, errors=()):
-        """Count `good` loaded and `bad` dropped samples (their messages: `errors`)."""
-        self.seen += good + bad
-        self.skipped += bad
-        self.errors.extend(list(errors)[:max(0, self.keep_errors - len(self.errors))])
-        if self.seen >= self.min_samples:
-            self.check()
-
-    def check(self):
-        if self.skipped and self.fraction > self.max_fraction:
-            raise DataError(f"{self.skipped} of {self.seen} samples were bad "
-                            f"({100 * self.fraction:.2f}% > {100 * self.max_fraction:.2f}% "
-                            f"allowed); "
-                            f"first errors:\n  " + "\n  ".join(self.errors))
-
-
-class BadDataPolicy:
-    """--skip_bad in the training loops: count the samples collate dropped over all
-    ranks (failing past a fraction on every rank at once, see SkipCounter) and trim
-    every rank's batch to the smallest one, so that all ranks take the same steps
-    (DDP) with equal local batches (the gathered contrastive losses need them,
-    losses.py header). Counts are exchanged over a CPU (gloo) group, so no GPU sync
-    is added.
-
-        policy = BadDataPolicy(max_fraction)
-        for batch in loader:
-            batch = policy.filter(batch)   # None: no sample left on some rank; skip the step
-            ...
-        policy.check()                     # end of epoch
-    """
-
-    def __init__(self, max_fraction):
-        self.counter = SkipCounter(max_fraction=max_fraction)
-        self.group = None
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            self.group = dist.new_group(backend="gloo")
-
-    def filter(self, batch):
-        """The batch cut to the smallest one over the ranks, or None when that is empty
-        (collective under torchrun: every rank calls it for every batch)."""
-        good, bad = int(batch["index"].numel()), int(batch["skipped"])
-        n = good
-        if self.group is not None:
-            counts = torch.tensor([good, bad])
-            size = torch.tensor([good])
-            dist.all_reduce(counts, group=self.group)
-            dist.all_reduce(size, op=dist.ReduceOp.MIN, group=self.group)
-            (good, bad), n = counts.tolist(), int(size)
-        self.counter.add(good, bad, batch["errors"])
-        if n == 0:
-            return None
-        return {k: v[:n] if torch.is_tensor(v) else v for k, v in batch.items()}
-
-    def check(self):
-        """End of an epoch: the fraction test even before SkipCounter's min_samples."""
-        self.counter.check()
-
-    def skipped(self):
-        """Samples skipped so far, over all ranks."""
-        return self.counter.skipped
-
-
 # ===========================================================================
 # Samplers and loader
 # ===========================================================================
@@ -832,27 +727,13 @@ def make_loader(dataset, batch_size, train, num_workers=None, distributed=None, 
 # Statistics and validation
 # ===========================================================================
 
-class _FbankMoments(Dataset):
-    """Per-clip (sum, sum of squares, count) of the un-normalized fbank, for stats."""
-
-    def __init__(self, dataset, indices):
-        self.dataset, self.indices = dataset, indices
-
-    def __len__(self):
-        return len(self.indices)
-
-    def __getitem__(self, k):
-        i = int(self.indices[k])
-        try:
-            fbank = waveform_to_fbank(self.dataset.load_waveform(i), self.dataset.audio_length,
-                                      self.dataset.mel_bins).double()
-        except DataError as err:
-            raise DataError(f"{self.dataset._where(i)}: {err}") from err
-        return float(fbank.sum()), float((fbank * fbank).sum()), fbank.numel()
-
-
-def _identity(x):
-    return x
+def _fbank_moments(ds, i):
+    """(sum, sum of squares, count) of entry i's un-normalized fbank, for stats."""
+    try:
+        fbank = waveform_to_fbank(ds.load_waveform(i), ds.audio_length, ds.mel_bins).double()
+    except DataError as err:
+        raise DataError(f"{ds._where(i)}: {err}") from err
+    return float(fbank.sum()), float((fbank * fbank).sum()), fbank.numel()
 
 
 def compute_stats(manifest, audio_length=1024, mel_bins=128, max_clips=None, num_workers=0, seed=0):
@@ -868,8 +749,9 @@ def compute_stats(manifest, audio_length=1024, mel_bins=128, max_clips=None, num
     indices = np.arange(len(ds))
     if max_clips is not None and max_clips < len(ds):
         indices = np.sort(np.random.default_rng(seed).choice(len(ds), max_clips, replace=False))
-    loader = DataLoader(_FbankMoments(ds, indices), batch_size=None, num_workers=num_workers,
-                        collate_fn=_identity)
+    # one clip per item, in worker processes: a list of indices is the dataset
+    loader = DataLoader(indices.tolist(), batch_size=None, num_workers=num_workers,
+                        collate_fn=functools.partial(_fbank_moments, ds))
     s = s2 = 0.0
     count = 0
     for a, b, c in loader:
@@ -886,42 +768,24 @@ class BadEntry(NamedTuple):
     reasons: list   # one string per problem, each naming the file
 
 
-class _EntryCheck(Dataset):
-    """Decodes everything of one entry: audio and all NUM_FRAMES frames."""
-
-    def __init__(self, dataset):
-        self.dataset = dataset
-
-    def __len__(self):
-        return len(self.dataset)
-
-    def __getitem__(self, i):
-        ds, reasons = self.dataset, []
-        if i in ds._entry_errors:
-            return i, [ds._entry_errors[i]]
+def _entry_problems(ds, i):
+    """(i, every problem of entry i): its audio decoded to the fbank, all NUM_FRAMES frames."""
+    if i in ds._entry_errors:
+        return i, [ds._entry_errors[i]]
+    reasons, frames = [], []
+    try:
+        ds.fbank(ds.load_waveform(i), ds._wav[i])
+    except DataError as err:
+        reasons.append(str(err))
+    for k in range(NUM_FRAMES):
         try:
-            ds.fbank(ds.load_waveform(i), ds._wav[i])
+            _open_rgb(ds.frame_file(i, k))
         except DataError as err:
-            reasons.append(str(err))
-        missing = []
-        for k in range(NUM_FRAMES):
-            path = frame_path(ds._video_path[i], ds._video_id[i], k)
-            if not os.path.isfile(path):
-                missing.append(path)
-                continue
-            try:
-                _open_rgb(path)
-            except DataError as err:
-                reasons.append(str(err))
-        if len(missing) == NUM_FRAMES:
-            reasons.append(f"{ds._video_path[i]}: no frames found (expected frame_0..frame_9/"
-                           f"{ds._video_id[i]}.jpg)")
-        elif missing:
-            for path in missing:
-                folder = os.path.dirname(path)
-                where = "" if os.path.isdir(folder) else f" (folder {folder} does not exist)"
-                reasons.append(f"{path}: frame not found{where}")
-        return i, reasons
+            frames.append(str(err))
+    if len(frames) == NUM_FRAMES and all(": frame not found" in r for r in frames):
+        frames = [f"{ds._video_path[i]}: no frames found (expected frame_0..frame_9/"
+                  f"{ds._video_id[i]}.jpg)"]
+    return i, reasons + frames
 
 
 def find_label_csv(manifest):
@@ -948,8 +812,8 @@ def check_manifest(manifest, label_csv=None, num_workers=0):
     ds = AudioVisualDataset(manifest, label_csv=label_csv, train=False, norm_mean=0.0,
                             norm_std=1.0, skip_bad=True)
     found = {}
-    loader = DataLoader(_EntryCheck(ds), batch_size=None, num_workers=num_workers,
-                        collate_fn=_identity)
+    loader = DataLoader(range(len(ds)), batch_size=None, num_workers=num_workers,
+                        collate_fn=functools.partial(_entry_problems, ds))
     for i, reasons in loader:
         if reasons:
             found[i] = list(reasons)

@@ -38,6 +38,7 @@ import convert
 import data
 import toy
 import utils
+from bad_data import BadDataPolicy
 from model import EquiAV, ModelConfig, ViTEncoder, get_config
 from utils import option
 
@@ -220,25 +221,6 @@ def average_precision(scores, targets):
     return ap
 
 
-def roc_auc(scores, targets):
-    """ROC AUC per class, (C,) float64; NaN for a class lacking positives or negatives.
-
-    The Mann-Whitney statistic with average ranks for ties: a positive tied
-    with a negative counts one half.
-    """
-    s = scores.double().T.contiguous()                            # (C, N)
-    y = _positives(targets).T
-    s_asc = torch.sort(s, dim=1).values
-    below = torch.searchsorted(s_asc, s, side="left")
-    at_or_below = torch.searchsorted(s_asc, s, side="right")
-    avg_rank = (below + at_or_below + 1) / 2.0                    # 1-based, ties averaged
-    n_pos = y.sum(1)
-    n_neg = y.shape[1] - n_pos
-    auc = ((avg_rank * y).sum(1) - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
-    auc[(n_pos == 0) | (n_neg == 0)] = math.nan
-    return auc
-
-
 def d_prime(auc):
     """d' = sqrt(2) * Phi^-1(AUC), the AUC of two unit Gaussians d' apart."""
     return math.sqrt(2.0) * torch.special.ndtri(torch.tensor(float(auc), dtype=torch.float64)).item()
@@ -251,7 +233,7 @@ def multilabel_metrics(scores, targets):
     CAV-MAE report it.
     """
     ap = average_precision(scores, targets)
-    auc = roc_auc(scores, targets)
+    auc = utils.roc_auc(scores, targets)
     has_ap, has_auc = ~torch.isnan(ap), ~torch.isnan(auc)
     if not has_ap.any():
         raise ValueError("no class has a positive example: mAP is undefined")
@@ -324,7 +306,7 @@ def run(cfg, device, local_rank=0):
                                f"{'with' if earlier == 'val' else 'without'} --val, or pass "
                                f"another --run_dir")
     model = utils.wrap_model(net, device, local_rank)
-    bad_data = data.BadDataPolicy(cfg.max_bad_fraction) if cfg.skip_bad else None
+    bad_data = BadDataPolicy(cfg.max_bad_fraction) if cfg.skip_bad else None
     if start_epoch == 0:
         logger.log({"type": "config", "world_size": world, "num_classes": num_classes,
                     "multilabel": multilabel, "model_config": meta["model_config"],
@@ -563,7 +545,7 @@ def _inputs(batch, mode, device):
     x_a = batch["audio"].to(device, non_blocking=True) if mode != "visual" else None
     x_v = None
     if mode != "audio":  # ImageNet normalisation last (SPEC 1)
-        x_v = augment.normalize_image(data.unit_range(batch["frame"].to(device, non_blocking=True)))
+        x_v = augment.normalize_image(augment.frames_to(device, batch["frame"]))
     return x_a, x_v
 
 
@@ -579,7 +561,7 @@ def train_one_epoch(model, net, optimizer, scaler, loader, epoch, step, cfg, mul
                     logger, bad_data=None):
     """One pass over `loader`; returns (global step, {"train_loss", "train_skipped"}).
 
-    `bad_data` (a data.BadDataPolicy, with --skip_bad) drops and counts bad samples;
+    `bad_data` (a bad_data.BadDataPolicy, with --skip_bad) drops and counts bad samples;
     a step whose batch lost every sample on some rank is skipped on all ranks."""
     _set_train_mode(net, cfg.linear_probe)
     loader.sampler.set_epoch(epoch)
@@ -622,7 +604,7 @@ def train_one_epoch(model, net, optimizer, scaler, loader, epoch, step, cfg, mul
         bad_data.check()
     mean = utils.mean_over_ranks(loss_sum / max(done, 1)).item()
     return step, {"train_loss": mean,
-                  "train_skipped": bad_data.skipped() if bad_data is not None else 0}
+                  "train_skipped": bad_data.skipped if bad_data is not None else 0}
 
 
 @torch.no_grad()

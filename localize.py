@@ -13,6 +13,7 @@ visual centroid. retrieval.py runs all of this.
 """
 import math
 import os
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -23,7 +24,8 @@ import augment
 import data
 import utils
 
-MAPS = ("occlusion", "gradient", "token", "attention")
+MAPS = ("gradient", "gradient_raw", "gradient_input", "occlusion", "token", "attention")
+IG_STEPS = 8   # integrated gradients' midpoint steps (4 scored within 1 point of 8 when chosen)
 SIZE_BUCKETS = {"<10%": (0.0, 0.10), "10-30%": (0.10, 0.30), ">30%": (0.30, 1.01)}
 
 
@@ -44,14 +46,23 @@ def visual_inter_without(model, h, T, drop):
     return z.view(B, c, -1)
 
 
-def localize(model, x_a, x_v, T_a=None, T_v=None, method="occlusion", chunk=64):
+def localize(model, x_a, x_v, T_a=None, T_v=None, method="occlusion", chunk=64, confidence=None):
     """Sound-source maps over the visual patch grid (SPEC 13) -> (B, rows, cols).
 
     x_a (B, T, F) normalized fbank, x_v (B, 3, H, W) ImageNet-normalized; T_a, T_v the
     fixed evaluation vectors (B, S, d_t). With s = cos(z_inter_a, z_inter_v):
+    "gradient_raw": integrated gradients of s over the visual tokens the inter path
+      reads, from the tokens of a grey frame h0 to the frame's h (integrated_gradients):
+      m_i = (h_i - h0_i) . mean over the path of ds/dh_i, so that sum_i m_i = s(h) - s(h0);
+    "gradient": that map times the calibrated probability that the sound belongs to the
+      frame, p = confidence.probability(s) (a Confidence fitted on training clips), so
+      that a wrong sound leaves the frame dark;
+    "gradient_input": gradient x input, m_i = h_i . ds/dh_i (the map before this one,
+      kept for comparison): the inter path is nearly scale-invariant in h (LayerNorms),
+      so by Euler's theorem its map sums to about 0 whatever s is, and a large object,
+      which makes most of the mean it is scaled along, comes out cold inside;
     "occlusion": m_i = s - s_{-i}, s recomputed with patch token i removed from the
       tokens the visual inter path reads (chunk tokens at a time);
-    "gradient": m_i = sum_d h_id ds/dh_id on those tokens (gradient x input);
     "token": m_i = cos(z_inter_a, g_inter_v(h_i)), the literal reading, which
       g_inter_v, trained on whole-frame embeddings only, was never fit for;
     "attention": m_i = the predictor's cross-attention on patch i, averaged over its heads
@@ -59,6 +70,9 @@ def localize(model, x_a, x_v, T_a=None, T_v=None, method="occlusion", chunk=64):
     """
     if method not in MAPS:
         raise ValueError(f"unknown localization method {method!r}: {', '.join(MAPS)}")
+    if method == "gradient" and confidence is None:
+        raise ValueError("the gradient map needs a Confidence fitted on training clips "
+                         "(retrieval.py fits one); gradient_raw is the map without it")
     model = utils.unwrap(model)
     with torch.no_grad():
         z_a = F.normalize(model.inter_from_tokens("a", model.inter_tokens("a", x_a), T_a), dim=-1)
@@ -72,12 +86,16 @@ def localize(model, x_a, x_v, T_a=None, T_v=None, method="occlusion", chunk=64):
         with torch.no_grad():
             z_tok = F.normalize(model.proj_inter_v(h), dim=-1)              # (B, N, P)
             m = torch.einsum("bp,bnp->bn", z_a, z_tok)
-    elif method == "gradient":
-        with torch.enable_grad():
-            h = h.detach().requires_grad_(True)
-            s = F.cosine_similarity(z_a, model.inter_from_tokens("v", h, T_v), dim=-1)
-            grad, = torch.autograd.grad(s.sum(), h)   # clips do not interact: one backward
-        m = (h.detach() * grad).sum(dim=-1)
+    elif method == "gradient_input":
+        m = (h * _grad_of_s(model, z_a, h, T_v)).sum(dim=-1)
+    elif method in ("gradient", "gradient_raw"):
+        with torch.no_grad():   # the baseline: a grey frame (ImageNet's mean colour, 0 normalized)
+            h0 = model.inter_tokens("v", torch.zeros_like(x_v[:1])).expand_as(h)
+        m = integrated_gradients(model, z_a, h, h0, T_v)
+        if method == "gradient":
+            with torch.no_grad():
+                s = F.cosine_similarity(z_a, model.inter_from_tokens("v", h, T_v), dim=-1)
+            m = m * confidence.probability(s)[:, None]
     else:
         with torch.no_grad():
             s = F.cosine_similarity(z_a, model.inter_from_tokens("v", h, T_v), dim=-1)
@@ -87,6 +105,53 @@ def localize(model, x_a, x_v, T_a=None, T_v=None, method="occlusion", chunk=64):
                 parts.append(s[:, None] - F.cosine_similarity(z_a[:, None], z, dim=-1))
             m = torch.cat(parts, dim=1)
     return m.view(m.shape[0], *model.visual_encoder.grid)                  # (B, rows, cols)
+
+
+def _grad_of_s(model, z_a, h, T_v):
+    """ds/dh (B, N, D) of s = cos(z_a, z_inter_v(h)); clips do not interact: one backward."""
+    with torch.enable_grad():
+        h = h.detach().requires_grad_(True)
+        s = F.cosine_similarity(z_a, model.inter_from_tokens("v", h, T_v), dim=-1)
+        grad, = torch.autograd.grad(s.sum(), h)
+    return grad
+
+
+def integrated_gradients(model, z_a, h, h0, T_v, steps=IG_STEPS):
+    """Integrated gradients (Sundararajan et al. 2017) of s over the tokens: (h - h0) .
+    the mean of ds/dh at the midpoints of `steps` equal pieces of the straight path from
+    h0 to h, summed over D -> (B, N). Its patches add up to s(h) - s(h0) (completeness, up
+    to the midpoint rule's error), which gradient x input, at h alone, does not."""
+    total = torch.zeros_like(h)
+    for k in range(steps):
+        total += _grad_of_s(model, z_a, h0 + (k + 0.5) / steps * (h - h0), T_v)
+    return ((h - h0) * total / steps).sum(dim=-1)
+
+
+class Confidence(NamedTuple):
+    """p = sigmoid(a s + b): the probability that a clip's sound belongs to its frame, from
+    s = cos(z_inter_a, z_inter_v), fitted on training clips (fit_confidence)."""
+    a: float
+    b: float
+
+    def probability(self, s):
+        return torch.sigmoid(self.a * s + self.b)
+
+
+def fit_confidence(s_true, s_wrong, iterations=50):
+    """Logistic regression of "the sound is the frame's own" on s, true pairs (label 1)
+    against mismatched pairs (label 0), by Newton's method on the mean log-loss in float64
+    (two parameters; a tiny ridge keeps separable data finite). Returns a Confidence."""
+    s = torch.cat([torch.as_tensor(s_true), torch.as_tensor(s_wrong)]).double()
+    y = torch.cat([torch.ones(len(s_true)), torch.zeros(len(s_wrong))]).double()
+    x = torch.stack([s, torch.ones_like(s)], dim=1)                        # (n, 2)
+    w = torch.zeros(2, dtype=torch.float64)
+    ridge = 1e-4 * torch.eye(2, dtype=torch.float64)
+    for _ in range(iterations):
+        p = torch.sigmoid(x @ w)
+        grad = x.T @ (p - y) / len(y) + ridge @ w
+        hess = (x.T * (p * (1 - p))) @ x / len(y) + ridge
+        w = w - torch.linalg.solve(hess, grad)
+    return Confidence(float(w[0]), float(w[1]))
 
 
 # ---------------------------------------------------------------------------
@@ -99,7 +164,8 @@ def upsample_maps(sim, size):
                          align_corners=False)[:, 0]
 
 
-def localization_maps(model, audio, frame, T_a, T_v, method="occlusion", amp=False, chunk=64):
+def localization_maps(model, audio, frame, T_a, T_v, method="occlusion", amp=False, chunk=64,
+                      confidence=None):
     """Heat maps of where the sound is, at the frame's resolution (localize).
 
     audio (B, T, F) normalized fbank; frame (B, 3, H, W) in [0, 1]; T_a (1 or B,
@@ -108,7 +174,8 @@ def localization_maps(model, audio, frame, T_a, T_v, method="occlusion", amp=Fal
     b = audio.shape[0]
     with utils.autocast_context(audio.device, amp):
         sim = localize(model, audio, augment.normalize_image(frame), T_a.expand(b, -1, -1),
-                       T_v.expand(b, -1, -1), method=method, chunk=chunk)
+                       T_v.expand(b, -1, -1), method=method, chunk=chunk,
+                       confidence=confidence)
     return upsample_maps(sim.detach(), frame.shape[-2:])               # (B, H, W)
 
 
@@ -259,7 +326,7 @@ def baseline_maps(n, h, w, seed=0):
 
 
 def evaluate_localization(model, dataset, entries, T_a, T_v, device, method="occlusion",
-                          batch_size=32, num_workers=0, amp=False, chunk=64):
+                          batch_size=32, num_workers=0, amp=False, chunk=64, confidence=None):
     """Every clip of an evaluation dataset whose manifest `entries` carry boxes, scored
     against its sounding objects' boxes (and its silent ones', when some object does
     not sound): the pointing game and cIoU@0.5 / mean cIoU / AUC. Baselines on the
@@ -272,8 +339,8 @@ def evaluate_localization(model, dataset, entries, T_a, T_v, device, method="occ
     maps, sounding, silent = [], [], []
     for batch in loader:
         maps.append(localization_maps(model, batch["audio"].to(device, non_blocking=True),
-                                      data.unit_range(batch["frame"].to(device, non_blocking=True)),
-                                      T_a, T_v, method, amp, chunk).cpu())
+                                      augment.frames_to(device, batch["frame"]),
+                                      T_a, T_v, method, amp, chunk, confidence).cpu())
         for i in batch["index"].tolist():
             on, off = clip_boxes(entries[i], dataset.image_size,
                                  dataset.frame_file(i, data.EVAL_FRAME))
@@ -293,14 +360,6 @@ def evaluate_localization(model, dataset, entries, T_a, T_v, device, method="occ
     return out
 
 
-def auroc(positive, negative):
-    """Area under the ROC curve of a score telling positives from negatives: the chance
-    that a random positive scores above a random negative, ties counting half."""
-    p, n = torch.as_tensor(positive).double(), torch.as_tensor(negative).double()
-    above = (p[:, None] > n[None, :]).double() + 0.5 * (p[:, None] == n[None, :]).double()
-    return above.mean().item()
-
-
 @torch.no_grad()
 def _confidence(model, audio, frame, T_a, T_v):
     """The clip's confidence that its sound is in its frame, defined before any scoring:
@@ -312,7 +371,7 @@ def _confidence(model, audio, frame, T_a, T_v):
 
 
 def evaluate_negatives(model, dataset, negatives, T_a, T_v, device, method="occlusion",
-                       batch_size=32, num_workers=0, amp=False, chunk=64):
+                       batch_size=32, num_workers=0, amp=False, chunk=64, confidence=None):
     """The maps under the true sound and under sounds the frame does not make.
 
     negatives: {kind: a dataset of the same frames, in the same order, with another sound}
@@ -330,7 +389,7 @@ def evaluate_negatives(model, dataset, negatives, T_a, T_v, device, method="occl
         parts, scores = [], []
         loader = batches(dataset if isinstance(source, str) else source)
         for batch in loader:
-            frame = data.unit_range(batch["frame"].to(device, non_blocking=True))
+            frame = augment.frames_to(device, batch["frame"])
             audio = batch["audio"]
             if source == "silence":
                 audio = silence.expand_as(audio)
@@ -338,15 +397,20 @@ def evaluate_negatives(model, dataset, negatives, T_a, T_v, device, method="occl
                 audio = torch.stack([dataset[(int(i) + 1) % len(dataset)]["audio"]
                                      for i in batch["index"]])
             audio = audio.to(device, non_blocking=True)
-            parts.append(localization_maps(model, audio, frame, T_a, T_v, method, amp, chunk).cpu())
+            parts.append(localization_maps(model, audio, frame, T_a, T_v, method, amp, chunk,
+                                           confidence).cpu())
             scores.append(_confidence(model, audio, frame, T_a, T_v).float().cpu())
             if kind == "true" and sum(len(f) for f in frames) < 8:
                 frames.append(frame.cpu())
         maps[kind], conf[kind] = torch.cat(parts), torch.cat(scores)
     threshold = 0.5 * maps["true"].flatten(1).max(1).values.median().item()
     pia = {kind: 100.0 * (m > threshold).double().mean().item() for kind, m in maps.items()}
-    out = {"method": method, "threshold": threshold, "pia": pia,
-           "auroc": {kind: auroc(conf["true"], conf[kind]) for kind in negatives}}
+    auroc = {}
+    for kind in negatives:   # how well s tells the true sound from this wrong one
+        scores = torch.cat([conf["true"], conf[kind]])[:, None]                 # (n, 1)
+        is_true = (torch.arange(len(scores)) < len(conf["true"]))[:, None]      # (n, 1)
+        auroc[kind] = utils.roc_auc(scores, is_true).item()
+    out = {"method": method, "threshold": threshold, "pia": pia, "auroc": auroc}
     figure = {kind: m[:8] for kind, m in maps.items()}
     return out, torch.cat(frames)[:8], figure
 
@@ -438,7 +502,8 @@ def boxes_after_view(boxes, t):
     return out
 
 
-def save_figure3(path, model, clips, T_a, T_v, device, method="occlusion", amp=False):
+def save_figure3(path, model, clips, T_a, T_v, device, method="occlusion", amp=False,
+                 confidence=None):
     """One PNG in the manner of the paper's figure 3: a row per clip, the frame with
     its sounding boxes (green) and its map, then the augmented view nearest to the
     centroid with its map. clips: (audio (T, F), frame (3, H, W), boxes, caption)."""
@@ -447,7 +512,7 @@ def save_figure3(path, model, clips, T_a, T_v, device, method="occlusion", amp=F
         view, t = nearest_augmented_view(model, frame.to(device), T_v[0].to(device))
         both = torch.stack([frame.to(device), view])
         maps.append(localization_maps(model, audio[None].expand(2, -1, -1).to(device), both,
-                                      T_a, T_v, method, amp).cpu())
+                                      T_a, T_v, method, amp, confidence=confidence).cpu())
         frames.append(both.cpu())
         boxes += [clip_boxes, boxes_after_view(clip_boxes, t)]
         captions += [caption, "nearest augmented view"]
@@ -460,10 +525,12 @@ def heat_colors(m):
     return torch.stack([(1.5 - (4 * m - c).abs()).clamp(0, 1) for c in (3.0, 2.0, 1.0)])
 
 
-def overlay(frame, m, alpha=0.5):
-    """frame (3, H, W) in [0, 1], map (H, W) -> the map, min-max scaled per clip,
-    coloured and blended over the frame: (3, H, W) in [0, 1]."""
-    m = (m - m.min()) / (m.max() - m.min()).clamp_min(1e-8)
+def overlay(frame, m, alpha=0.5, scale=None):
+    """frame (3, H, W) in [0, 1], map (H, W) -> the map coloured and blended over the
+    frame: (3, H, W) in [0, 1]. scale (low, high): the values drawn blue and red (default:
+    the map's own minimum and maximum)."""
+    low, high = (m.min(), m.max()) if scale is None else scale
+    m = ((m - low) / max(float(high - low), 1e-8)).clamp(0, 1)
     return (1 - alpha) * frame + alpha * heat_colors(m)
 
 
@@ -473,12 +540,14 @@ def _to_pil(img, scale):
     return pil.resize((pil.width * scale, pil.height * scale), Image.NEAREST) if scale > 1 else pil
 
 
-def save_localization_grid(path, frames, maps, boxes=None, captions=None, cols=4, scale=2):
+def save_localization_grid(path, frames, maps, boxes=None, captions=None, cols=4, scale=2,
+                           colour_scales=None):
     """One PNG: for every clip the frame (with its box, if known) next to the
     heat-map overlay (with the map's maximum marked by a white cross).
 
     frames (B, 3, H, W) in [0, 1]; maps (B, H, W); boxes: None or B lists of
-    [x0, y0, x1, y1] fractions; captions: None or B strings.
+    [x0, y0, x1, y1] fractions; captions: None or B strings; colour_scales: None (each
+    map on its own scale) or B (low, high) pairs, e.g. shared by the maps of one clip.
     """
     b, _, h, w = frames.shape
     gap, pad, text_h = 2, 6, 14 if captions else 0
@@ -495,7 +564,8 @@ def save_localization_grid(path, frames, maps, boxes=None, captions=None, cols=4
         y0 = pad + (i // cols) * (cell_h + pad)
         left, right = (x0, y0 + text_h), (x0 + tile_w + gap, y0 + text_h)
         grid.paste(_to_pil(frames[i], scale), left)
-        grid.paste(_to_pil(overlay(frames[i].cpu(), maps[i].cpu()), scale), right)
+        tone = None if colour_scales is None else colour_scales[i]
+        grid.paste(_to_pil(overlay(frames[i].cpu(), maps[i].cpu(), scale=tone), scale), right)
         for ox, oy in (left, right):
             for bx0, by0, bx1, by1 in (boxes[i] if boxes else []):
                 draw.rectangle([ox + bx0 * tile_w, oy + by0 * tile_h,

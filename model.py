@@ -9,6 +9,7 @@ localize.py, checkpoint loading (SPEC 10) in convert.py. Needs only torch: copy 
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -203,6 +204,9 @@ class ViTEncoder(nn.Module):
         rates = torch.linspace(0, cfg.drop_path, cfg.depth).tolist()  # deeper blocks drop more
         self.blocks = nn.ModuleList([Block(D, cfg.num_heads, cfg.mlp_ratio, r) for r in rates])
         self.norm = nn.LayerNorm(D)
+        # The augmented views get their own final norm (SPEC 2, as the authors' model): their
+        # token statistics differ from the originals' (masked, cropped, jittered inputs), and
+        # `norm` is what retrieval and fine-tuning read, so the views do not pull on it.
         self.norm_aug = nn.LayerNorm(D) if with_aug_norm else None
         self.reset_parameters()
 
@@ -230,6 +234,9 @@ class ViTEncoder(nn.Module):
 # ---- Augmentation encoder e_m and transformation predictor u_m (SPEC 3, 4) ----
 
 class QuickGELU(nn.Module):
+    """x * sigmoid(1.702 x): the sigmoid approximation of GELU (Hendrycks & Gimpel 2016),
+    as CLIP uses it; the authors' augmentation encoder is built with it (SPEC 3)."""
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x * torch.sigmoid(1.702 * x)
 
@@ -268,16 +275,22 @@ class TransformationPredictor(nn.Module):
         self.mlp = MLP(D, int(D * cfg.mlp_ratio))
         self.apply(_init_linear_and_norm)
 
+    def queries(self, t: torch.Tensor) -> torch.Tensor:
+        """One query per augmentation vector and head: t (B, S, d_t) -> (B, H, S, hd)."""
+        return self.split_heads(self.to_q(self.norm_aug(self.aug_encoder(t))))
+
+    def split_heads(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, L, H*hd) -> (B, H, L, hd)"""
+        return x.view(*x.shape[:2], self.num_heads, -1).transpose(1, 2)
+
     def predict_each(self, h: torch.Tensor, t: torch.Tensor, keep=None) -> torch.Tensor:
         """One prediction per vector: h (B, N, D), t (B, S, d_t) -> y (B, S, D).
         keep (B, N) bool, optional: the tokens u reads (in its mean and as keys/values), as
         if the others were not there; localize.py removes one patch at a time with it."""
-        B, N, _ = h.shape
-        S, H = t.shape[1], self.num_heads
-        q = self.to_q(self.norm_aug(self.aug_encoder(t)))        # (B, S, H*hd)
-        q = q.view(B, S, H, -1).transpose(1, 2)                  # (B, H, S, hd)
-        k = self.to_k(h).view(B, N, H, -1).transpose(1, 2)       # (B, H, N, hd)
-        v = self.to_v(h).view(B, N, H, -1).transpose(1, 2)       # (B, H, N, hd)
+        B, S = t.shape[:2]
+        q = self.queries(t)                                      # (B, H, S, hd)
+        k = self.split_heads(self.to_k(h))                       # (B, H, N, hd)
+        v = self.split_heads(self.to_v(h))                       # (B, H, N, hd)
         mask = None if keep is None else keep[:, None, None, :]  # (B, 1, 1, N), True = attend
         a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)   # (B, H, S, hd): over N
         a = self.to_out(a.transpose(1, 2).reshape(B, S, -1))     # (B, S, D)
@@ -289,10 +302,12 @@ class TransformationPredictor(nn.Module):
         return self.predict_each(h, t if t.ndim == 3 else t.unsqueeze(1), keep).mean(dim=1)
 
     def attention(self, h: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """Where the queries look: the softmax over the N tokens, mean over heads (B, S, N)."""
-        q = self.to_q(self.norm_aug(self.aug_encoder(t))).view(*t.shape[:2], self.num_heads, -1)
-        k = self.to_k(h).view(*h.shape[:2], self.num_heads, -1)              # (B, N, H, hd)
-        return (torch.einsum("bshd,bnhd->bhsn", q, k) * q.shape[-1] ** -0.5).softmax(-1).mean(1)
+        """Where the queries look: the weights the attention of predict_each applies, the
+        softmax over the N tokens, averaged over heads. h (B, N, D), t (B, S, d_t) -> (B, S, N)."""
+        q = self.queries(t)                                      # (B, H, S, hd)
+        k = self.split_heads(self.to_k(h))                       # (B, H, N, hd)
+        scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])   # (B, H, S, N)
+        return scores.softmax(dim=-1).mean(dim=1)
 
 
 def mean_tokens(h: torch.Tensor, keep=None) -> torch.Tensor:
@@ -307,7 +322,10 @@ def mean_tokens(h: torch.Tensor, keep=None) -> torch.Tensor:
 
 class ProjectionHead(nn.Module):
     """(..., D) -> (..., proj_dim): 3 Linear layers, each followed by LayerNorm
-    (ReLU after the first two). Acts row-wise, so it also maps single tokens."""
+    (ReLU after the first two). Acts row-wise, so it also maps single tokens.
+    The last LayerNorm is the authors' (SPEC 5), in the place SimCLR and MoCo v3 put a
+    BatchNorm: each embedding leaves centred and scaled, so the cosine of the losses
+    compares directions that no shared offset dominates."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -342,16 +360,14 @@ class EquiAV(nn.Module):
     """The pretraining model (SPEC 6). inter_target, what g_inter_m embeds for the
     inter-modal loss (the paper's ablation of the inter-modal target):
       "centroid"     u_m(h_m, T_m), the centroid of S predictions (SPEC 6, default);
-      "original"     mean_N(h_m) of the original's tokens (use_centroid=False);
+      "original"     mean_N(h_m) of the original's tokens;
       "augmented"    mean_N(h'_m) of the augmented view's tokens (norm_m_aug);
       "equivariant"  u_m(h_m, t_m), the single prediction of the applied augmentation.
     equivariant=False:  z_equi_m = g_intra_m(mean_N(h_m)) (invariant ablation).
     The predictors are built only when something uses them."""
 
-    def __init__(self, cfg: ModelConfig, use_centroid: bool = True, equivariant: bool = True,
-                 inter_target: str | None = None):
+    def __init__(self, cfg: ModelConfig, inter_target: str = "centroid", equivariant: bool = True):
         super().__init__()
-        inter_target = inter_target or ("centroid" if use_centroid else "original")
         if inter_target not in INTER_TARGETS:
             raise ValueError(f"inter_target must be one of {INTER_TARGETS}, got {inter_target!r}")
         self.cfg, self.inter_target, self.equivariant = cfg, inter_target, equivariant

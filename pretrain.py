@@ -26,6 +26,7 @@ import data
 import retrieval
 import toy
 import utils
+from bad_data import BadDataPolicy
 from losses import EquiAVLoss
 from model import INTER_TARGETS, EquiAV, ModelConfig, get_config
 from utils import option
@@ -53,11 +54,10 @@ class PretrainConfig(utils.TrainConfig):
                                             "none -> the toy retrieval split on toy data")
     preset: Optional[str] = option(None, "model size: base = ViT-B/16 (paper), tiny (toy)")
     model_overrides: Optional[str] = option(None, "ModelConfig changes, e.g. depth=2,embed_dim=96")
-    inter_target: Optional[str] = option(None, "what g_inter embeds: centroid = the mean of S "
+    inter_target: str = option("centroid", "what g_inter embeds: centroid = the mean of S "
                                                "predictions (SPEC 6); original / augmented = the "
                                                "mean token of the original / augmented input; "
                                                "equivariant = the prediction of the applied t")
-    centroid: bool = option(True, "false: the same as --inter_target original")
     equivariant: bool = option(True, "false: invariant intra-modal loss (ablation)")
     S: int = option(16, "sampled augmentation vectors per centroid (SPEC 6)")
     init_mae: Optional[str] = option(None, "both encoders from an ImageNet MAE ViT-B/16 (SPEC 10)")
@@ -108,12 +108,11 @@ def run(cfg, mcfg, device, local_rank=0):
     net, criterion, optimizer, scaler = build_model(cfg, mcfg, device)
     ckpt_path = os.path.join(cfg.run_dir, "checkpoint.pt")
     logger = utils.JsonLogger(os.path.join(cfg.run_dir, "log.jsonl"))
-    start_epoch, step = convert.resume_or_init(ckpt_path, cfg, mcfg, net, criterion, optimizer,
-                                               scaler)
+    start_epoch, step = resume_or_init(ckpt_path, cfg, mcfg, net, criterion, optimizer, scaler)
     # Only a zero loss weight leaves modules without gradient: only then must DDP look for them.
     model = utils.wrap_model(net, device, local_rank, cfg.compile,
                              find_unused_parameters=min(cfg.w_inter, cfg.w_a, cfg.w_v) == 0)
-    bad_data = data.BadDataPolicy(cfg.max_bad_fraction) if cfg.skip_bad else None
+    bad_data = BadDataPolicy(cfg.max_bad_fraction) if cfg.skip_bad else None
     logger.log({"type": "config", "world_size": world, "model_config": dataclasses.asdict(mcfg),
                 **dataclasses.asdict(cfg)} if start_epoch == 0 else
                {"type": "resume", "epoch": start_epoch, "step": step, "world_size": world})
@@ -125,7 +124,7 @@ def run(cfg, mcfg, device, local_rank=0):
         step, means = train_one_epoch(model, criterion, optimizer, scaler, train_loader, epoch,
                                       step, cfg, mcfg, device, logger, bad_data)
         summary = {"type": "epoch", "epoch": epoch + 1, "step": step,
-                   "skipped": bad_data.skipped() if bad_data is not None else 0,
+                   "skipped": bad_data.skipped if bad_data is not None else 0,
                    "train_time_s": time.time() - t0, **means}
         line = (f"epoch {epoch + 1}/{cfg.epochs}  step {step}  loss {means['loss']:.4f} (inter "
                 f"{means['inter']:.3f}, intra_a {means['intra_a']:.3f}, intra_v "
@@ -166,7 +165,7 @@ def prepare_inputs(batch, gen, mcfg, S, device, time_roll=True):
     T_v = augment.sample_visual_vectors(B, S, gen, H, W)                # (B, S, 18) centroid
     roll, t_a, t_v, T_a, T_v = utils.to_device_together([roll, t_a, t_v, T_a, T_v], device)
     x_a = batch["audio"].to(device, non_blocking=True)                  # (B, T, F) normalized
-    x_v = data.unit_range(batch["frame"].to(device, non_blocking=True))   # uint8 -> [0, 1]
+    x_v = augment.frames_to(device, batch["frame"])   # uint8 -> [0, 1]
     if time_roll:
         x_a = augment.roll_time(x_a, roll)      # the original's input noise (SPEC 12) ...
     x_a_aug = augment.apply_audio(x_a, t_a)     # ... and the view is made of the rolled original
@@ -177,21 +176,19 @@ def prepare_inputs(batch, gen, mcfg, S, device, time_roll=True):
 
 def train_step(model, criterion, optimizer, scaler, batch, gen, cfg, mcfg, device):
     """One step (the loop's and bench.py's): inputs, forward under autocast, the losses in
-    float32 (logits are cosines / 0.07), backward, clipping, AdamW. Returns the terms."""
+    float32 (logits are cosines / 0.07), then the update finetune.py makes too
+    (utils.optimizer_step): backward, clipping of the global norm, AdamW. Returns the terms."""
     inputs = prepare_inputs(batch, gen, mcfg, cfg.S, device, cfg.time_roll)
     with utils.autocast_context(device, cfg.amp):
         out = model(*inputs)
     terms = criterion(out)
-    optimizer.zero_grad(set_to_none=True)
-    scaler.scale(terms["loss"]).backward()   # the scaler only scales under fp16 autocast
-    if cfg.learnable_temperature and utils.get_world_size() > 1:
-        utils.average_grads(criterion.parameters())   # tau lives outside DDP
-    if cfg.clip_grad > 0:
-        scaler.unscale_(optimizer)           # clip the true gradients, not the scaled ones
-        params = [p for group in optimizer.param_groups for p in group["params"]]
-        torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad)
-    scaler.step(optimizer)                   # skips the step if fp16 gradients overflowed
-    scaler.update()
+
+    def average_tau():   # a learnable tau lives outside DDP: its gradient is averaged here
+        utils.average_grads(criterion.parameters())
+
+    tau_outside_ddp = cfg.learnable_temperature and utils.get_world_size() > 1
+    utils.optimizer_step(optimizer, scaler, terms["loss"], cfg.clip_grad,
+                         after_backward=average_tau if tau_outside_ddp else None)
     return terms
 
 
@@ -204,8 +201,13 @@ def train_one_epoch(model, criterion, optimizer, scaler, loader, epoch, step, cf
     model.train()
     loader.sampler.set_epoch(epoch)   # a new, reproducible order every epoch
     gen = utils.seed_epoch(cfg.seed, epoch, utils.get_rank())
-    total_steps, warmup_steps = cfg.epochs * len(loader), round(cfg.warmup_epochs * len(loader))
-    window, sums, done, seen, t_last = [], dict.fromkeys(LOG_KEYS, 0.0), 0, 0, time.time()
+    total_steps = cfg.epochs * len(loader)
+    warmup_steps = round(cfg.warmup_epochs * len(loader))
+    window = []                          # the terms of the steps since the last log line
+    sums = dict.fromkeys(LOG_KEYS, 0.0)  # for the epoch means
+    done = 0                             # steps this epoch
+    seen = 0                             # samples since the last log line, all ranks
+    t_last = time.time()
     bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not utils.is_main(),
                dynamic_ncols=True, leave=False)
     for i, batch in enumerate(bar):
@@ -214,9 +216,11 @@ def train_one_epoch(model, criterion, optimizer, scaler, loader, epoch, step, cf
         if batch is not None:
             lr = utils.set_lr(optimizer, step, total_steps, warmup_steps, cfg)
             terms = train_step(model, criterion, optimizer, scaler, batch, gen, cfg, mcfg, device)
-            step, done = step + 1, done + 1
+            step += 1
+            done += 1
             seen += batch["index"].numel() * utils.get_world_size()
             window.append(torch.stack([terms[k].detach().float() for k in LOG_KEYS]))
+        # The non-finite check waits for the log step: one sync per log window, not per step.
         if window and ((i + 1) % cfg.log_every == 0 or i + 1 == len(loader)):
             rows = utils.mean_over_ranks(torch.stack(window)).tolist()   # the sync
             for k, row in enumerate(rows):   # stop on the values read for logging (as MAE)
@@ -229,8 +233,9 @@ def train_one_epoch(model, criterion, optimizer, scaler, loader, epoch, step, cf
             for row in rows:                 # the epoch means
                 for key, value in zip(LOG_KEYS, row):
                     sums[key] += value
-            rate, seen = seen / (time.time() - t_last), 0
-            window, t_last, now = [], time.time(), dict(zip(LOG_KEYS, rows[-1]))
+            rate = seen / (time.time() - t_last)
+            now = dict(zip(LOG_KEYS, rows[-1]))
+            window, seen, t_last = [], 0, time.time()   # a new window
             logger.log({"type": "step", "epoch": epoch, "step": step, "lr": lr,
                         "samples_per_s": rate, **now})
             bar.set_postfix(loss=f"{now['loss']:.4f}", lr=f"{lr:.2e}", samples_per_s=f"{rate:.1f}")
@@ -241,7 +246,8 @@ def train_one_epoch(model, criterion, optimizer, scaler, loader, epoch, step, cf
 
 
 # =============================================================================
-# The checkpoint's contents, then building: config, data, model, loss, optimiser
+# The checkpoint: what is saved and what is restored; then building: config, data,
+# model, loss, optimiser
 # =============================================================================
 
 def save_checkpoint(path, cfg, mcfg, net, criterion, optimizer, scaler, step, epoch, norm_stats):
@@ -262,17 +268,35 @@ def save_checkpoint(path, cfg, mcfg, net, criterion, optimizer, scaler, step, ep
     }, path)
 
 
+def resume_or_init(path, cfg, mcfg, net, criterion, optimizer, scaler):
+    """Restore what save_checkpoint wrote when `path` exists (resuming wins over --init_*),
+    else start from --init_* (convert.init_weights). Returns (epochs done, step)."""
+    if not os.path.exists(path):
+        convert.init_weights(cfg, mcfg, net)
+        return 0, 0
+    ckpt = utils.load_checkpoint(path)
+    convert.check_same_model(path, ckpt, mcfg, convert.pretraining_flags(cfg))
+    net.load_state_dict(ckpt["model"])
+    criterion.load_state_dict(ckpt["loss"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    utils.load_scaler_state(scaler, ckpt["scaler"], path)
+    changed = {k: (v, getattr(cfg, k)) for k, v in ckpt["config"].items() if getattr(cfg, k, v) != v}
+    utils.print0(f"resumed from {path}: {ckpt['epoch']} epoch(s), step {ckpt['step']} done"
+                 + (f"; config changed since (old, new): {changed}" if changed else "")
+                 + ("; --init_* ignored: resuming wins" if cfg.init_mae or cfg.init_official
+                    or cfg.init_from else ""))
+    return ckpt["epoch"], ckpt["step"]
+
+
 def resolve_config(cfg):
     """Fill the None fields from the profile and check the rest; returns a new config."""
     profile = cfg.profile or ("toy" if cfg.data is None else "paper")
     cfg = utils.apply_profile(cfg, PROFILES, profile)
     cfg = dataclasses.replace(cfg, w_a=cfg.w_intra if cfg.w_a is None else cfg.w_a,
                               w_v=cfg.w_intra if cfg.w_v is None else cfg.w_v)
-    target = cfg.inter_target or ("centroid" if cfg.centroid else "original")
-    if target not in INTER_TARGETS or (not cfg.centroid and target != "original"):
-        raise utils.UsageError(f"--inter_target must be one of {INTER_TARGETS} (original "
-                               f"with --centroid false), got {target!r}")
-    cfg = dataclasses.replace(cfg, inter_target=target, centroid=target == "centroid")
+    if cfg.inter_target not in INTER_TARGETS:
+        raise utils.UsageError(f"--inter_target must be one of {INTER_TARGETS}, "
+                               f"got {cfg.inter_target!r}")
     if cfg.compile is None:   # an eager step is host-bound on a GPU at the paper's batch (README)
         device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
         cfg = dataclasses.replace(cfg, compile=device.startswith("cuda"))

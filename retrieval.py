@@ -64,8 +64,14 @@ class RetrievalConfig:
                                "at all")
     localize_indices: str = option("", "comma-separated manifest indices to draw instead of the "
                                        "first --localize")
-    map: str = option("gradient", "sound-source map (SPEC 13): gradient, occlusion, token or "
-                                   "attention; a comma list scores each, the first is drawn")
+    map: str = option("gradient", "sound-source map (SPEC 13): gradient (integrated gradients "
+                                   "times the calibrated confidence), gradient_raw (without it), "
+                                   "gradient_input, occlusion, token or attention; a comma list "
+                                   "scores each, the first is drawn")
+    confidence_data: str = option("auto", "training clips the map's confidence is calibrated on "
+                                          "(true against mismatched pairs): auto (the toy's train "
+                                          "split on toy data, else none), none, or MANIFEST; "
+                                          "stored beside the checkpoint")
     negatives: bool = option(True, "also score the maps under sounds the frame does not make: "
                                    "the manifest's {name}_{silence,noise,offscreen}.json "
                                    "beside it (the toy writes them), else silence and another "
@@ -204,7 +210,7 @@ def extract_embeddings(model, loader, device, S=16, seed=0, amp=False, view=None
     indices, zs_a, zs_v = [], [], []
     for batch in loader:
         x_a = batch["audio"].to(device, non_blocking=True)
-        x_v = data.unit_range(batch["frame"].to(device, non_blocking=True))
+        x_v = augment.frames_to(device, batch["frame"])
         if view is not None:
             t = view[1][batch["index"].long()]
             x_a = augment.apply_audio(x_a, t) if view[0] == "a" else x_a
@@ -359,7 +365,7 @@ def equivariance_metrics(model, loader, device, seed=0, amp=False, lam=1.0):
     for batch in loader:
         index = batch["index"].long()
         x = {"a": batch["audio"].to(device, non_blocking=True),
-             "v": data.unit_range(batch["frame"].to(device, non_blocking=True))}
+             "v": augment.frames_to(device, batch["frame"])}
         x_aug = {"a": augment.apply_audio(x["a"], t_all["a"][index]),
                  "v": augment.normalize_image(augment.apply_visual(x["v"], t_all["v"][index]))}
         x["v"] = augment.normalize_image(x["v"])
@@ -473,13 +479,18 @@ def _localize(model, dataset, dataset_of, cfg, device):
     vectors = centroid_vectors(model.cfg, cfg.S, cfg.seed, model.inter_target)
     T_a, T_v = utils.to_device_together(vectors, device)
     methods = [m.strip() for m in cfg.map.split(",") if m.strip()]
+    confidence = fitted_confidence(model, cfg, dataset_of, device)
+    if confidence is None and "gradient" in methods:
+        methods = [m if m != "gradient" else "gradient_raw" for m in methods]
+        utils.print0("no training clips to calibrate the confidence on (--confidence_data): "
+                     "the gradient map is drawn raw (gradient_raw)")
     entries = data.read_manifest(dataset.manifest)
     splits = _distractor_manifests(cfg)
     negatives = _negatives(cfg, dataset, dataset_of) if cfg.negatives else {}
-    out = {"method": methods[0], "maps": {}}
+    out = {"method": methods[0], "maps": {}, "confidence": confidence and confidence._asdict()}
     for method in methods:
         kw = dict(method=method, batch_size=cfg.batch_size, num_workers=cfg.num_workers,
-                  amp=cfg.amp, chunk=cfg.occlusion_chunk)
+                  amp=cfg.amp, chunk=cfg.occlusion_chunk, confidence=confidence)
         one = {}
         if localize.has_boxes(entries):
             one["manifest"] = localize.evaluate_localization(model, dataset, entries, T_a, T_v,
@@ -522,11 +533,44 @@ def _localize(model, dataset, dataset_of, cfg, device):
         figure += [_figure_clip(ds, ents, i, "distractor ")
                    for i in range(min(cfg.figure_distractors, len(ds)))]
     png = os.path.join(cfg.out_dir, "figure3.png")
-    localize.save_figure3(png, model, figure, T_a, T_v, device, methods[0], cfg.amp)
+    localize.save_figure3(png, model, figure, T_a, T_v, device, methods[0], cfg.amp, confidence)
     out["figure"] = png
     utils.print0(f"wrote {png}: frame | {methods[0]} map, and the augmented view nearest to the "
                  f"centroid | its map; sounding boxes green, map maxima white crosses")
     return out
+
+
+def fitted_confidence(model, cfg, dataset_of, device):
+    """The map's Confidence (localize.fit_confidence) for this checkpoint, fitted on the
+    training clips of --confidence_data by a rule fixed before any scoring: every clip's
+    s with its own sound against s with the next clip's sound (wrapping), with the
+    evaluation's fixed centroid vectors. Stored in {checkpoint}_confidence.json and reused
+    while the checkpoint file is unchanged (its size and time). None without clips."""
+    source = cfg.confidence_data
+    if source == "auto":
+        source = "none" if cfg.manifest else toy.ensure_toy_dataset(cfg.toy_root)["train"]
+    if source == "none" or cfg.random_weights:
+        return None
+    stat = os.stat(cfg.checkpoint)
+    stamp = {"checkpoint_size": stat.st_size, "checkpoint_mtime_ns": stat.st_mtime_ns,
+             "data": os.path.abspath(source), "S": cfg.S, "seed": cfg.seed}
+    path = os.path.splitext(cfg.checkpoint)[0] + "_confidence.json"
+    if os.path.exists(path):
+        with open(path) as f:
+            stored = json.load(f)
+        if {k: stored.get(k) for k in stamp} == stamp:
+            return localize.Confidence(stored["a"], stored["b"])
+    loader = data.make_loader(dataset_of(source), cfg.batch_size, train=False,
+                              num_workers=cfg.num_workers, pin_memory=device.type == "cuda")
+    z_a, z_v = extract_embeddings(model, loader, device, S=cfg.S, seed=cfg.seed, amp=cfg.amp)
+    s_true = (z_a * z_v).sum(-1)
+    s_wrong = (z_a.roll(-1, dims=0) * z_v).sum(-1)     # frame i with clip i + 1's sound
+    confidence = localize.fit_confidence(s_true, s_wrong)
+    with open(path, "w") as f:
+        json.dump({**stamp, **confidence._asdict(), "clips": len(s_true)}, f, indent=1)
+    utils.print0(f"confidence p = sigmoid({confidence.a:.2f} s + {confidence.b:.2f}), fitted on "
+                 f"{len(s_true)} training clips of {source}: wrote {path}")
+    return confidence
 
 
 def _negatives(cfg, dataset, dataset_of):
@@ -543,14 +587,18 @@ def _negatives(cfg, dataset, dataset_of):
 
 
 def _negatives_figure(cfg, frames, maps, method):
-    """negatives.png: each clip's frame with its map under the true sound and each negative
-    (one colour scale per tile, so look at where, and at pIA for how much)."""
+    """negatives.png: each clip's frame with its map under the true sound and each negative,
+    the four on one colour scale per clip (its lowest value blue, its highest red), so that
+    a map that stays dark under a wrong sound looks dark."""
     kinds = list(maps)
     order = [(i, k) for i in range(frames.shape[0]) for k in kinds]
+    per_clip = torch.stack([maps[k] for k in kinds], dim=1).flatten(1)   # (clips, kinds H W)
+    low, high = per_clip.min(dim=1).values, per_clip.max(dim=1).values
     png = os.path.join(cfg.out_dir, "negatives.png")
     localize.save_localization_grid(png, torch.stack([frames[i] for i, _ in order]),
                                     torch.stack([maps[k][i] for i, k in order]),
-                                    captions=[f"#{i} {k}" for i, k in order], cols=len(kinds))
+                                    captions=[f"#{i} {k}" for i, k in order], cols=len(kinds),
+                                    colour_scales=[(low[i], high[i]) for i, _ in order])
     utils.print0(f"wrote {png}: frames with the {method} map under the true sound and "
                  + ", ".join(kinds[1:]))
 
@@ -559,7 +607,7 @@ def _figure_clip(dataset, entries, i, prefix):
     item = dataset[i]
     boxes = (localize.clip_boxes(entries[i], dataset.image_size, dataset.frame_file(i, data.EVAL_FRAME))[0]
              if localize.has_boxes(entries) else [])
-    return item["audio"], data.unit_range(item["frame"]), boxes, f"{prefix}#{i} {entries[i].get('labels', '')}"[:40]
+    return item["audio"], augment.unit_range(item["frame"]), boxes, f"{prefix}#{i} {entries[i].get('labels', '')}"[:40]
 
 
 def _distractor_manifests(cfg):

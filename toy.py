@@ -686,7 +686,7 @@ def cue_check(root, audio_length=256, mel_bins=64, image_size=96, seed=0):
                                      norm_std=std, label_csv=paths["label_csv"])
         items = [ds[i] for i in range(len(ds))]
         audio, frame, label = (torch.stack([it[k] for it in items]) for k in ("audio", "frame", "label"))
-        clips[split] = [audio, data.unit_range(frame), label]
+        clips[split] = [audio, augment.unit_range(frame), label]
     gen = torch.Generator().manual_seed(seed)
     n = len(clips["test"][0])
     out = {}

@@ -470,19 +470,43 @@ def average_grads(params):
 
 
 def optimizer_step(optimizer, scaler, loss, clip_grad=0.0, after_backward=None):
-    """One update: zero the gradients, backward through the (fp16-)scaled loss, call
-    `after_backward` (e.g. averaging gradients DDP does not see), unscale and clip
-    the global gradient norm when clip_grad > 0, step, update the scaler."""
+    """One update, the one pretrain.py and finetune.py both make: zero the gradients,
+    backward through the (fp16-)scaled loss, call `after_backward` (e.g. averaging
+    gradients DDP does not see), unscale and clip the global gradient norm when
+    clip_grad > 0, step, update the scaler."""
     optimizer.zero_grad(set_to_none=True)
-    scaler.scale(loss).backward()
+    scaler.scale(loss).backward()        # the scaler only scales under fp16 autocast
     if after_backward is not None:
         after_backward()
     if clip_grad > 0:
-        scaler.unscale_(optimizer)
+        scaler.unscale_(optimizer)       # clip the true gradients, not the scaled ones
         params = [p for group in optimizer.param_groups for p in group["params"]]
         torch.nn.utils.clip_grad_norm_(params, clip_grad)
-    scaler.step(optimizer)
+    scaler.step(optimizer)               # skips the step if fp16 gradients overflowed
     scaler.update()
+
+
+# ---------------------------------------------------------------------------
+# A metric two scripts share
+# ---------------------------------------------------------------------------
+
+def roc_auc(scores, targets):
+    """ROC AUC per class of scores (N, C) against targets (N, C) (positive where > 0.5):
+    the chance that a random positive scores above a random negative, a tie counting one
+    half (the Mann-Whitney statistic with average ranks). (C,) float64; NaN for a class
+    lacking positives or negatives. finetune.py's mAUC, localize.py's confidence."""
+    s = scores.double().T.contiguous()                            # (C, N)
+    y = (torch.as_tensor(targets) > 0.5).double().T
+    s_asc = torch.sort(s, dim=1).values
+    below = torch.searchsorted(s_asc, s, side="left")
+    at_or_below = torch.searchsorted(s_asc, s, side="right")
+    avg_rank = (below + at_or_below + 1) / 2.0                    # 1-based, ties averaged
+    n_pos = y.sum(1)
+    n_neg = y.shape[1] - n_pos
+    auc = ((avg_rank * y).sum(1) - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
+    auc[(n_pos == 0) | (n_neg == 0)] = math.nan
+    return auc
+
 
 
 # ---------------------------------------------------------------------------

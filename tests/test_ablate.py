@@ -198,3 +198,35 @@ def test_view_diagnostic_reports_what_its_runs_logged(toy_root, tmp_path, monkey
     assert out["a2v_R@10"] == [r["retrieval"]["a2v_R@10"] for r in log if r["type"] == "epoch"]
     assert "| audio crop only | " in ablate.views_table({"audio crop only": out})
     assert ablate.pretrain.augment is ablate.augment          # the samplers are restored
+
+
+def test_a_runs_length_is_part_of_its_identity():
+    """The profile's length (toy: 10 epochs), asked for or not, is one run folder; another
+    length, from --epochs or from --pretrain_args, is another."""
+    def run_dir(**kw):
+        return os.path.basename(ablate.commands(ablate.AblateConfig(**kw), "invariant", 2)[0])
+    assert run_dir() == run_dir(epochs=10) == "invariant_s2"
+    assert run_dir(epochs=30) == run_dir(pretrain_args="--epochs 30") == "invariant_s2_e30"
+    _, pre, _ = ablate.commands(ablate.AblateConfig(epochs=30), "invariant", 2)
+    assert pre[-2:] == ["--epochs", "30"] and pre[:2] == ["--equivariant", "false"]
+
+
+def test_length_table_pairs_each_row_with_default_at_each_length():
+    def run(row, seed, epochs, r1, sim):
+        score = {"a2v_R@1": r1, "v2a_R@1": r1 + 1, "a2v_R@10": 3 * r1, "v2a_R@10": 50.0}
+        eq = {"similarity_a": sim, "similarity_v": sim / 2, "r2_a": {"crop": sim},
+              "r2_v": {"flip": -sim}}
+        return {"row": row, "seed": seed, "epochs": epochs, "score": score, "equivariance": eq}
+    results = [run("default", 0, 10, 20.0, 0.8), run("default", 1, 10, 22.0, 0.9),
+               run("invariant", 0, 10, 23.0, 0.5), run("invariant", 1, 10, 24.0, 0.7),
+               run("default", 0, 30, 25.0, 0.6), run("default", 1, 30, 26.0, 0.6),
+               run("invariant", 0, 30, 24.0, 0.4), run("invariant", 1, 30, 23.0, 0.4)]
+    by_length = {n: ablate.row_statistics([r for r in results if r["epochs"] == n])
+                 for n in (10, 30)}
+    table = ablate.length_table(by_length, results)
+    # 10 epochs: differences +3, +2 -> mean +2.5, sd 0.707, t(1) 12.706 -> +/- 6.35
+    assert "| invariant | 10 | 2 | +2.5 [-3.9, +8.9] | +2.5 [-3.9, +8.9] | +7.5 [-11.6, +26.6] " \
+           "| +0.0 [+0.0, +0.0] |" in table
+    assert "| invariant | 30 | 2 | -2.0 [-14.7, +10.7] |" in table
+    assert "| default | 10 | 0.850 / 0.425 | 0.85 | -0.85 |" in table
+    assert "| invariant | 30 | 0.400 / 0.200 | 0.40 | -0.40 |" in table

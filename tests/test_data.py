@@ -21,7 +21,9 @@ from torchaudio.compliance import kaldi
 from torchvision import transforms
 
 import audio_io
+import augment
 import data
+from bad_data import BadDataPolicy, BadSample
 import toy as toy_module
 
 SR = 16000
@@ -239,9 +241,9 @@ def test_real_manifest_frames_labels_and_eval_frame(real):
         ref5 = _reference_frame(data.frame_path(str(root / "frames"), vid, data.EVAL_FRAME), 24)
         ref4 = _reference_frame(data.frame_path(str(root / "frames"), vid, 4), 24)
         assert item["frame"].shape == (3, 24, 24)
-        assert item["frame"].dtype == torch.uint8   # scaled on the training device (data.unit_range)
-        torch.testing.assert_close(data.unit_range(item["frame"]), ref5, atol=1e-6, rtol=0, msg=f"clip {vid}")
-        assert (data.unit_range(item["frame"]) - ref4).abs().max() > 0.05  # it is frame 5, not a neighbour
+        assert item["frame"].dtype == torch.uint8   # scaled on the training device (augment.unit_range)
+        torch.testing.assert_close(augment.unit_range(item["frame"]), ref5, atol=1e-6, rtol=0, msg=f"clip {vid}")
+        assert (augment.unit_range(item["frame"]) - ref4).abs().max() > 0.05  # it is frame 5, not a neighbour
         assert item["index"] == i
     labels = torch.stack([ds[i]["label"] for i in range(len(ds))])
     expected = torch.tensor([[1, 0, 0, 0], [1, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1], [0, 1, 0, 0],
@@ -260,7 +262,7 @@ def test_training_frames_are_random_but_reproducible(real):
     picked = []
     for epoch in range(8):
         key = data.SampleKey(0, epoch, seed=5)
-        a, b = (data.unit_range(ds[key]["frame"]) for _ in range(2))
+        a, b = (augment.unit_range(ds[key]["frame"]) for _ in range(2))
         assert torch.equal(a, b)
         matches = [k for k in range(10) if torch.allclose(a, refs[k], atol=1e-6)]
         assert len(matches) == 1
@@ -321,7 +323,7 @@ def test_box_in_crop_follows_the_resize_and_crop(tmp_path):
     box_px = (100, 30, 118, 50)  # x0, y0, x1, y1 near the right edge of the centre square
     arr[box_px[1]:box_px[3], box_px[0]:box_px[2]] = 255
     Image.fromarray(arr).save(tmp_path / "f.png")
-    frame = data.unit_range(data.load_frame(tmp_path / "f.png", size))
+    frame = augment.unit_range(data.load_frame(tmp_path / "f.png", size))
     box = data.box_in_crop([box_px[0] / w, box_px[1] / h, box_px[2] / w, box_px[3] / h], (w, h),
                            size)
     x0, y0, x1, y1 = [round(v * size) for v in box]
@@ -431,7 +433,7 @@ def test_unknown_label_fails_fast_or_is_skipped(tmp_path, real):
     msg = str(err.value)
     assert "bad.json: entry 2 (line 4, video_id s24)" in msg and "/m/unicorn" in msg
     ds = _dataset(tmp_path, "bad.json", skip_bad=True)
-    assert isinstance(ds[2], data.BadSample) and "/m/unicorn" in ds[2].message
+    assert isinstance(ds[2], BadSample) and "/m/unicorn" in ds[2].message
     batch = data.collate([ds[i] for i in range(len(ds))])
     assert batch["skipped"] == 1 and batch["index"].tolist() == [0, 1, 3, 4, 5]
     assert batch["audio"].shape == (5, 100, 32) and "entry 2" in batch["errors"][0]
@@ -499,7 +501,7 @@ def test_other_containers_go_through_pyav(tmp_path, monkeypatch):
         audio_io.load_waveform(tmp_path / "a.flac")  # garbage after the magic bytes
 
 
-def test_skip_bad_loader_and_skip_counter(tmp_path, real):
+def test_skip_bad_loader_and_bad_data_policy(tmp_path, real):
     root, _ = real
 
     def edit(e, d):
@@ -507,21 +509,21 @@ def test_skip_bad_loader_and_skip_counter(tmp_path, real):
     _bad_copy(root, tmp_path, edit)
     ds = _dataset(tmp_path, "bad.json", skip_bad=True)
     loader = data.make_loader(ds, 3, train=False, num_workers=0)
-    counter = data.SkipCounter(max_fraction=0.2, min_samples=100)
+    policy = BadDataPolicy(max_fraction=0.2, min_samples=100)
     batches = list(loader)
-    for b in batches:
-        counter.update(b)  # 1 of 6 bad: below min_samples, update does not judge
-    assert counter.skipped == 1 and counter.seen == 6
+    kept = [policy.filter(b) for b in batches]  # 1 of 6 bad: below min_samples, not judged
+    assert policy.skipped == 1 and policy.seen == 6
     assert [b["skipped"] for b in batches] == [1, 0]
-    assert "nowhere" in counter.errors[0]
+    assert [k["index"].numel() for k in kept] == [2, 3]
+    assert "nowhere" in policy.errors[0]
     with pytest.raises(data.DataError, match=r"1 of 3 samples were bad \(33.33% > 10.00% "):
-        data.SkipCounter(max_fraction=0.1, min_samples=1).update(batches[0])
+        BadDataPolicy(max_fraction=0.1, min_samples=1).filter(batches[0])
     with pytest.raises(data.DataError, match=r"1 of 6 samples were bad \(16.67% > 10.00% "):
-        counter.max_fraction = 0.1
-        counter.check()  # the end-of-epoch test ignores min_samples
-    ok = data.SkipCounter(max_fraction=0.5, min_samples=1)
+        policy.max_fraction = 0.1
+        policy.check()  # the end-of-epoch test ignores min_samples
+    ok = BadDataPolicy(max_fraction=0.5, min_samples=1)
     for b in batches:
-        ok.update(b)
+        ok.filter(b)
     ok.check()
     # a batch made only of bad samples is empty, not zero-filled
     empty = data.collate([ds[2]])
@@ -654,7 +656,7 @@ def test_huge_float_samples_are_a_named_bad_sample(tmp_path, real):
                                              r"up to 1e\+30\)"):
         _dataset(tmp_path, "bad.json")[2]
     skipped = _dataset(tmp_path, "bad.json", skip_bad=True)[2]
-    assert isinstance(skipped, data.BadSample) and "non-finite features" in skipped.message
+    assert isinstance(skipped, BadSample) and "non-finite features" in skipped.message
     assert torch.isfinite(_dataset(tmp_path, "bad.json")[1]["audio"]).all()   # the others load
     _, bad, _ = data.check_manifest(manifest, root / "labels.csv")
     assert [b.index for b in bad] == [2] and "non-finite features" in bad[0].reasons[0]

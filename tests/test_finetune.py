@@ -52,11 +52,11 @@ def test_average_precision_hand_cases():
 def test_auc_hand_cases_and_ties():
     s = torch.tensor([[0.1], [0.4], [0.35], [0.8]])
     y = torch.tensor([[0.0], [0.0], [1.0], [1.0]])
-    assert finetune.roc_auc(s, y).item() == pytest.approx(0.75)
+    assert utils.roc_auc(s, y).item() == pytest.approx(0.75)
     # positive 0.5 tied with negative 0.5 counts one half: (0.5 + 1 + 2) / 4
     s = torch.tensor([[0.5], [0.5], [0.2], [0.9]])
     y = torch.tensor([[1.0], [0.0], [0.0], [1.0]])
-    assert finetune.roc_auc(s, y).item() == pytest.approx(0.875)
+    assert utils.roc_auc(s, y).item() == pytest.approx(0.875)
 
 
 def test_multilabel_metrics_skip_class_without_positive():
@@ -67,7 +67,7 @@ def test_multilabel_metrics_skip_class_without_positive():
     ap = finetune.average_precision(s, y)
     assert ap[:2].tolist() == pytest.approx([1.0, 0.5])
     assert math.isnan(ap[2].item())
-    auc = finetune.roc_auc(s, y)
+    auc = utils.roc_auc(s, y)
     assert auc[:2].tolist() == pytest.approx([1.0, 0.5])
     assert math.isnan(auc[2].item())
     m = finetune.multilabel_metrics(s, y)
@@ -82,7 +82,7 @@ def test_metrics_match_brute_force_with_ties():
     scores = torch.randint(0, 6, (40, 5), generator=g).float()   # many ties
     labels = (torch.rand(40, 5, generator=g) < 0.3).float()
     ap = finetune.average_precision(scores, labels)
-    auc = finetune.roc_auc(scores, labels)
+    auc = utils.roc_auc(scores, labels)
     for c in range(5):
         sc, lb = scores[:, c].tolist(), [int(v) for v in labels[:, c].tolist()]
         assert ap[c].item() == pytest.approx(_ap_by_thresholds(sc, lb))

@@ -176,7 +176,7 @@ def test_drop_path_drops_whole_samples_and_preserves_the_mean():
 
 # --------------------------------------------------------------------- EquiAV
 
-def manual_outputs(model, x, use_centroid=True, equivariant=True):
+def manual_outputs(model, x, centroid=True, equivariant=True):
     """SPEC 6 written out from the submodules, one call per term."""
     res = {}
     for m, enc, pred, gi, ge in (("a", model.audio_encoder, model.predictor_a, model.proj_inter_a,
@@ -185,19 +185,19 @@ def manual_outputs(model, x, use_centroid=True, equivariant=True):
                                   model.proj_intra_v)):
         h = enc(x[f"x_{m}"])
         h_aug = enc(x[f"x_{m}_aug"], aug=True)
-        res[f"z_inter_{m}"] = gi(pred(h, x[f"T_{m}"]) if use_centroid else h.mean(1))
+        res[f"z_inter_{m}"] = gi(pred(h, x[f"T_{m}"]) if centroid else h.mean(1))
         res[f"z_equi_{m}"] = ge(pred(h, x[f"t_{m}"]) if equivariant else h.mean(1))
         res[f"z_aug_{m}"] = ge(h_aug.mean(1))
     return res
 
 
-@pytest.mark.parametrize("use_centroid,equivariant", [(True, True), (False, True), (True, False),
-                                                      (False, False)])
-def test_forward_and_ablation_switches_match_manual_computation(use_centroid, equivariant):
+@pytest.mark.parametrize("centroid,equivariant", [(True, True), (False, True), (True, False),
+                                                  (False, False)])
+def test_forward_and_ablation_switches_match_manual_computation(centroid, equivariant):
     torch.manual_seed(5)
     cfg = small_cfg()
     full = EquiAV(cfg).eval()
-    model = EquiAV(cfg, use_centroid=use_centroid, equivariant=equivariant).eval()
+    model = EquiAV(cfg, "centroid" if centroid else "original", equivariant=equivariant).eval()
     report = model.load_state_dict(full.state_dict(), strict=False)
     assert report.missing_keys == []
     x = make_inputs(cfg)
@@ -205,20 +205,20 @@ def test_forward_and_ablation_switches_match_manual_computation(use_centroid, eq
         out = model(**x)
         ref_full = full(**x)
         manual = manual_outputs(model if model.predictor_a is not None else full, x,
-                                use_centroid, equivariant)
+                                centroid, equivariant)
     assert isinstance(out, EquiAVOutput)
     for name in EquiAVOutput._fields:
         assert close(getattr(out, name), manual[name], 1e-4), name
     # exactly the switched outputs differ from the full model
     changed = set()
-    if not use_centroid:
+    if not centroid:
         changed |= {"z_inter_a", "z_inter_v"}
     if not equivariant:
         changed |= {"z_equi_a", "z_equi_v"}
     for name in EquiAVOutput._fields:
         same = close(getattr(out, name), getattr(ref_full, name), 1e-4)
         assert same == (name not in changed), name
-    if not (use_centroid or equivariant):
+    if not (centroid or equivariant):
         assert model.predictor_a is None and model.predictor_v is None
 
 

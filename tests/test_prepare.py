@@ -30,17 +30,21 @@ def encode_video(path, seconds=3.0, tone=440.0, with_audio=True):
     if with_audio:
         aus = c.add_stream("aac", rate=44100)
         aus.layout = "stereo"
-    for i in range(int(seconds * FPS)):
-        img = np.zeros((H, W, 3), np.uint8)
-        x = int(4 + 10 * i / FPS)
-        img[18:30, x:x + 12] = 255
-        for p in vs.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
-            c.mux(p)
-    for p in vs.encode():
-        c.mux(p)
+    _encode_squares(c, vs, [int(4 + 10 * i / FPS) for i in range(int(seconds * FPS))], 12)
     if with_audio:
         _encode_tone(c, aus, seconds, tone, 44100, "fltp", stereo=True)
     c.close()
+
+
+def _encode_squares(c, stream, xs, width):
+    """One frame per x of xs: black, with a white square `width` px wide at column x."""
+    for x in xs:
+        img = np.zeros((stream.height, stream.width, 3), np.uint8)
+        img[18:30, x:x + width] = 255
+        for p in stream.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
+            c.mux(p)
+    for p in stream.encode():
+        c.mux(p)
 
 
 def _encode_tone(c, stream, seconds, tone, rate, fmt, stereo):
@@ -251,14 +255,7 @@ def encode_seconds(path, seconds, first=0, with_audio=True, with_video=True):
         s.layout = "mono"
     if with_video:
         vs.width, vs.height, vs.pix_fmt = SW, SH, "yuv420p"
-        for i in range(int(seconds * FPS)):
-            img = np.zeros((SH, SW, 3), np.uint8)
-            x = 2 + 5 * (first + i // FPS)
-            img[18:30, x:x + 4] = 255
-            for p in vs.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
-                c.mux(p)
-        for p in vs.encode():
-            c.mux(p)
+        _encode_squares(c, vs, [2 + 5 * (first + i // FPS) for i in range(int(seconds * FPS))], 4)
     if with_audio:
         t = np.arange(int(seconds * SR)) / SR
         hz = 300 + 100 * (first + np.floor(t))

@@ -11,7 +11,6 @@ import pytest
 import torch
 
 import convert
-import data
 import pretrain
 import toy as toy_module
 import utils
@@ -61,8 +60,10 @@ def test_profiles_fill_only_unset_fields():
     assert paper.w_inter == paper.w_a == paper.w_v == pytest.approx(1 / 3)
     # --w_intra sets both intra-modal weights; --w_a / --w_v override one
     cfg = pretrain.resolve_config(utils.parse_config(
-        pretrain.PretrainConfig, ["--w_intra", "0", "--w_v", "0.5", "--centroid", "false"]))
-    assert (cfg.w_a, cfg.w_v, cfg.centroid) == (0.0, 0.5, False)
+        pretrain.PretrainConfig, ["--w_intra", "0", "--w_v", "0.5", "--inter_target", "original"]))
+    assert (cfg.w_a, cfg.w_v, cfg.inter_target) == (0.0, 0.5, "original")
+    with pytest.raises(ValueError, match="--inter_target must be one of"):
+        pretrain.resolve_config(pretrain.PretrainConfig(inter_target="mean"))
     with pytest.raises(ValueError, match="at most one of --init_mae, --init_official and --init_from"):
         pretrain.resolve_config(pretrain.PretrainConfig(init_mae="a", init_official="b"))
     with pytest.raises(ValueError, match="unknown profile"):
@@ -127,11 +128,11 @@ def test_end_to_end_log_and_checkpoint(toy, tmp_path):
     assert len([r for r in read_log(cfg.run_dir) if r["type"] == "step"]) == n_steps
     # another model in the same run_dir is refused before anything is overwritten
     with pytest.raises(ValueError, match="holds a different model"):
-        pretrain.main(dataclasses.replace(cfg, centroid=False, epochs=2))
+        pretrain.main(dataclasses.replace(cfg, inter_target="original", epochs=2))
 
 
 def test_ablation_without_centroid_and_predictor(toy, tmp_path):
-    cfg = _cfg(toy, tmp_path / "run", centroid=False, equivariant=False, w_intra=0.0, w_inter=1.0)
+    cfg = _cfg(toy, tmp_path / "run", inter_target="original", equivariant=False, w_intra=0.0, w_inter=1.0)
     pretrain.main(cfg)
     ckpt = torch.load(os.path.join(cfg.run_dir, "checkpoint.pt"), weights_only=True)
     assert ckpt["model_flags"] == {"inter_target": "original", "equivariant": False}
@@ -216,7 +217,7 @@ def test_nonfinite_loss_is_caught_when_the_epochs_last_batch_is_skipped(toy, tmp
         return None if len(calls) == N_TRAIN // BATCH else batch
 
     monkeypatch.setattr(pretrain, "EquiAVLoss", NaNFromFirstStep)
-    monkeypatch.setattr(data.BadDataPolicy, "filter", skip_the_last)
+    monkeypatch.setattr(pretrain.BadDataPolicy, "filter", skip_the_last)
     cfg = _cfg(toy, tmp_path / "run", log_every=100, skip_bad=True)
     with pytest.raises(FloatingPointError, match=r"non-finite loss at step 1 \(epoch 1\)"):
         pretrain.main(cfg)

@@ -1,4 +1,5 @@
 import math
+import os
 
 import pytest
 import torch
@@ -189,7 +190,7 @@ def test_localization_grid_png(tmp_path):
 # The script, end to end on a very small toy dataset
 # ---------------------------------------------------------------------------
 
-def test_retrieval_script_end_to_end(tmp_path, tiny_equiav):
+def test_retrieval_script_end_to_end(tmp_path, tiny_equiav, monkeypatch):
     import dataclasses
     import json
 
@@ -197,7 +198,7 @@ def test_retrieval_script_end_to_end(tmp_path, tiny_equiav):
     import toy
     import utils
     root = tmp_path / "toy"
-    toy.make_toy_dataset(root, n_train=0, n_test=8, n_retrieval=8, n_train_multilabel=0,
+    toy.make_toy_dataset(root, n_train=8, n_test=8, n_retrieval=8, n_train_multilabel=0,
                          n_test_multilabel=0, n_distractor=4, num_workers=0)
     ckpt = tmp_path / "pretrain" / "checkpoint.pt"
     utils.save_checkpoint({"model": tiny_equiav.state_dict(),
@@ -218,6 +219,23 @@ def test_retrieval_script_end_to_end(tmp_path, tiny_equiav):
     assert -1 <= saved["equivariance"]["similarity_v"] <= 1
     loc = saved["localization"]
     assert loc["method"] == "gradient" and (tmp_path / "out" / "figure3.png").exists()
+    # the gate was fitted on the toy's training clips and stored beside the checkpoint, where
+    # it is found again while the checkpoint is unchanged and fitted anew when it changes
+    stored = json.loads((tmp_path / "pretrain" / "checkpoint_confidence.json").read_text())
+    assert stored["clips"] == 8 and loc["confidence"] == {"a": stored["a"], "b": stored["b"]}
+    fits = []
+    monkeypatch.setattr(localize, "fit_confidence", lambda *a: fits.append(1) or
+                        localize.Confidence(1.0, 0.0))
+    def dataset_of(path):
+        return data.AudioVisualDataset(path, train=False, norm_mean=-5.0, norm_std=4.0,
+                                       audio_length=tiny_equiav.cfg.audio_length,
+                                       mel_bins=tiny_equiav.cfg.mel_bins,
+                                       image_size=tiny_equiav.cfg.image_size)
+    again = retrieval.fitted_confidence(tiny_equiav, cfg, dataset_of, torch.device("cpu"))
+    assert again == (stored["a"], stored["b"]) and not fits
+    os.utime(ckpt, ns=(1, 1))
+    assert retrieval.fitted_confidence(tiny_equiav, cfg, dataset_of, torch.device("cpu")) == (1.0, 0.0)
+    assert fits == [1]
     # negative sounds: the toy's three manifests were written beside its retrieval split
     assert set(loc["negatives"]["pia"]) == {"true", "silence", "noise", "offscreen"}
     assert set(loc["negatives"]["auroc"]) == {"silence", "noise", "offscreen"}
@@ -256,7 +274,7 @@ def test_localization_scores_planted_maps(tmp_path, monkeypatch):
     size = 96
 
     def planted(sign):
-        def fake_maps(model, audio, frame, T_a, T_v, method, amp=False, chunk=64):
+        def fake_maps(model, audio, frame, T_a, T_v, method, amp=False, chunk=64, confidence=None):
             out = torch.zeros(audio.shape[0], size, size)
             for j in range(audio.shape[0]):
                 e = entries[fake_maps.seen + j]
@@ -430,13 +448,6 @@ def test_pointing_by_object_size_and_baselines_scored_like_maps():
     assert rand["pointing_game"] == 100.0                   # the whole frame: any point hits
 
 
-def test_auroc_against_counting_pairs():
-    pos, neg = [0.9, 0.8, 0.3], [0.1, 0.3, 0.85]
-    pairs = [(p > n) + 0.5 * (p == n) for p in pos for n in neg]
-    assert localize.auroc(pos, neg) == pytest.approx(sum(pairs) / 9)
-    assert localize.auroc([1.0, 2.0], [0.0]) == 1.0 and localize.auroc([0.0], [1.0]) == 0.0
-
-
 def test_negative_sounds_threshold_is_fixed_on_the_true_maps(tmp_path, monkeypatch):
     """Planted maps: the true sound's peak at 2 (threshold = half the median maximum = 1)
     over a 10 % patch; silence lights the whole frame at 1.5; the confidence follows the
@@ -453,7 +464,7 @@ def test_negative_sounds_threshold_is_fixed_on_the_true_maps(tmp_path, monkeypat
     silent = data.AudioVisualDataset(manifests["silence"], **kw)
     is_silence = {}
 
-    def fake_maps(model, audio, frame, T_a, T_v, method, amp=False, chunk=64):
+    def fake_maps(model, audio, frame, T_a, T_v, method, amp=False, chunk=64, confidence=None):
         quiet = audio.flatten(1).std(1) < 1e-6             # digital silence: a constant fbank
         m = torch.zeros(audio.shape[0], 96, 96)
         m[:, :30, :30] = 2.0                               # 900 / 9216 of the frame
@@ -497,3 +508,56 @@ def test_attention_map_is_the_predictor_softmax_over_patches(tiny_equiav):
                 total = total + w
     assert torch.allclose(a, total / p.num_heads, atol=1e-6)
     assert torch.allclose(a.sum(-1), torch.ones(2, 3), atol=1e-5)
+
+
+def test_integrated_gradients_add_up_to_the_similarity_gained_over_a_grey_frame(tiny_equiav):
+    import copy
+
+    import augment
+    model = copy.deepcopy(tiny_equiav).double()   # the limit is checked in float64
+    ds = _Clips(2, model.cfg, seed=2)
+    T_a, T_v = (t.expand(2, -1, -1).double() for t in retrieval.centroid_vectors(model.cfg, 4, 0))
+    x_v = augment.normalize_image(ds.frame).double()
+    ds.audio = ds.audio.double()
+    with torch.no_grad():
+        z_a = F.normalize(model.inter_from_tokens("a", model.inter_tokens("a", ds.audio), T_a), dim=-1)
+        h = model.inter_tokens("v", x_v)
+        h0 = model.inter_tokens("v", torch.zeros_like(x_v[:1])).expand_as(h)   # a grey frame
+
+        def s(tokens):
+            return F.cosine_similarity(z_a, model.inter_from_tokens("v", tokens, T_v), dim=-1)
+        gain = s(h) - s(h0)
+    # completeness: the patches add up to the gain (ReLU kinks make the midpoint rule
+    # converge unevenly: within 1e-3 at 64 steps, 1e-4 at 256, here)
+    fine = localize.integrated_gradients(model, z_a, h, h0, T_v, steps=256)
+    torch.testing.assert_close(fine.sum(1), gain, atol=2e-4, rtol=0)
+    assert gain.abs().min() > 5e-3                            # and the gain is not ~0
+    # localize()'s gradient_raw is that map (8 steps) on the patch grid; gradient is it times p
+    raw = localize.localize(model, ds.audio, x_v, T_a, T_v, method="gradient_raw")
+    torch.testing.assert_close(raw.flatten(1), localize.integrated_gradients(model, z_a, h, h0, T_v))
+    confidence = localize.Confidence(3.0, -1.0)
+    gated = localize.localize(model, ds.audio, x_v, T_a, T_v, method="gradient",
+                              confidence=confidence)
+    torch.testing.assert_close(gated, raw * torch.sigmoid(3.0 * s(h) - 1.0)[:, None, None])
+    with pytest.raises(ValueError, match="needs a Confidence"):
+        localize.localize(model, ds.audio, x_v, T_a, T_v, method="gradient")
+
+
+def test_fit_confidence_recovers_a_logistic_rule():
+    g = torch.Generator().manual_seed(0)
+    s = torch.rand(20000, generator=g, dtype=torch.float64) * 2 - 1
+    own = torch.rand(20000, generator=g, dtype=torch.float64) < torch.sigmoid(6 * s - 1)
+    confidence = localize.fit_confidence(s[own], s[~own])
+    assert confidence.a == pytest.approx(6.0, abs=0.4) and confidence.b == pytest.approx(-1.0, abs=0.15)
+    assert confidence.probability(torch.tensor([1 / 6])).item() == pytest.approx(0.5, abs=0.05)
+
+
+def test_a_shared_colour_scale_keeps_a_weak_map_dark():
+    frame = torch.full((3, 16, 20), 0.5)
+    weak = torch.full((16, 20), 0.01)
+    weak[4, 10] = 0.02
+    own = localize.overlay(frame, weak)                      # its own scale: a red pixel
+    shared = localize.overlay(frame, weak, scale=(0.0, 1.0))  # a clip's four maps' scale
+    # half frame (0.5 grey), half colour: red at its own maximum, no red on the shared scale
+    assert own[0, 4, 10] == pytest.approx(0.5) and shared[0].max() == pytest.approx(0.25)
+    assert shared[2].min() > 0.5

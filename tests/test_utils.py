@@ -170,3 +170,15 @@ def test_barrier_with_a_timeout_waits_for_rank_0(tmp_path):
                                 nprocs=2, join=True)
     assert float((tmp_path / "waited1").read_text()) > 1.0    # rank 1 waited for rank 0
     assert float((tmp_path / "waited0").read_text()) < 1.0
+
+
+def test_roc_auc_is_the_share_of_positive_negative_pairs_ranked_right():
+    g = torch.Generator().manual_seed(0)
+    scores = torch.randint(0, 5, (40, 3), generator=g).double()      # many ties
+    targets = torch.rand(40, 3, generator=g) > 0.6
+    auc = utils.roc_auc(scores, targets)
+    for c in range(3):
+        pos, neg = scores[targets[:, c], c], scores[~targets[:, c], c]
+        pairs = (pos[:, None] > neg[None]).double() + 0.5 * (pos[:, None] == neg[None]).double()
+        assert auc[c].item() == pytest.approx(pairs.mean().item())
+    assert math.isnan(utils.roc_auc(scores[:, :1], torch.ones(40, 1))[0].item())  # no negative
