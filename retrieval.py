@@ -69,9 +69,9 @@ class RetrievalConfig:
                                    "gradient_input, occlusion, token or attention; a comma list "
                                    "scores each, the first is drawn")
     confidence_data: str = option("auto", "training clips the map's confidence is calibrated on "
-                                          "(true against mismatched pairs): auto (the toy's train "
-                                          "split on toy data, else none), none, or MANIFEST; "
-                                          "stored beside the checkpoint")
+                                          "(true against mismatched pairs): auto (train.json "
+                                          "beside the manifest, or the toy's), none, or "
+                                          "MANIFEST; stored beside the checkpoint")
     negatives: bool = option(True, "also score the maps under sounds the frame does not make: "
                                    "the manifest's {name}_{silence,noise,offscreen}.json "
                                    "beside it (the toy writes them), else silence and another "
@@ -461,8 +461,11 @@ def run(cfg, device):
     if cfg.augmented_views:
         results["augmented_views"] = augmented_views(model, loader, device, cfg.S, cfg.seed, cfg.amp)
         utils.print0(format_augmented_views(results["augmented_views"], chance))
-    if cfg.localize > 0 and utils.is_main():
-        results["localization"] = _localize(model, dataset, dataset_of, cfg, device)
+    if cfg.localize > 0:
+        confidence = fitted_confidence(model, cfg, dataset_of, device)   # on every rank
+        if utils.is_main():
+            results["localization"] = _localize(model, dataset, dataset_of, cfg, device,
+                                                confidence)
     if utils.is_main():
         os.makedirs(cfg.out_dir, exist_ok=True)
         with open(os.path.join(cfg.out_dir, "retrieval.json"), "w") as f:
@@ -472,14 +475,13 @@ def run(cfg, device):
     return results
 
 
-def _localize(model, dataset, dataset_of, cfg, device):
+def _localize(model, dataset, dataset_of, cfg, device, confidence):
     """For each map of --map: scores on the manifest (when it has boxes), on the distractor
     split, under negative sounds, and the targets; figure3.png and negatives.png with the
     first map. Returns what goes under "localization" in retrieval.json."""
     vectors = centroid_vectors(model.cfg, cfg.S, cfg.seed, model.inter_target)
     T_a, T_v = utils.to_device_together(vectors, device)
     methods = [m.strip() for m in cfg.map.split(",") if m.strip()]
-    confidence = fitted_confidence(model, cfg, dataset_of, device)
     if confidence is None and "gradient" in methods:
         methods = [m if m != "gradient" else "gradient_raw" for m in methods]
         utils.print0("no training clips to calibrate the confidence on (--confidence_data): "
@@ -544,11 +546,14 @@ def fitted_confidence(model, cfg, dataset_of, device):
     """The map's Confidence (localize.fit_confidence) for this checkpoint, fitted on the
     training clips of --confidence_data by a rule fixed before any scoring: every clip's
     s with its own sound against s with the next clip's sound (wrapping), with the
-    evaluation's fixed centroid vectors. Stored in {checkpoint}_confidence.json and reused
-    while the checkpoint file is unchanged (its size and time). None without clips."""
+    evaluation's fixed centroid vectors. Stored in {checkpoint}_confidence.json (by rank 0)
+    and reused while the checkpoint file is unchanged (its size and time). None without
+    clips. Collective under torchrun: every rank embeds its shard."""
     source = cfg.confidence_data
     if source == "auto":
-        source = "none" if cfg.manifest else toy.ensure_toy_dataset(cfg.toy_root)["train"]
+        beside = os.path.join(os.path.dirname(os.path.abspath(cfg.manifest)), "train.json")
+        source = (beside if cfg.manifest and os.path.exists(beside) else "none" if cfg.manifest
+                  else toy.ensure_toy_dataset(cfg.toy_root)["train"])
     if source == "none" or cfg.random_weights:
         return None
     stat = os.stat(cfg.checkpoint)
@@ -565,9 +570,10 @@ def fitted_confidence(model, cfg, dataset_of, device):
     z_a, z_v = extract_embeddings(model, loader, device, S=cfg.S, seed=cfg.seed, amp=cfg.amp)
     s_true = (z_a * z_v).sum(-1)
     s_wrong = (z_a.roll(-1, dims=0) * z_v).sum(-1)     # frame i with clip i + 1's sound
-    confidence = localize.fit_confidence(s_true, s_wrong)
-    with open(path, "w") as f:
-        json.dump({**stamp, **confidence._asdict(), "clips": len(s_true)}, f, indent=1)
+    confidence = localize.fit_confidence(s_true.cpu(), s_wrong.cpu())
+    if utils.is_main():
+        with open(path, "w") as f:
+            json.dump({**stamp, **confidence._asdict(), "clips": len(s_true)}, f, indent=1)
     utils.print0(f"confidence p = sigmoid({confidence.a:.2f} s + {confidence.b:.2f}), fitted on "
                  f"{len(s_true)} training clips of {source}: wrote {path}")
     return confidence
