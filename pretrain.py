@@ -55,9 +55,9 @@ class PretrainConfig(utils.TrainConfig):
     preset: Optional[str] = option(None, "model size: base = ViT-B/16 (paper), tiny (toy)")
     model_overrides: Optional[str] = option(None, "ModelConfig changes, e.g. depth=2,embed_dim=96")
     inter_target: str = option("centroid", "what g_inter embeds: centroid = the mean of S "
-                                               "predictions (SPEC 6); original / augmented = the "
-                                               "mean token of the original / augmented input; "
-                                               "equivariant = the prediction of the applied t")
+                                           "predictions (SPEC 6); original / augmented = the "
+                                           "mean token of the original / augmented input; "
+                                           "equivariant = the prediction of the applied t")
     equivariant: bool = option(True, "false: invariant intra-modal loss (ablation)")
     S: int = option(16, "sampled augmentation vectors per centroid (SPEC 6)")
     init_mae: Optional[str] = option(None, "both encoders from an ImageNet MAE ViT-B/16 (SPEC 10)")
@@ -165,7 +165,7 @@ def prepare_inputs(batch, gen, mcfg, S, device, time_roll=True):
     T_v = augment.sample_visual_vectors(B, S, gen, H, W)                # (B, S, 18) centroid
     roll, t_a, t_v, T_a, T_v = utils.to_device_together([roll, t_a, t_v, T_a, T_v], device)
     x_a = batch["audio"].to(device, non_blocking=True)                  # (B, T, F) normalized
-    x_v = augment.frames_to(device, batch["frame"])   # uint8 -> [0, 1]
+    x_v = augment.frames_to(device, batch["frame"])                    # uint8 -> [0, 1]
     if time_roll:
         x_a = augment.roll_time(x_a, roll)      # the original's input noise (SPEC 12) ...
     x_a_aug = augment.apply_audio(x_a, t_a)     # ... and the view is made of the rolled original
