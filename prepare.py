@@ -462,12 +462,18 @@ def fetch(template, segment, dest, timeout):
     {start}, {end} (seconds) and {out} (= dest) filled in, each word on its own (no shell).
     A command that fails, times out (its whole process group is killed) or writes nothing
     raises ClipError with its last stderr line; the caller removes what it left."""
-    words = [w.replace("{ytid}", segment.ytid).replace("{start}", f"{segment.start:g}")
-             .replace("{end}", f"{segment.end:g}").replace("{out}", str(dest))
+    def seconds(x):   # 30 -> "30", 12.5 -> "12.5", never an exponent
+        return f"{x:.3f}".rstrip("0").rstrip(".")
+    words = [w.replace("{ytid}", segment.ytid).replace("{start}", seconds(segment.start))
+             .replace("{end}", seconds(segment.end)).replace("{out}", str(dest))
              for w in shlex.split(template)]
-    for attempt in (1, 2):
-        proc = subprocess.Popen(words, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                start_new_session=True)
+    for _ in range(2):   # a try and one retry
+        try:
+            proc = subprocess.Popen(words, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                    start_new_session=True)
+        except OSError as err:   # the command vanished or may not be run
+            raise ClipError(f"{segment.video_id}: fetch failed: cannot run {words[0]} ({err})",
+                            "fetch failed") from err
         try:
             _, err = proc.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:

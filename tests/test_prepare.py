@@ -443,6 +443,9 @@ def test_fetch_runs_the_command_per_clip_and_records_what_fails(tmp_path, capsys
     _, still = prepare.main(dataclasses.replace(cfg, retry_missing=True, fetch_timeout=0.5))
     again = log.read_text().splitlines()[n_calls:]
     assert sorted(again) == ["SSSSSSSSSSS 0"] * 2 + ["XXXXXXXXXXX 4"] * 2 and still == missing
+    # a command that is not there stops the run before any clip, naming it
+    with pytest.raises(data.DataError, match="command 'no-such-fetcher' not found"):
+        prepare.main(dataclasses.replace(cfg, fetch="no-such-fetcher {ytid} {out}"))
 
 
 def test_vggss_boxes_reach_the_manifest_and_score_with_localize(tmp_path):
