@@ -76,6 +76,6 @@ class BadDataPolicy:
         """Raise DataError when more than max_fraction of the samples seen were bad."""
         fraction = self.skipped / max(self.seen, 1)
         if self.skipped and fraction > self.max_fraction:
-            raise DataError(f"{self.skipped} of {self.seen} samples were bad ({100 * fraction:.2f}% "
-                            f"> {100 * self.max_fraction:.2f}% allowed); first errors:\n  "
-                            + "\n  ".join(self.errors))
+            raise DataError(f"{self.skipped} of {self.seen} samples were bad "
+                            f"({100 * fraction:.2f}% > {100 * self.max_fraction:.2f}% allowed); "
+                            f"first errors:\n  " + "\n  ".join(self.errors))

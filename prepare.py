@@ -507,13 +507,14 @@ def cut_segment(path, start, end):
             _check_tracks(c, path)
             origin = (c.start_time or 0) / av.time_base
             duration = c.duration / av.time_base if c.duration else None
-            precut = start > 0 and duration is not None and duration <= end - start + PRECUT_TOLERANCE
+            length = end - start
+            precut = start > 0 and duration is not None and duration <= length + PRECUT_TOLERANCE
             t0 = origin + (0.0 if precut else start)
-            t1 = t0 + (end - start)
+            t1 = t0 + length
             sound = _read_sound(c, t0, t1, path)
+            sound_ends = t0 + sound.numel() / audio_io.SAMPLE_RATE
             frames, repeated = _read_shown_frames(c, [t0 + k for k in range(data.NUM_FRAMES)],
-                                                  min(t1, t0 + sound.numel() / audio_io.SAMPLE_RATE),
-                                                  path)
+                                                  min(t1, sound_ends), path)
     except av.FFmpegError as err:
         raise ClipError(f"{path}: cannot decode ({err})", "undecodable") from err
     info = {"source_was_cut": True} if precut else {}
@@ -597,7 +598,11 @@ def prepare_segments(cfg):
         if fmt not in (None, kind):
             raise data.DataError(f"{path}: a {kind} list among {fmt} lists; prepare them apart")
         fmt, segments = kind, segments + rows
-    unique = list({s.video_id: s for s in reversed(segments)}.values())[::-1]
+    unique, seen = [], set()   # each clip once, where it is first listed
+    for s in segments:
+        if s.video_id not in seen:
+            seen.add(s.video_id)
+            unique.append(s)
     if len(unique) < len(segments):
         print(f"{len(segments) - len(unique)} rows list a clip listed before: each clip once")
     labels, classes = segment_labels(fmt, unique, cfg.label_csv)
@@ -607,7 +612,8 @@ def prepare_segments(cfg):
     if cfg.fetch and not shutil.which(shlex.split(cfg.fetch)[0]):
         raise data.DataError(f"--fetch: command {shlex.split(cfg.fetch)[0]!r} not found")
     sources = find_sources(cfg.videos) if cfg.videos else {}
-    for folder in ("audio", "clips", "failed", *(f"frames/frame_{k}" for k in range(data.NUM_FRAMES))):
+    frame_folders = [f"frames/frame_{k}" for k in range(data.NUM_FRAMES)]
+    for folder in ("audio", "clips", "failed", *frame_folders):
         (out / folder).mkdir(parents=True, exist_ok=True)
     for scratch in (".partial", ".fetch"):   # what an interrupted run left
         shutil.rmtree(out / scratch, ignore_errors=True)
@@ -629,10 +635,12 @@ def prepare_segments(cfg):
     written = {s.video_id: json.loads((out / "clips" / f"{s.video_id}.json").read_text())
                for s in unique if (out / "clips" / f"{s.video_id}.json").exists()}
     missing = {s.video_id: json.loads((out / "failed" / f"{s.video_id}.json").read_text())
-               for s in unique if s.video_id not in written}
+               for s in unique if s.video_id not in written
+               and (out / "failed" / f"{s.video_id}.json").exists()}
     _write_classes(out, cfg.label_csv, classes)
+    stems = [Path(path.strip()).stem for path in cfg.segments.split(",")]   # AudioSet's splits
     groups = ([("train.json", "train"), ("test.json", "test")] if fmt == "vggsound" else
-              [(f"{Path(p.strip()).stem}.json", Path(p.strip()).stem) for p in cfg.segments.split(",")])
+              [(f"{stem}.json", stem) for stem in stems])
     entries = []
     for name, split in groups:
         part = [written[s.video_id] for s in unique if s.split == split and s.video_id in written]
@@ -692,7 +700,8 @@ def summary(asked, before, written, missing, out):
     cut = sum(1 for e in written.values() if e.get("source_was_cut"))
     lines = [f"{asked} clips asked, {len(written)} written ({before} before this run), "
              f"{len(missing)} missing" + (f" (in {out / 'failures.txt'})" if missing else "")]
-    lines += [f"  missing, {reason}: {n}" for reason, n in sorted(counts.items(), key=lambda x: -x[1])]
+    by_count = sorted(counts.items(), key=lambda item: -item[1])
+    lines += [f"  missing, {reason}: {n}" for reason, n in by_count]
     if short:
         lines.append(f"  written short (the source ends before the segment does): {short}")
     if cut:

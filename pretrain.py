@@ -280,7 +280,8 @@ def resume_or_init(path, cfg, mcfg, net, criterion, optimizer, scaler):
     criterion.load_state_dict(ckpt["loss"])
     optimizer.load_state_dict(ckpt["optimizer"])
     utils.load_scaler_state(scaler, ckpt["scaler"], path)
-    changed = {k: (v, getattr(cfg, k)) for k, v in ckpt["config"].items() if getattr(cfg, k, v) != v}
+    changed = {k: (v, getattr(cfg, k)) for k, v in ckpt["config"].items()
+               if getattr(cfg, k, v) != v}
     utils.print0(f"resumed from {path}: {ckpt['epoch']} epoch(s), step {ckpt['step']} done"
                  + (f"; config changed since (old, new): {changed}" if changed else "")
                  + ("; --init_* ignored: resuming wins" if cfg.init_mae or cfg.init_official
