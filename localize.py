@@ -332,7 +332,8 @@ def evaluate_localization(model, dataset, entries, T_a, T_v, device, method="occ
     not sound): the pointing game and cIoU@0.5 / mean cIoU / AUC. Baselines on the
     sounding boxes: always the centre point, a uniformly random point (its expected
     score: the mean box area), and the centred Gaussian map scored like the maps.
-    "minimum_in_box" is a diagnostic: how often the map's minimum is in a sounding box.
+    "minimum_in_box" is a diagnostic: how often the map's minimum is in a sounding box
+    (overall and per object size: a map cold inside large objects shows there).
     """
     loader = data.make_loader(dataset, batch_size, train=False, num_workers=num_workers,
                               distributed=False)
@@ -348,9 +349,11 @@ def evaluate_localization(model, dataset, entries, T_a, T_v, device, method="occ
             silent.append(off)
     maps = torch.cat(maps)
     n, (h, w) = maps.shape[0], maps.shape[1:]
+    coldest_in_box = points_in_boxes(map_peaks(-maps), sounding)
     out = {"method": method, "n_clips": n, "sounding": score_maps(maps, sounding),
-           "minimum_in_box": 100.0 * points_in_boxes(map_peaks(-maps), sounding).double()
-           .mean().item()}
+           "minimum_in_box": 100.0 * coldest_in_box.double().mean().item(),
+           "minimum_in_box_by_size": {k: (100.0 * m, c) for k, (m, c) in
+                                      by_size(coldest_in_box, object_sizes(sounding)).items()}}
     if any(silent):
         out["silent"] = score_maps(maps, silent)
     out["baselines"] = {name: {k: v for k, v in score_maps(m, sounding).items() if k != "hits"}

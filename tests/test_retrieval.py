@@ -295,6 +295,9 @@ def test_localization_scores_planted_maps(tmp_path, monkeypatch):
     monkeypatch.setattr(localize, "localization_maps", planted(-1.0))
     score = localize.evaluate_localization(None, ds, entries, None, None, "cpu", batch_size=4)
     assert score["minimum_in_box"] == 100.0 and score["sounding"]["pointing_game"] < 100.0
+    by_size = score["minimum_in_box_by_size"]
+    assert sum(n for _, n in by_size.values()) == 6
+    assert all(share == 100.0 for share, n in by_size.values() if n)
 
 
 def test_ciou_auc_and_binarization_against_hand_made_masks():
