@@ -322,8 +322,9 @@ def test_scripts_load_an_authors_checkpoint_through_the_conversion(tmp_path):
     for name in EquiAVOutput._fields:
         torch.testing.assert_close(getattr(ours, name).double(), ref[name], atol=1e-4, rtol=1e-4)
 
-    # the three localization maps of SPEC 13 run on the converted model
-    for method in ("occlusion", "gradient", "token"):
+    # the localization maps of SPEC 13 run on the converted model
+    for method in localize.MAPS:
         m = localize.localize(model, x["x_a"].float(), x["x_v"].float(), x["T_a"].float(),
-                           x["T_v"].float(), method=method)
+                              x["T_v"].float(), method=method,
+                              confidence=localize.Confidence(1.0, 0.0))
         assert m.shape == (x["x_a"].shape[0], *CFG.visual_grid) and torch.isfinite(m).all()

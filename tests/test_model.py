@@ -413,13 +413,14 @@ def test_occlusion_map_equals_a_loop_of_single_token_removals(target):
             assert close(occ.flatten(1)[:, i], s - s_i, 1e-5), i
 
 
-def test_gradient_map_equals_a_finite_difference():
+def test_gradient_input_map_equals_a_finite_difference():
     """m_i = sum_d h_id ds/dh_id is the derivative of s when token i is scaled by 1 + eps."""
     torch.manual_seed(13)
     cfg = small_cfg()
     model = EquiAV(cfg).double().eval()
     x = {k: v.double() for k, v in make_inputs(cfg, B=2).items()}
-    grad_map = localize.localize(model, x["x_a"], x["x_v"], x["T_a"], x["T_v"], method="gradient")
+    grad_map = localize.localize(model, x["x_a"], x["x_v"], x["T_a"], x["T_v"],
+                                 method="gradient_input")
     with torch.no_grad():
         z_a = F.normalize(model.inter_from_tokens("a", model.inter_tokens("a", x["x_a"]), x["T_a"]), dim=-1)
         h = model.inter_tokens("v", x["x_v"])
@@ -433,11 +434,13 @@ def test_gradient_map_equals_a_finite_difference():
             assert torch.allclose(grad_map.flatten(1)[:, i], fd, atol=1e-7, rtol=1e-5), i
 
 
-@pytest.mark.parametrize("method", ["occlusion", "gradient", "token"])
+@pytest.mark.parametrize("method", ["occlusion", "gradient", "gradient_raw", "gradient_input",
+                                    "token"])
 def test_each_map_peaks_at_a_planted_patch_that_dominates_the_similarity(method, monkeypatch):
     """Identity heads and mean pooling (inter target "original"): s = cos(z_a, mean_N h).
     One token carries z_a's direction strongly, the others are small noise: every map
-    must put its maximum on that patch."""
+    must put its maximum on that patch. The grey frame's tokens (the integrated gradients'
+    baseline) are other small noise."""
     torch.manual_seed(14)
     cfg = small_cfg()
     model = EquiAV(cfg, inter_target="original").eval()
@@ -449,22 +452,29 @@ def test_each_map_peaks_at_a_planted_patch_that_dominates_the_similarity(method,
     planted = [3, 10, 14]
     for b, k in enumerate(planted):
         h[b, k] = 4.0 * z_a[b]
-    monkeypatch.setattr(model, "inter_tokens",
-                        lambda m, xx: h if m == "v" else EquiAV.inter_tokens(model, m, xx))
-    maps = localize.localize(model, x["x_a"], x["x_v"], x["T_a"], x["T_v"], method=method)
+    grey = 0.05 * torch.randn(1, rows * cols, cfg.embed_dim)
+
+    def tokens(m, xx):
+        if m == "a":
+            return EquiAV.inter_tokens(model, m, xx)
+        return grey if not xx.any() else h          # the grey frame is all zeros, normalized
+    monkeypatch.setattr(model, "inter_tokens", tokens)
+    maps = localize.localize(model, x["x_a"], x["x_v"], x["T_a"], x["T_v"], method=method,
+                             confidence=localize.Confidence(1.0, 0.0))
     assert maps.flatten(1).argmax(1).tolist() == planted
     with pytest.raises(ValueError, match="unknown localization method"):
         localize.localize(model, x["x_a"], x["x_v"], method="saliency")
 
 
 def test_localize_base_preset_smoke():
-    """The three maps run at the paper's size (random weights, one clip)."""
+    """The maps run at the paper's size (random weights, one clip)."""
     torch.manual_seed(15)
     cfg = get_config("base")
     model = EquiAV(cfg).eval()
     x = make_inputs(cfg, B=1, S=2)
-    for method in ("occlusion", "gradient", "token"):
-        m = localize.localize(model, x["x_a"], x["x_v"], x["T_a"], x["T_v"], method=method)
+    for method in ("occlusion", "gradient", "gradient_input", "token"):
+        m = localize.localize(model, x["x_a"], x["x_v"], x["T_a"], x["T_v"], method=method,
+                              confidence=localize.Confidence(1.0, 0.0))
         assert m.shape == (1, 14, 14) and torch.isfinite(m).all() and m.std() > 0, method
 
 
