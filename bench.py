@@ -596,7 +596,6 @@ def bench_retrieval(cfg, devices):
 def bench_cut(cfg):
     av = audio_io.import_av("the cut part writes and decodes a video with PyAV")
     seconds, (w, h) = (12, (320, 180)) if cfg.quick else (60, (640, 360))
-    rows = []
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "video.mp4")
         codec = "libx264" if "libx264" in av.codecs_available else "mpeg4"
@@ -627,11 +626,10 @@ def bench_cut(cfg):
             prepare.write_clip(out, {"video_id": f"clip{next(clips)}"}, wave_16k, frames)
 
         t, _ = timed(cut_and_write, torch.device("cpu"), warmup=1, repeats=3 if cfg.quick else 7)
-        row = {"video": f"{seconds} s {w}x{h} {codec} 25 fps, AAC 44.1 kHz stereo",
-               "segment": f"[{start}, {start + 10}) s", "seconds_per_clip": t}
-        rows.append(row)
-        _print_row(row)
-    return rows
+    row = {"video": f"{seconds} s {w}x{h} {codec} 25 fps, AAC 44.1 kHz stereo",
+           "segment": f"[{start}, {start + 10}) s", "seconds_per_clip": t}
+    _print_row(row)
+    return [row]
 
 
 # =============================================================================

@@ -577,7 +577,8 @@ def _read_shown_frames(c, times, stop, path):
         while len(shown) < len(wanted) and wanted[len(shown)] < last:
             shown.append(previous.to_image().convert("RGB"))
     if not shown:
-        raise ClipError(f"{path}: no video frame in the segment", "too short")
+        raise ClipError(f"{path}: no video frame in the span read (the picture ends before "
+                        f"it)", "too short")
     repeated = data.NUM_FRAMES - len(shown)
     return shown + [shown[-1]] * repeated, repeated
 
