@@ -64,6 +64,10 @@ class AblateConfig:
     epochs: str = option("0", "pretraining epochs of every run; 0 -> the profile's (toy: 10); "
                               "several (10,30): every row at each length, and a table of the "
                               "rows' differences by length; other lengths run apart (RUN_e{N})")
+    train_clips: int = option(0, "training clips of the toy; 0 -> the toy's own 2,000 "
+                                 "(data/toy); N -> a toy of N training clips drawn by the same "
+                                 "rules (data/toy_n{N}, generated if absent), its warm-up kept "
+                                 "at the 2,000-clip runs' steps; its runs are RUN_n{N}[_e{E}]")
     out: str = option("runs/ablate", "run folders, ablation.md and ablation.json go here")
     probe: bool = option(True, "also run the linear probe of each pretraining run")
     pretrain_args: str = option("", "more pretrain.py options for every run, e.g. "
@@ -99,19 +103,39 @@ ROWS = {
 PAPER_SIMILARITY = (0.90, 0.92)  # the attention predictor, A / V
 
 
+TOY_TRAIN_CLIPS = 2000   # toy.make_toy_dataset's n_train: the toy's own training set
+
+
+def toy_root_of(cfg):
+    """Where the runs' toy lives: data/toy (or --toy_root in --pretrain_args), or
+    data/toy_n{N} for --train_clips N."""
+    if cfg.train_clips and cfg.train_clips != TOY_TRAIN_CLIPS:
+        return os.path.join("data", f"toy_n{cfg.train_clips}")
+    args = shlex.split(cfg.pretrain_args + " --toy_root data/toy")
+    return args[args.index("--toy_root") + 1]
+
+
 def commands(cfg, row, seed):
-    """(run_dir, pretrain.py argv, finetune.py argv) of one row and seed. A run's length is
-    part of its identity: its folder is {row}_s{seed}, plus _e{epochs} when the run's
-    epochs (--epochs, else --pretrain_args', else the profile's) are not the profile's own,
-    so that a run is only ever reused for a run of its length."""
+    """(run_dir, pretrain.py argv, finetune.py argv) of one row and seed. A run's training
+    set and length are part of its identity: its folder is {row}_s{seed}, plus _n{clips}
+    when --train_clips is not the toy's own 2,000, plus _e{epochs} when the run's epochs
+    (--epochs, else --pretrain_args', else the profile's) are not the profile's own, so that
+    a run is only ever reused for a run of its data and length. With --train_clips N the
+    warm-up is set in epochs of N clips to last as many steps as the 2,000-clip runs' does."""
     given = utils.parse_config(pretrain.PretrainConfig, shlex.split(cfg.pretrain_args),
                                profiles=pretrain.PROFILES)
     resolved = pretrain.resolve_config(given)
     length = int(cfg.epochs) or resolved.epochs
     epochs = ["--epochs", str(length)] if int(cfg.epochs) else []
     suffix = "" if length == pretrain.PROFILES[resolved.profile]["epochs"] else f"_e{length}"
+    data_args = []
+    if cfg.train_clips and cfg.train_clips != TOY_TRAIN_CLIPS:
+        suffix = f"_n{cfg.train_clips}" + suffix
+        per_epoch = (TOY_TRAIN_CLIPS // resolved.batch_size, cfg.train_clips // resolved.batch_size)
+        warmup = resolved.warmup_epochs * per_epoch[0] / per_epoch[1]   # the same steps
+        data_args = ["--toy_root", toy_root_of(cfg), "--warmup_epochs", f"{warmup:.6g}"]
     run_dir = os.path.join(cfg.out, f"{row}_s{seed}{suffix}")
-    pre = (ROWS[row][0] + ["--seed", str(seed), "--run_dir", run_dir] + epochs
+    pre = (ROWS[row][0] + ["--seed", str(seed), "--run_dir", run_dir] + epochs + data_args
            + shlex.split(cfg.pretrain_args))
     probe = (["--linear_probe", "true", "--init", os.path.join(run_dir, "checkpoint.pt"),
               "--run_dir", os.path.join(run_dir, "probe"), "--seed", str(seed)]
@@ -129,6 +153,7 @@ def run_row(cfg, row, seed):
     last = [r for r in log if r["type"] == "epoch"][-1]
     training = training_curve(log)
     result = {"row": row, "seed": seed, "run_dir": run_dir, "epochs": last["epoch"],
+              "steps": last["step"], "train_clips": cfg.train_clips or TOY_TRAIN_CLIPS,
               "retrieval": last.get("retrieval"), "equivariance": last.get("equivariance"),
               "training": training,
               "probe_top1": None, "pretrain_command": "python pretrain.py " + shlex.join(pre)}
@@ -379,7 +404,7 @@ def _f(value, digits=1):
 
 def tables(results):
     """The markdown of ablation.md: retrieval, probe and similarity per run, then R^2."""
-    head = ("| row | seed | epochs | a→v R@1 / 5 / 10 | v→a R@1 / 5 / 10 | probe top-1 | "
+    head = ("| row | seed | epochs (steps) | a→v R@1 / 5 / 10 | v→a R@1 / 5 / 10 | probe top-1 | "
             "similarity A / V (identity t) | train L_inter, a→v acc: first → last log | "
             "paper R@1 V→A / A→V |")
     lines = [head, "|" + "---|" * 9]
@@ -392,7 +417,8 @@ def tables(results):
         if r["row"] == "default":
             sim += f"; paper {PAPER_SIMILARITY[0]:.2f} / {PAPER_SIMILARITY[1]:.2f}"
         curve = f"{_curve(r['training'], 'inter')}, {_curve(r['training'], 'acc_a2v')}"
-        lines.append(f"| {r['row']} | {r['seed']} | {r['epochs']} | {rec['a2v']} | {rec['v2a']} | "
+        lines.append(f"| {r['row']} | {r['seed']} | {r['epochs']} ({r['steps']}) | {rec['a2v']} | "
+                     f"{rec['v2a']} | "
                      f"{_f(r['probe_top1'])} | {sim} | {curve} | {_f(paper[0])} / {_f(paper[1])} |")
     groups = {m: list(results[0]["equivariance"][f"r2_{m}"]) for m in ("a", "v")}
     r2_head = ("| row | seed | epochs | " + " | ".join(f"A {g}" for g in groups["a"]) + " | "
@@ -532,6 +558,8 @@ def main(cfg):
     if unknown or cfg.seeds < 1:
         raise utils.UsageError(f"unknown rows {unknown} (choose from {list(ROWS)}) or --seeds < 1")
     lengths = [int(n) for n in str(cfg.epochs).split(",")]
+    if cfg.train_clips and cfg.train_clips != TOY_TRAIN_CLIPS:   # the same toy, more clips
+        toy.ensure_toy_dataset(toy_root_of(cfg), n_train=cfg.train_clips, progress=True)
     results = []
     for length in lengths:
         at = dataclasses.replace(cfg, epochs=str(length))
@@ -552,11 +580,11 @@ def main(cfg):
     by_length = {n: row_statistics(runs) for n, runs in by_length.items()}
     stats = by_length[max(by_length)]
     spread = noise([r for r in results if r["epochs"] == max(by_length)], stats)
-    toy_root = shlex.split(cfg.pretrain_args + " --toy_root data/toy")
-    toy_root = toy_root[toy_root.index("--toy_root") + 1]
-    views = survival(toy_root, vggss=cfg.vggss) if cfg.survival else None
+    views = survival(toy_root_of(cfg), vggss=cfg.vggss) if cfg.survival else None
     diagnostic = view_diagnostic(cfg) if cfg.views else None
-    scored = f"scored on {manifest or 'each run’s last evaluation'} in galleries of {cfg.gallery}"
+    scored = (f"{cfg.train_clips or TOY_TRAIN_CLIPS} training clips, {results[-1]['steps']} "
+              f"steps at the longest, scored on {manifest or 'each run’s last evaluation'} in "
+              f"galleries of {cfg.gallery}")
     report = (tables(results) + "".join(f"\nOver seeds, {n} epochs, {scored}:\n\n"
                                         + statistics_table(s) for n, s in by_length.items())
               + (f"\nEach row against default, by training length ({scored}):\n\n"
