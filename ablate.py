@@ -99,8 +99,15 @@ ROWS = {
     "S1": (["--S", "1"], "centroid of S = 1", (27.8, None)),
     "S4": (["--S", "4"], "centroid of S = 4", (28.3, None)),
     "S8": (["--S", "8"], "centroid of S = 8", (29.4, None)),
+    "predictor_linear": (["--predictor", "linear"], "linear transformation predictor",
+                         (28.2, 27.5)),
+    "predictor_hypernetwork": (["--predictor", "hypernetwork"],
+                               "hypernetwork transformation predictor", (29.6, 29.6)),
 }
-PAPER_SIMILARITY = (0.90, 0.92)  # the attention predictor, A / V
+# The paper's predictor similarity, audio / visual, of the rows that report it: its
+# predictor-architecture ablation.
+PAPER_SIMILARITY = {"default": (0.90, 0.92), "predictor_linear": (0.85, 0.87),
+                    "predictor_hypernetwork": (0.87, 0.90)}
 
 
 TOY_TRAIN_CLIPS = 2000   # toy.make_toy_dataset's n_train: the toy's own training set
@@ -414,8 +421,9 @@ def tables(results):
         paper = ROWS[r["row"]][2]
         sim = (f"{_f(eq['similarity_a'], 3)} / {_f(eq['similarity_v'], 3)} "
                f"({_f(eq['identity_similarity_a'], 3)} / {_f(eq['identity_similarity_v'], 3)})")
-        if r["row"] == "default":
-            sim += f"; paper {PAPER_SIMILARITY[0]:.2f} / {PAPER_SIMILARITY[1]:.2f}"
+        if r["row"] in PAPER_SIMILARITY:
+            paper_sim = PAPER_SIMILARITY[r["row"]]
+            sim += f"; paper {paper_sim[0]:.2f} / {paper_sim[1]:.2f}"
         curve = f"{_curve(r['training'], 'inter')}, {_curve(r['training'], 'acc_a2v')}"
         lines.append(f"| {r['row']} | {r['seed']} | {r['epochs']} ({r['steps']}) | {rec['a2v']} | "
                      f"{rec['v2a']} | "

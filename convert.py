@@ -283,12 +283,19 @@ def model_flags(state) -> dict:
 
 def check_same_model(path, ckpt, mcfg, flags):
     """Raise unless checkpoint `ckpt` (read from `path`) holds the model that ModelConfig
-    mcfg and the flags {"inter_target", "equivariant"} build."""
-    if ckpt.get("model_config") != dataclasses.asdict(mcfg) or model_flags(ckpt) != flags:
+    mcfg and the flags {"inter_target", "equivariant"} build. Fields a checkpoint predates
+    (such as the predictor kind) take their defaults."""
+    stored = dataclasses.asdict(ModelConfig(**ckpt.get("model_config", {})))
+    if stored["predictor"] != mcfg.predictor:
+        raise ValueError(f"{path} holds a model with the {stored['predictor']} transformation "
+                         f"predictor; this command builds the {mcfg.predictor} one: give "
+                         f"--predictor {stored['predictor']}"
+                         + (", or another --run_dir" if path.endswith("checkpoint.pt") else ""))
+    if stored != dataclasses.asdict(mcfg) or model_flags(ckpt) != flags:
         raise ValueError(
-            f"{path} holds a different model ({ckpt.get('model_config')}, {model_flags(ckpt)}) "
+            f"{path} holds a different model ({stored}, {model_flags(ckpt)}) "
             f"than this command builds ({dataclasses.asdict(mcfg)}, {flags}): give the same "
-            f"--preset/--model_overrides/--inter_target/--equivariant"
+            f"--preset/--model_overrides/--predictor/--inter_target/--equivariant"
             + (", or another --run_dir" if path.endswith("checkpoint.pt") else ""))
 
 
@@ -335,6 +342,9 @@ def init_weights(cfg, mcfg, net):
         print_report(f"ImageNet MAE checkpoint {cfg.init_mae}",
                      load_mae_checkpoint(net, cfg.init_mae))
     elif cfg.init_official:
+        if mcfg.predictor != "attention":
+            raise utils.UsageError(f"--init_official holds the authors' attention predictor; "
+                                   f"--predictor {mcfg.predictor} has no weights there")
         print_report(f"authors' EquiAV checkpoint {cfg.init_official}",
                      load_official_checkpoint(net, cfg.init_official))
     elif cfg.init_from:

@@ -36,6 +36,8 @@ class ModelConfig:
     aug_hidden: int = 256      # width of the augmentation encoder e_m (SPEC 3)
     pred_heads: int = 8        # cross-attention heads of the predictor u_m (SPEC 4)
     pred_head_dim: int = 64
+    predictor: str = "attention"   # u_m's kind: attention (the paper's), linear, hypernetwork
+    pred_rank: int = 16        # r of the hypernetwork kind's generated low-rank map (SPEC 4.3)
     proj_hidden: int = 2048    # projection heads g_m (SPEC 5)
     proj_dim: int = 512
     drop_path: float = 0.0     # stochastic depth, maximum rate (last block)
@@ -50,6 +52,9 @@ class ModelConfig:
             raise ValueError(f"embed_dim={self.embed_dim} must be divisible by "
                              f"num_heads={self.num_heads} "
                              "and by 4 (the 2-D sin-cos position embedding)")
+        if self.predictor not in ("attention", "linear", "hypernetwork"):
+            raise ValueError(f"predictor={self.predictor!r} must be attention, linear or "
+                             "hypernetwork")
         if not 0.0 <= self.drop_path < 1.0:
             raise ValueError(f"drop_path={self.drop_path} must be in [0, 1)")
 
@@ -255,11 +260,25 @@ class AugEncoder(nn.Module):
         return self.fc3(self.act(self.fc2(self.act(self.fc1(t)))))
 
 
-class TransformationPredictor(nn.Module):
-    """u_m(h, t) (SPEC 4): predicts the embedding of the transformed input from the original
-    tokens h (B, N, D) and parameter vectors t. Each augmentation vector is one
-    cross-attention query over the tokens, so the S queries never interact and the output
-    for S vectors is the mean of the S single-vector predictions (the centroid of SPEC 4)."""
+class Predictor(nn.Module):
+    """What every kind of u_m shares: predict_each gives one prediction per vector, and
+    forward their centroid, so the centroid of S vectors is the mean of the S single
+    predictions for every kind (SPEC 4)."""
+
+    def predict_each(self, h: torch.Tensor, t: torch.Tensor, keep=None) -> torch.Tensor:
+        raise NotImplementedError   # h (B, N, D), t (B, S, d_t) -> (B, S, D)
+
+    def forward(self, h: torch.Tensor, t: torch.Tensor, keep=None) -> torch.Tensor:
+        """h (B, N, D) and t (B, d_t) -> ĥ_m = u_m(h, t); t (B, S, d_t) -> h̄_m, the centroid
+        of the S predictions. Either way (B, D)."""
+        return centroid(self.predict_each(h, t if t.ndim == 3 else t.unsqueeze(1), keep))
+
+
+class TransformationPredictor(Predictor):
+    """u_m(h, t), attention kind (SPEC 4.1): predicts the embedding of the transformed input
+    from the original tokens h (B, N, D) and parameter vectors t. Each augmentation vector is
+    one cross-attention query over the tokens, so the S queries never interact and the
+    output for S vectors is the mean of the S single-vector predictions (h̄_m, SPEC 4)."""
 
     def __init__(self, cfg: ModelConfig, d_t: int):
         super().__init__()
@@ -297,10 +316,6 @@ class TransformationPredictor(nn.Module):
         y = mean_tokens(h, keep) + a                             # mean_N(h) broadcast to S rows
         return y + self.mlp(self.norm(y))
 
-    def forward(self, h: torch.Tensor, t: torch.Tensor, keep=None) -> torch.Tensor:
-        """h (B, N, D), t (B, d_t) or (B, S, d_t) -> (B, D), the mean over the S rows."""
-        return self.predict_each(h, t if t.ndim == 3 else t.unsqueeze(1), keep).mean(dim=1)
-
     def attention(self, h: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """Where the queries look: the weights the attention of predict_each applies, the
         softmax over the N tokens, averaged over heads. h (B, N, D), t (B, S, d_t) -> (B, S, N)."""
@@ -308,6 +323,57 @@ class TransformationPredictor(nn.Module):
         k = self.split_heads(self.to_k(h))                       # (B, H, N, hd)
         scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])   # (B, H, S, N)
         return scores.softmax(dim=-1).mean(dim=1)
+
+
+class LinearPredictor(Predictor):
+    """u_m(h, t), linear kind (SPEC 4.2; the paper names it, the form is ours):
+    u(h, t) = W [mean_N(h); e_m(t)] + b, one Linear(D + hidden -> D)."""
+
+    def __init__(self, cfg: ModelConfig, d_t: int):
+        super().__init__()
+        self.aug_encoder = AugEncoder(d_t, cfg.aug_hidden)
+        self.fc = nn.Linear(cfg.embed_dim + cfg.aug_hidden, cfg.embed_dim)
+        self.apply(_init_linear_and_norm)
+
+    def predict_each(self, h: torch.Tensor, t: torch.Tensor, keep=None) -> torch.Tensor:
+        """h (B, N, D), t (B, S, d_t) -> (B, S, D); keep as for the attention kind."""
+        e = self.aug_encoder(t)                                         # (B, S, hidden)
+        pooled = mean_tokens(h, keep).expand(-1, t.shape[1], -1)        # (B, S, D)
+        return self.fc(torch.cat([pooled, e], dim=-1))
+
+
+class HypernetworkPredictor(Predictor):
+    """u_m(h, t), hypernetwork kind (SPEC 4.3; the paper names it, the form is ours, after
+    SIE, Garrido et al. 2023): e_m(t) generates the weights of the map applied to the pooled
+    tokens, u(h, t) = mean_N(h) + U(t) V(t) mean_N(h), with U (D x r) and V (r x D) the two
+    halves of one Linear(hidden -> 2 D r) of e_m(t). The rank r (pred_rank) keeps the base
+    preset's predictor the size of the attention one."""
+
+    def __init__(self, cfg: ModelConfig, d_t: int):
+        super().__init__()
+        self.rank = cfg.pred_rank
+        self.aug_encoder = AugEncoder(d_t, cfg.aug_hidden)
+        self.to_weights = nn.Linear(cfg.aug_hidden, 2 * cfg.embed_dim * cfg.pred_rank)
+        self.apply(_init_linear_and_norm)
+
+    def predict_each(self, h: torch.Tensor, t: torch.Tensor, keep=None) -> torch.Tensor:
+        """h (B, N, D), t (B, S, d_t) -> (B, S, D); keep as for the attention kind."""
+        B, S = t.shape[:2]
+        D = h.shape[-1]
+        U, V = self.to_weights(self.aug_encoder(t)).chunk(2, dim=-1)   # each (B, S, D r)
+        U, V = U.view(B, S, D, self.rank), V.view(B, S, self.rank, D)
+        pooled = mean_tokens(h, keep).expand(-1, S, -1).unsqueeze(-1)    # (B, S, D, 1)
+        return (pooled + U @ (V @ pooled)).squeeze(-1)                   # (B, S, D)
+
+
+PREDICTORS = {"attention": TransformationPredictor, "linear": LinearPredictor,
+              "hypernetwork": HypernetworkPredictor}
+
+
+def centroid(y: torch.Tensor) -> torch.Tensor:
+    """h̄_m = (1/S) sum_i u_m(h_m, t_i): the mean of S single predictions y (B, S, D) -> (B, D).
+    With S = 1 it is the single prediction itself, ĥ_m (SPEC 4)."""
+    return y.mean(dim=1)
 
 
 def mean_tokens(h: torch.Tensor, keep=None) -> torch.Tensor:
@@ -376,8 +442,8 @@ class EquiAV(nn.Module):
         needs_predictor = equivariant or inter_target in ("centroid", "equivariant")
         self.predictor_a = self.predictor_v = None
         if needs_predictor:
-            self.predictor_a = TransformationPredictor(cfg, cfg.audio_aug_dim)
-            self.predictor_v = TransformationPredictor(cfg, cfg.visual_aug_dim)
+            self.predictor_a = PREDICTORS[cfg.predictor](cfg, cfg.audio_aug_dim)
+            self.predictor_v = PREDICTORS[cfg.predictor](cfg, cfg.visual_aug_dim)
         self.proj_intra_a, self.proj_intra_v = ProjectionHead(cfg), ProjectionHead(cfg)
         self.proj_inter_a, self.proj_inter_v = ProjectionHead(cfg), ProjectionHead(cfg)
 
@@ -391,11 +457,12 @@ class EquiAV(nn.Module):
         h_v, h_v_aug = self.visual_encoder(x_v), self.visual_encoder(x_v_aug, aug=True)
         z_inter_a = self.proj_inter_a(self.inter_input(self.predictor_a, h_a, h_a_aug, t_a, T_a))
         z_inter_v = self.proj_inter_v(self.inter_input(self.predictor_v, h_v, h_v_aug, t_v, T_v))
-        z_equi_a = self.proj_intra_a(self.predictor_a(h_a, t_a) if self.equivariant
-                                     else h_a.mean(dim=1))          # invariant ablation: mean_N
-        z_equi_v = self.proj_intra_v(self.predictor_v(h_v, t_v) if self.equivariant
-                                     else h_v.mean(dim=1))
-        z_aug_a = self.proj_intra_a(h_a_aug.mean(dim=1))
+        if self.equivariant:   # ĥ_m = u_m(h_m, t_m): the view's embedding, predicted
+            h_hat_a, h_hat_v = self.predictor_a(h_a, t_a), self.predictor_v(h_v, t_v)
+        else:                  # the invariant ablation: the original's mean token
+            h_hat_a, h_hat_v = h_a.mean(dim=1), h_v.mean(dim=1)
+        z_equi_a, z_equi_v = self.proj_intra_a(h_hat_a), self.proj_intra_v(h_hat_v)
+        z_aug_a = self.proj_intra_a(h_a_aug.mean(dim=1))   # mean_N(h'_m): the view, encoded
         z_aug_v = self.proj_intra_v(h_v_aug.mean(dim=1))
         return EquiAVOutput(z_inter_a, z_inter_v, z_equi_a, z_equi_v, z_aug_a, z_aug_v)
 
@@ -404,7 +471,8 @@ class EquiAV(nn.Module):
         "centroid" the centroid vectors T, "equivariant" the applied t, "original" and
         "augmented" a mean of tokens. keep: see TransformationPredictor.predict_each."""
         if self.inter_target == "centroid":
-            return predictor(h, T, keep)         # (1/S) sum_i u_m(h_m, T_i)
+            h_bar = predictor(h, T, keep)        # h̄_m = (1/S) sum_i u_m(h_m, T_i)
+            return h_bar
         if self.inter_target == "equivariant":
             return predictor(h, t, keep)
         if self.inter_target == "augmented":

@@ -59,6 +59,8 @@ class PretrainConfig(utils.TrainConfig):
                                            "mean token of the original / augmented input; "
                                            "equivariant = the prediction of the applied t")
     equivariant: bool = option(True, "false: invariant intra-modal loss (ablation)")
+    predictor: str = option("attention", "the transformation predictor u_m (SPEC 4): attention "
+                                         "(the paper's), linear or hypernetwork (ablation)")
     S: int = option(16, "sampled augmentation vectors per centroid (SPEC 6)")
     init_mae: Optional[str] = option(None, "both encoders from an ImageNet MAE ViT-B/16 (SPEC 10)")
     init_official: Optional[str] = option(None, "initialise from the authors' EquiAV (SPEC 10)")
@@ -313,7 +315,7 @@ def model_config(cfg):
     """--preset with --model_overrides applied; a wrong one is a UsageError."""
     overrides = utils.parse_overrides(cfg.model_overrides, ModelConfig())   # names and types
     try:
-        return get_config(cfg.preset, **overrides)
+        return get_config(cfg.preset, **{"predictor": cfg.predictor, **overrides})
     except ValueError as err:   # an unknown preset, or sizes that do not fit together
         raise utils.UsageError(f"--preset / --model_overrides: {err}") from None
 
@@ -356,8 +358,8 @@ def build_model(cfg, mcfg, device):
                                   fused=device.type == "cuda")   # one kernel; no scaler sync
     scaler = utils.make_grad_scaler(device, cfg.amp)
     millions = sum(p.numel() for p in net.parameters()) / 1e6
-    utils.print0(f"model: preset {cfg.preset!r} ({millions:.2f}M parameters), "
-                 f"inter_target={cfg.inter_target}, equivariant={cfg.equivariant}")
+    utils.print0(f"model: preset {cfg.preset!r} ({millions:.2f}M parameters), predictor "
+                 f"{mcfg.predictor}, inter_target={cfg.inter_target}, equivariant={cfg.equivariant}")
     return net, criterion, optimizer, scaler
 
 
