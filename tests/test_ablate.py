@@ -211,6 +211,23 @@ def test_a_runs_length_is_part_of_its_identity():
     assert pre[-2:] == ["--epochs", "30"] and pre[:2] == ["--equivariant", "false"]
 
 
+def test_a_runs_training_set_size_is_part_of_its_identity():
+    """--train_clips N (not the toy's own 2,000) is another folder and another toy, with the
+    warm-up in epochs of N clips that lasts the 2,000-clip runs' 62 steps at batch 32."""
+    def commands(**kw):
+        return ablate.commands(ablate.AblateConfig(**kw), "default", 1)
+    assert commands(train_clips=2000) == commands()
+    run_dir, pre, _ = commands(train_clips=20000, epochs=3)
+    assert os.path.basename(run_dir) == "default_s1_n20000_e3"
+    toy_root = pre[pre.index("--toy_root") + 1]
+    assert toy_root == os.path.join("data", "toy_n20000") != commands(train_clips=4000)[1][
+        commands(train_clips=4000)[1].index("--toy_root") + 1]
+    warmup = float(pre[pre.index("--warmup_epochs") + 1])
+    assert round(warmup * (20000 // 32)) == 62 == round(1.0 * (2000 // 32))
+    run_dir, pre, _ = commands(train_clips=20000, epochs=3, pretrain_args="--batch_size 16")
+    assert round(float(pre[pre.index("--warmup_epochs") + 1]) * (20000 // 16)) == 2000 // 16
+
+
 def test_length_table_pairs_each_row_with_default_at_each_length():
     def run(row, seed, epochs, r1, sim):
         score = {"a2v_R@1": r1, "v2a_R@1": r1 + 1, "a2v_R@10": 3 * r1, "v2a_R@10": 50.0}

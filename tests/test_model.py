@@ -12,7 +12,7 @@ import localize
 import retrieval
 from augment import AUDIO_DIM, AUDIO_SLOTS, VISUAL_DIM
 from finetune import EquiAVClassifier
-from model import (EquiAV, EquiAVOutput, PatchEmbed, TransformationPredictor,
+from model import (PREDICTORS, EquiAV, EquiAVOutput, PatchEmbed, TransformationPredictor,
                    ViTEncoder, drop_path, get_config)
 
 # Smaller than `tiny`: T != F and a non-square audio grid so layout mistakes show.
@@ -72,6 +72,63 @@ def test_predictor_matches_spec4_written_out():
     y = h.mean(1) + out
     y = y + p.mlp.fc2(F.gelu(p.mlp.fc1(p.norm(y))))
     assert close(p(h, t), y)
+
+
+@pytest.mark.parametrize("kind", sorted(PREDICTORS))
+def test_every_predictor_kind_centroid_is_mean_of_singles_and_trains_e_m(kind):
+    torch.manual_seed(3)
+    cfg = small_cfg(predictor=kind, pred_rank=4)
+    pred = PREDICTORS[kind](cfg, AUDIO_DIM)
+    h = torch.randn(3, 10, cfg.embed_dim)
+    t = torch.randn(3, 6, AUDIO_DIM)
+    singles = torch.stack([pred(h, t[:, i]) for i in range(6)], dim=1)   # (B, S, D), one at a time
+    out = pred(h, t)
+    assert out.shape == (3, cfg.embed_dim)
+    assert close(out, singles.mean(dim=1))
+    assert not close(singles[:, 0], singles[:, 1], 1e-3)                # t changes the prediction
+    out.square().sum().backward()
+    grads = [p.grad for p in pred.aug_encoder.parameters()]
+    assert all(g is not None and g.abs().sum() > 0 for g in grads)      # the gradient reaches e_m
+    model = EquiAV(cfg)                                                  # and the model builds it
+    assert type(model.predictor_a) is PREDICTORS[kind]
+
+
+def test_linear_and_hypernetwork_predictors_match_their_formulas():
+    torch.manual_seed(4)
+    cfg = small_cfg(pred_rank=3)
+    h = torch.randn(2, 7, cfg.embed_dim)
+    t = torch.randn(2, VISUAL_DIM)
+    pooled = h.mean(dim=1)                                               # (B, D)
+    lin = PREDICTORS["linear"](cfg, VISUAL_DIM)
+    e = lin.aug_encoder(t)
+    assert close(lin(h, t), torch.cat([pooled, e], 1) @ lin.fc.weight.T + lin.fc.bias)
+    hyp = PREDICTORS["hypernetwork"](cfg, VISUAL_DIM)
+    w = hyp.to_weights(hyp.aug_encoder(t))                               # (B, 2 D r)
+    D, r = cfg.embed_dim, 3
+    for b in range(2):
+        U, V = w[b, :D * r].view(D, r), w[b, D * r:].view(r, D)
+        assert close(hyp(h[b:b + 1], t[b:b + 1])[0], pooled[b] + U @ (V @ pooled[b]))
+
+
+def test_base_predictor_sizes_by_kind():
+    """The base preset's audio predictor (d_t = 24), counted from the layer shapes: the
+    attention kind 6.17M, the hypernetwork 6.45M (rank 16), the linear 0.93M."""
+    cfg = get_config("base")
+    D, A, hidden, inner, r = cfg.embed_dim, AUDIO_DIM, cfg.aug_hidden, 512, cfg.pred_rank
+    e_m = (A + 1) * hidden + 2 * (hidden + 1) * hidden
+    counts = {"attention": e_m + 2 * hidden + (hidden + 1) * inner + 2 * (D + 1) * inner
+              + inner * D + 2 * D + (D + 1) * 4 * D + (4 * D + 1) * D,
+              "linear": e_m + (D + hidden + 1) * D,
+              "hypernetwork": e_m + (hidden + 1) * 2 * D * r}
+    for kind, n in counts.items():
+        got = sum(p.numel() for p in PREDICTORS[kind](get_config("base", predictor=kind), A).parameters())
+        assert got == n, kind
+    assert round(counts["attention"] / 1e6, 2) == 6.17 and round(counts["hypernetwork"] / 1e6, 2) == 6.45
+
+
+def test_unknown_predictor_kind_is_refused():
+    with pytest.raises(ValueError, match="predictor='mlp' must be attention, linear or hypernetwork"):
+        small_cfg(predictor="mlp")
 
 
 def identity_vectors(n, slots, dim):

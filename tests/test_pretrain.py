@@ -290,6 +290,27 @@ def test_init_from_our_checkpoint_starts_a_new_run_with_its_weights(toy, tmp_pat
                            inter_target="original"))
 
 
+def test_checkpoint_records_its_predictor_kind_and_another_kind_is_refused(toy, tmp_path):
+    cfg = _cfg(toy, tmp_path / "run", predictor="hypernetwork")
+    pretrain.main(cfg)
+    path = os.path.join(cfg.run_dir, "checkpoint.pt")
+    assert torch.load(path, weights_only=True)["model_config"]["predictor"] == "hypernetwork"
+    assert convert.load_equiav(path).cfg.predictor == "hypernetwork"
+    with pytest.raises(ValueError, match="holds a model with the hypernetwork transformation "
+                                         "predictor; this command builds the attention one: "
+                                         "give --predictor hypernetwork"):
+        pretrain.main(_cfg(toy, tmp_path / "run", epochs=2))            # resume, another kind
+    with pytest.raises(ValueError, match="the hypernetwork transformation predictor"):
+        pretrain.main(_cfg(toy, tmp_path / "other", init_from=path, predictor="linear"))
+    # a checkpoint from before the predictor kinds has no such field: it is the attention one
+    old = _cfg(toy, tmp_path / "old")
+    pretrain.main(old)
+    ckpt = torch.load(os.path.join(old.run_dir, "checkpoint.pt"), weights_only=True)
+    del ckpt["model_config"]["predictor"], ckpt["model_config"]["pred_rank"]
+    utils.save_checkpoint(ckpt, os.path.join(old.run_dir, "checkpoint.pt"))
+    assert pretrain.main(_cfg(toy, tmp_path / "old", epochs=2))["epoch"] == 2
+
+
 def test_loaders_pin_memory_only_for_a_cuda_training_device(toy, tmp_path, monkeypatch):
     # a CPU run on a GPU node must not open a CUDA context by pinning memory
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
