@@ -1,4 +1,4 @@
-"""Audio files -> mono 16 kHz waveforms (SPEC 1): a dependency-free WAV reader, and
+"""Audio files -> mono 16 kHz waveforms (method.md §1): a dependency-free WAV reader, and
 every other format (mp3, flac, a video's sound track, ...) through PyAV, an optional
 extra (requirements-prepare.txt) imported only where it is needed.
 
@@ -13,7 +13,7 @@ import torchaudio
 
 from utils import DataError
 
-SAMPLE_RATE = 16000          # SPEC 1: every clip is resampled to 16 kHz
+SAMPLE_RATE = 16000          # method.md §1: every clip is resampled to 16 kHz
 _MIN_SAMPLES = 400           # one 25 ms Kaldi window at 16 kHz
 
 _WAV_PCM, _WAV_FLOAT, _WAV_EXTENSIBLE = 1, 3, 0xFFFE
@@ -125,7 +125,7 @@ def decode_audio(path, sample_rate=SAMPLE_RATE):
 
 
 def load_waveform(path):
-    """Mono 16 kHz waveform with the mean removed (SPEC 1); returns (N,) float32.
+    """Mono 16 kHz waveform with the mean removed (method.md §1); returns (N,) float32.
 
     WAV files (recognized by their RIFF header) are decoded by read_wav, with no
     dependency; other formats through PyAV (decode_audio), an optional extra.

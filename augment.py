@@ -1,4 +1,4 @@
-"""Parameterized augmentations and their parameter vectors (SPEC 8, 9).
+"""Parameterized augmentations and their parameter vectors (method.md §8, 9).
 
 What the paper does to each input to make its augmented view x', in this order:
 
@@ -9,7 +9,7 @@ What the paper does to each input to make its augmented view x', in this order:
         SpecAugment -> time shift -> resized crop -> colour jitter -> Gaussian blur
         -> frequency flip
 
-An augmentation IS its parameter vector t (what e_m reads, SPEC 3): sampling draws t on
+An augmentation IS its parameter vector t (what e_m reads, method.md §3): sampling draws t on
 the CPU from a torch.Generator, and `apply_visual` / `apply_audio` are pure functions of
 (input, t), one function per op above, each reading its slots by name. Every op works on
 the whole batch with per-sample parameters held in tensors, so a step issues the same
@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torchvision.transforms.v2 import functional as TF
 
 # =============================================================================
-# The parameter vectors (SPEC 8): one layout, used by sampling, application, the
+# The parameter vectors (method.md §8): one layout, used by sampling, application, the
 # augmentation encoder and checkpoint conversion. Slot order follows the public code.
 # =============================================================================
 
@@ -55,7 +55,7 @@ VISUAL_DIM, AUDIO_DIM = len(VISUAL_LAYOUT), len(AUDIO_LAYOUT)   # 18, 24
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 CROP_SCALE = (0.08, 1.0)                     # area fraction, both modalities
 VISUAL_CROP_RATIO = (3.0 / 4.0, 4.0 / 3.0)   # width / height
-# freq width / time length, in bins per frame (SPEC 8, the authors' values): the range
+# freq width / time length, in bins per frame (method.md §8, the authors' values): the range
 # brackets the plane's own 128 / 1024 = 1/8, so a crop keeps the spectrogram's long-in-time
 # shape (a crop spanning all 128 bins covers 683-1280 frames before the fit to the plane).
 AUDIO_CROP_RATIO = (1.0 / 10.0, 1.5 / 8.0)
@@ -82,7 +82,7 @@ VISUAL_BLUR_SIGMAS, AUDIO_BLUR_SIGMAS = 3, 1
 # =============================================================================
 
 def apply_visual(img, t):
-    """The visual augmentations t (B, 18) applied to img (B, 3, H, W) in [0, 1] (SPEC 8).
+    """The visual augmentations t (B, 18) applied to img (B, 3, H, W) in [0, 1] (method.md §8).
     Runs on img.device, with t there or on the CPU."""
     _check(img, t, 4, VISUAL_DIM, "apply_visual")
     v = read_slots(t, VISUAL_LAYOUT, img.device)
@@ -96,7 +96,7 @@ def apply_visual(img, t):
 
 def apply_audio(spec, t):
     """The audio augmentations t (B, 24) applied to the normalized spectrogram spec (B, T, F),
-    axis 1 time, axis 2 frequency (SPEC 8). Runs on spec.device; t as for apply_visual."""
+    axis 1 time, axis 2 frequency (method.md §8). Runs on spec.device; t as for apply_visual."""
     _check(spec, t, 3, AUDIO_DIM, "apply_audio")
     v = read_slots(t, AUDIO_LAYOUT, spec.device)
     x = spec_augment(spec, v["specaug_on"], v["tmask_start"], v["tmask_end"],
@@ -127,7 +127,7 @@ def spec_augment(x, on, tmask_start, tmask_end, fmask_start, fmask_end):
 
 
 def time_shift(x, on, shift):
-    """Circular shift of x (B, T, F) along time by shift T frames (SPEC 9: the public code's
+    """Circular shift of x (B, T, F) along time by shift T frames (method.md §9: the public code's
     shift rolled a channel copy and moved nothing)."""
     frames = torch.where(on, torch.round(shift * x.shape[1]), 0.0)
     return roll_time(x, frames)
@@ -179,7 +179,7 @@ def colour_jitter(x, on, order, brightness, contrast, saturation, hue):
 
 def spectrogram_jitter(x, on, brightness, contrast):
     """Colour jitter on the spectrogram x (B, 1, T, F): brightness scales it, contrast blends
-    it with its mean, neither clamped (SPEC 9); saturation and hue change nothing on one
+    it with its mean, neither clamped (method.md §9); saturation and hue change nothing on one
     channel. Unclamped, brightness and contrast commute (b (c x + (1 - c) m) = c (b x) +
     (1 - c) (b m), m the mean), so the four order slots carry no information here."""
     b = per_sample(torch.where(on, 1 + brightness, 1.0), 4)
@@ -230,7 +230,7 @@ def frames_to(device, frames):
 
 
 def normalize_image(img):
-    """ImageNet normalization, the last visual step (SPEC 1), after the colour augmentations,
+    """ImageNet normalization, the last visual step (method.md §1), after the colour augmentations,
     which are defined on [0, 1] colours. img (B, 3, H, W) in [0, 1]. One channel at a time
     with Python floats (TF.normalize copies its mean to the device, which waits for the GPU)."""
     channels = [(img[:, c] - m) / s for c, (m, s) in enumerate(zip(IMAGENET_MEAN, IMAGENET_STD))]
@@ -256,7 +256,7 @@ def augment_audio(spec, generator):
 # =============================================================================
 
 def sample_visual_params(n, generator, H=224, W=224):
-    """n visual augmentations (SPEC 8) -> (n, 18) float32 on the CPU."""
+    """n visual augmentations (method.md §8) -> (n, 18) float32 on the CPU."""
     t = torch.zeros(n, VISUAL_DIM)
     boxes = _crop_boxes(n, generator, H, W, VISUAL_CROP_RATIO)
     _sample_common(t, VISUAL_SLOTS, VISUAL_GROUPS["crop"], boxes, (H, W), generator)
@@ -265,8 +265,8 @@ def sample_visual_params(n, generator, H=224, W=224):
 
 
 def sample_audio_params(n, generator, T=1024, F=128):
-    """n audio augmentations (SPEC 8) -> (n, 24) float32 on the CPU. SpecAugment (p 0.8): time
-    and frequency masks of width floor(U(0, 192 T/1024)) frames and floor(U(0, 48 F/128)) bins
+    """n audio augmentations (method.md §8) -> (n, 24) float32 on the CPU. SpecAugment (p 0.8):
+    time and frequency masks of width floor(U(0, 192 T/1024)) frames and floor(U(0, 48 F/128)) bins
     (scaled with the input size: our choice) at uniform integer starts (end exclusive); the
     time shift, on exactly when SpecAugment is, uniform in [-T, T); the crop's height is time."""
     t = torch.zeros(n, AUDIO_DIM)
@@ -283,7 +283,7 @@ def sample_audio_params(n, generator, T=1024, F=128):
     t[:, slots["specaug_on"]] = on.float()
     t[:, slots["shift_on"]] = on.float()
     t[:, slots["shift"]] = torch.where(on, shift.double() / T, 0.0).float()
-    # SPEC 8's ratio range is for the 1024 x 128 plane; other sizes keep it relative
+    # method.md §8's ratio range is for the 1024 x 128 plane; other sizes keep it relative
     # to their own aspect, so that the full plane stays allowed.
     rel = (F / T) / (BASE_F / BASE_T)
     ratio = (AUDIO_CROP_RATIO[0] * rel, AUDIO_CROP_RATIO[1] * rel)
@@ -292,17 +292,17 @@ def sample_audio_params(n, generator, T=1024, F=128):
 
 
 def sample_visual_vectors(B, S, generator, H=224, W=224):
-    """S vectors per sample for the centroid (SPEC 6), never applied: (B, S, 18) on the CPU."""
+    """S vectors per sample for a centroid (method.md §6), never applied: (B, S, 18), CPU."""
     return sample_visual_params(B * S, generator, H, W).view(B, S, VISUAL_DIM)
 
 
 def sample_audio_vectors(B, S, generator, T=1024, F=128):
-    """S vectors per sample for the centroid (SPEC 6), never applied: (B, S, 24) on the CPU."""
+    """S vectors per sample for a centroid (method.md §6), never applied: (B, S, 24), CPU."""
     return sample_audio_params(B * S, generator, T, F).view(B, S, AUDIO_DIM)
 
 
 def sample_time_roll(B, T, generator):
-    """Input noise on the original spectrogram (SPEC 12): a circular shift along time by an
+    """Input noise on the original spectrogram (method.md §12): a circular shift along time by an
     integer uniform in [0, T) per sample, not recorded. (B,) frames, float32 on the CPU
     (for `roll_time`)."""
     return torch.randint(0, T, (B,), generator=generator).float()
@@ -371,13 +371,13 @@ def _coin(n, p, generator):
 # =============================================================================
 
 def visual_identity(n):
-    """(n, 18) "no augmentation" (SPEC 8): the crop is the whole plane, the jitter order is
+    """(n, 18) "no augmentation" (method.md §8): the crop is the whole plane, the jitter order is
     (0, 1/3, 2/3, 1), everything else 0. apply_visual returns its input unchanged."""
     return _identity(n, VISUAL_SLOTS, ("rrc_on", "rrc_height", "rrc_width"))
 
 
 def audio_identity(n):
-    """(n, 24) "no augmentation" (SPEC 8); apply_audio returns its input unchanged."""
+    """(n, 24) "no augmentation" (method.md §8); apply_audio returns its input unchanged."""
     return _identity(n, AUDIO_SLOTS, ("rrc_on", "rrc_time_len", "rrc_freq_width"))
 
 

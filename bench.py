@@ -7,9 +7,9 @@
 Four parts (--parts), each printed as a table and written to one JSON file (--out):
 
 step       pretrain.train_step itself, built by pretrain.build_model for the paper
-           profile (SPEC 12): random time roll -> batched augmentation on the device
-           (SPEC 8) -> centroid vectors (SPEC 6) -> EquiAV forward -> EquiAVLoss
-           (SPEC 7) -> backward -> gradient clipping -> AdamW. Samples/s and peak memory
+           profile (method.md §12): random time roll -> batched augmentation on the device
+           (method.md §8) -> centroid vectors (method.md §6) -> EquiAV forward -> EquiAVLoss
+           (method.md §7) -> backward -> gradient clipping -> AdamW. Samples/s and peak memory
            per preset, precision (fp32 = --amp false; bf16 = --amp true, CUDA only, as
            in pretrain.py) and mode (eager, torch.compile); also the time of the input
            pipeline alone (pretrain.prepare_inputs) as a share of the step, and the
@@ -88,7 +88,7 @@ class BenchConfig:
     batch_tiny: Optional[int] = option(None, "step batch size of tiny (CUDA 64, CPU 32, quick 8)")
     batch_base: Optional[int] = option(None, "step batch size of base (CUDA 16 = the paper's "
                                              "per-GPU batch, CPU 2)")
-    S: int = option(16, "centroid vectors per sample (SPEC 6)")
+    S: int = option(16, "centroid vectors per sample (method.md §6)")
     isolate: bool = option(True, "on CPU, measure each step row in a fresh process, so that its "
                                  "peak resident memory is its own (freed memory stays mapped "
                                  "in a process and would hide later rows' peaks)")
@@ -219,7 +219,7 @@ class PeakMemory:
 # =============================================================================
 
 def step_flops(cfg, B, S):
-    """Analytic matmul FLOPs of one EquiAV training step (SPEC 2-6), default flags.
+    """Analytic matmul FLOPs of one EquiAV training step (method.md §2-6), default flags.
 
     A matmul of (n, a) by (a, b) is 2 n a b FLOPs forward; backward computes the
     input and the weight gradients, twice that, so training = 3 x forward (the
@@ -227,14 +227,14 @@ def step_flops(cfg, B, S):
     (the data) needs no gradient: 2 x forward. Per modality m with N_m tokens,
     C_m input channels, p the patch size, D the width, r the MLP ratio, L the depth:
 
-      encoder, on 2B inputs (B originals, B augmented views; SPEC 2, 6):
+      encoder, on 2B inputs (B originals, B augmented views; method.md §2, 6):
         2 (2B) N_m [C_m p^2 D + L (4 + 2r) D^2]      patch embedding, qkv + proj, MLP
         + L (2B) 4 N_m^2 D                           attention scores q k^T and a v
       transformation predictor on Q = 1 + S queries in two calls (t_m; the S centroid
-      vectors; SPEC 3, 4) with aug width A, inner width I = heads x head_dim:
+      vectors; method.md §3, 4) with aug width A, inner width I = heads x head_dim:
         2 B Q [d_t A + 2 A^2 + A I + I D + 2 r D^2]  aug encoder, to_q, to_out, MLP
         + 2 x 2 B N_m (2 D I) + 4 B Q N_m I          to_k, to_v (each call); cross-attention
-      projection heads (SPEC 5), g_inter on B rows, g_intra on 2B rows, hidden H, out P:
+      projection heads (method.md §5), g_inter on B rows, g_intra on 2B rows, hidden H, out P:
         2 (3B) [D H + H^2 + H P]
 
     step = 3 x (sum over both modalities) - (patch embedding forward). Not counted:
@@ -278,7 +278,7 @@ def matmul_peak(device, dtype, quick):
 
 class StepSetup:
     """One pretraining step exactly as pretrain.py runs it: model, loss, AdamW and
-    scaler from pretrain.build_model for the paper profile (SPEC 12: AdamW beta
+    scaler from pretrain.build_model for the paper profile (method.md §12: AdamW beta
     0.9/0.95, weight decay 1e-5, clipping 0.01) at the given preset and batch, and
     the step pretrain.train_step, on a fixed loader-like batch of CPU tensors (pinned
     on CUDA) that every step copies to the device."""

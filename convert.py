@@ -1,4 +1,4 @@
-"""Checkpoints from elsewhere (SPEC 10): the authors' EquiAV release and ImageNet MAE.
+"""Checkpoints from elsewhere (method.md §10): the authors' EquiAV release and ImageNet MAE.
 
 Both load through explicit key maps that report the keys they could not place
 (LoadReport), never silently. The authors' state dict is converted to our
@@ -29,7 +29,7 @@ from model import EquiAV, ModelConfig, get_config
 
 
 # ---------------------------------------------------------------------------
-# The authors' EquiAV checkpoint (SPEC 10)
+# The authors' EquiAV checkpoint (method.md §10)
 # ---------------------------------------------------------------------------
 
 
@@ -75,7 +75,7 @@ _UNUSED_BLOCK_NORMS = ("norm1_a", "norm1_v", "norm2_a", "norm2_v")
 
 
 def _official_key_map() -> dict[str, str]:
-    """Authors' key prefix -> our key prefix (SPEC 10). A prefix ending in '.'
+    """Authors' key prefix -> our key prefix (method.md §10). A prefix ending in '.'
     matches sub-keys; others are whole keys."""
     m = {}
     for s, enc, d_t_name in (("a", "audio_encoder", "audio"), ("v", "visual_encoder", "visual")):
@@ -120,7 +120,7 @@ def _is_temperature(key: str) -> bool:
 
 def convert_official_state_dict(state_dict: Mapping[str, torch.Tensor],
                                 cfg: ModelConfig | None = None) -> dict[str, torch.Tensor]:
-    """Authors' EquiAV state dict -> ours (SPEC 10).
+    """Authors' EquiAV state dict -> ours (method.md §10).
 
     Strips `module.` / `__M__.`, drops the loss temperature and the unused
     norm{1,2}_{a,v} block norms, renames every key, sums the audio patch kernel
@@ -192,7 +192,7 @@ def _load_checked(model: nn.Module, state_dict: Mapping[str, torch.Tensor],
 
 
 def load_official_checkpoint(model: nn.Module, path_or_state_dict) -> LoadReport:
-    """Load the authors' pretrained EquiAV weights (SPEC 10) into `model`
+    """Load the authors' pretrained EquiAV weights (method.md §10) into `model`
     (an EquiAV; for an EquiAVClassifier its encoders are filled). Keys in the
     report use our names; unknown authors' keys keep theirs."""
     sd = convert_official_state_dict(_read_state_dict(path_or_state_dict), model.cfg)
@@ -201,7 +201,7 @@ def load_official_checkpoint(model: nn.Module, path_or_state_dict) -> LoadReport
 
 def load_mae_checkpoint(model: nn.Module, path_or_state_dict) -> LoadReport:
     """Initialise both encoders of an EquiAV or EquiAVClassifier from one
-    ImageNet MAE ViT checkpoint (SPEC 2, 10).
+    ImageNet MAE ViT checkpoint (method.md §2, 10).
 
     Copied: patch embedding (audio kernel summed over RGB), blocks, and the
     final `norm` (into norm_m and, where present, norm_m_aug). Not copied:
@@ -313,7 +313,7 @@ def load_equiav(path, preset="base") -> EquiAV:
     """An EquiAV from our checkpoint (rebuilt exactly) or an authors' state dict.
 
     Our checkpoints carry "model_config" and "model_flags"; anything else is
-    taken as an authors' EquiAV state dict and loaded through the SPEC 10
+    taken as an authors' EquiAV state dict and loaded through the method.md §10
     conversion into an EquiAV of `preset` (a preset name or a ModelConfig).
     """
     state = utils.load_checkpoint(path)

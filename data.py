@@ -1,8 +1,9 @@
-"""Audio-visual data for EquiAV (SPEC 1, 11): manifests, fbanks and frames, datasets, loaders.
+"""Audio-visual data for EquiAV (method.md §1, 11): manifests, fbanks and frames, datasets,
+loaders.
 
-Implements the paper's inputs (SPEC 1: 10 s of audio as a 128-bin Kaldi
+Implements the paper's inputs (method.md §1: 10 s of audio as a 128-bin Kaldi
 log-mel spectrogram; one RGB frame of a clip stored as 10 frames at 1 fps) and
-the fine-tuning data options (SPEC 11: multi-hot labels, mixup, class-balanced
+the fine-tuning data options (method.md §11: multi-hot labels, mixup, class-balanced
 sampling), for manifests in the format AudioSet / VGGSound users already have
 from CAV-MAE and the authors' code:
 
@@ -53,12 +54,12 @@ import utils
 from bad_data import BadSample
 from utils import DataError
 
-# Dataset fbank statistics (SPEC 1): (mean, std) of the 128-bin fbank.
+# Dataset fbank statistics (method.md §1): (mean, std) of the 128-bin fbank.
 KNOWN_STATS = {"audioset": (-4.346, 4.332), "vggsound": (-4.956, 4.486)}
 
 NUM_FRAMES = 10              # frames stored per clip (1 fps)
-EVAL_FRAME = 5               # SPEC 1: evaluation takes the middle frame
-MIXUP_ALPHA = 10.0           # SPEC 11: lambda ~ Beta(10, 10)
+EVAL_FRAME = 5               # method.md §1: evaluation takes the middle frame
+MIXUP_ALPHA = 10.0           # method.md §11: lambda ~ Beta(10, 10)
 LABEL_CSV_NAME = "class_labels_indices.csv"
 
 
@@ -181,7 +182,7 @@ def read_label_csv(path):
 
 
 def load_sample_weights(path, num_entries):
-    """Per-clip sampling weights (SPEC 11, AudioSet-2M), one per line as in CAV-MAE.
+    """Per-clip sampling weights (method.md §11, AudioSet-2M), one per line as in CAV-MAE.
 
     Returns float64 (num_entries,). Raises DataError when the count does not
     match the manifest, or a weight is negative / not finite, or all are 0.
@@ -237,11 +238,11 @@ class _StringArray:
 
 
 # ===========================================================================
-# Audio (SPEC 1): file -> waveform is audio_io.py's; here the Kaldi fbank
+# Audio (method.md §1): file -> waveform is audio_io.py's; here the Kaldi fbank
 # ===========================================================================
 
 def waveform_to_fbank(waveform, audio_length, mel_bins):
-    """Kaldi log-mel filterbank (SPEC 1), cut or zero-padded to audio_length frames.
+    """Kaldi log-mel filterbank (method.md §1), cut or zero-padded to audio_length frames.
 
     waveform: (N,) mono 16 kHz, mean removed. Returns (T, F) = (audio_length,
     mel_bins) float32, not normalized. 25 ms Hanning window, 10 ms shift.
@@ -256,12 +257,12 @@ def waveform_to_fbank(waveform, audio_length, mel_bins):
 
 
 def load_audio_fbank(path, audio_length=1024, mel_bins=128):
-    """Read an audio file and return its (T, F) un-normalized fbank (SPEC 1)."""
+    """Read an audio file and return its (T, F) un-normalized fbank (method.md §1)."""
     return waveform_to_fbank(load_waveform(path), audio_length, mel_bins)
 
 
 # ===========================================================================
-# Frames (SPEC 1): any PIL image -> RGB -> resize short side -> centre crop
+# Frames (method.md §1): any PIL image -> RGB -> resize short side -> centre crop
 # ===========================================================================
 
 def to_rgb(img):
@@ -303,7 +304,7 @@ def resized_size(width, height, image_size):
 def load_frame(path, image_size=224):
     """One video frame as (3, H, W) = (3, image_size, image_size) uint8.
 
-    SPEC 1: RGB, short side resized to image_size (bicubic), centre crop. Frames stay uint8
+    method.md §1: RGB, short side resized to image_size (bicubic), centre crop. Frames stay uint8
     until they are on the training device (a quarter of float32's bytes to move), where
     augment.unit_range scales them to [0, 1]; ImageNet normalization comes after the
     augmentations (augment.py).
@@ -357,7 +358,7 @@ class SampleKey(NamedTuple):
 
 def resolve_norm_stats(option="auto", manifest=None, checkpoint_stats=None, audio_length=None,
                        mel_bins=None):
-    """(mean, std) of the fbank normalization for a --norm_stats option (SPEC 1).
+    """(mean, std) of the fbank normalization for a --norm_stats option (method.md §1).
 
     "auto": the statistics stored in our pretraining checkpoint (the ones the
     model was trained with) when `checkpoint_stats` is given, else stats.json
@@ -402,7 +403,8 @@ def resolve_norm_stats(option="auto", manifest=None, checkpoint_stats=None, audi
 
 
 class AudioVisualDataset(Dataset):
-    """Clips of a manifest as normalized fbanks, [0, 1] frames and label vectors (SPEC 1, 11).
+    """Clips of a manifest as normalized fbanks, [0, 1] frames and label vectors
+    (method.md §1, 11).
 
     __getitem__(i or SampleKey) -> dict(
         audio (T, F) normalized fbank, T = audio_length (time), F = mel_bins (frequency),
@@ -410,7 +412,7 @@ class AudioVisualDataset(Dataset):
         label (C,) float multi-hot with label smoothing (C = 0 without a label CSV),
         index int)
 
-    mixup (SPEC 11, fine-tuning only, train only): with probability `mixup`
+    mixup (method.md §11, fine-tuning only, train only): with probability `mixup`
     the clip is mixed with a random other clip: waveforms (then mean removed
     again), frames and label vectors, with lambda ~ Beta(10, 10).
     label_smoothing eps: y = (1 - eps) * multihot + eps / C.
@@ -635,7 +637,7 @@ def collate(batch):
 # ===========================================================================
 
 class WeightedEpochSampler(Sampler):
-    """Class-balanced sampling for AudioSet-2M fine-tuning (SPEC 11).
+    """Class-balanced sampling for AudioSet-2M fine-tuning (method.md §11).
 
     Every epoch draws num_samples clips with replacement, probability
     proportional to the weights; the draw (seeded by seed + epoch) is the same
@@ -737,7 +739,7 @@ def _fbank_moments(ds, i):
 
 
 def compute_stats(manifest, audio_length=1024, mel_bins=128, max_clips=None, num_workers=0, seed=0):
-    """Mean and std of the fbank over a split (SPEC 1: 'measured over its training split').
+    """Mean and std of the fbank over a split (method.md §1: 'measured over its training split').
 
     Statistics are taken over every time-frequency bin of the cut / padded
     (audio_length, mel_bins) fbank, i.e. what normalization is applied to.
@@ -838,7 +840,7 @@ def main(argv=None):
                                      epilog="The toy dataset: python toy.py --out DIR")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("stats", help="fbank mean/std of a split (SPEC 1)")
+    p = sub.add_parser("stats", help="fbank mean/std of a split (method.md §1)")
     p.add_argument("manifest")
     p.add_argument("--audio_length", type=int, default=1024)
     p.add_argument("--mel_bins", type=int, default=128)

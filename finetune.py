@@ -1,10 +1,10 @@
-"""Fine-tuning and linear probing of the pretrained encoders (SPEC 11).
+"""Fine-tuning and linear probing of the pretrained encoders (method.md §11).
 
 The pretrained EquiAV encoders (with their final norm_m) get one Linear head
 on mean-pooled tokens: audio, visual, or both concatenated (multimodal).
 Multi-label data (AudioSet) trains with binary cross-entropy and reports mAP,
 mAUC and d'; single-label data (VGGSound) with cross-entropy and top-1/top-5
-accuracy. Recipe (SPEC 11, public defaults): AdamW (0.9, 0.95), weight decay
+accuracy. Recipe (method.md §11, public defaults): AdamW (0.9, 0.95), weight decay
 1e-5, lr 1e-4 with the head at 50x (its own parameter group, scaled every
 step), warm-up + cosine, mixup p 0.5 with lambda ~ Beta(10, 10), SpecAugment
 on the fine-tuning input, drop path 0.1, class-balanced sampling from a
@@ -44,7 +44,7 @@ from utils import option
 
 
 # =============================================================================
-# The fine-tuning classifier (SPEC 11)
+# The fine-tuning classifier (method.md §11)
 # =============================================================================
 
 class EquiAVClassifier(nn.Module):
@@ -64,7 +64,7 @@ class EquiAVClassifier(nn.Module):
         self.audio_encoder = ViTEncoder(cfg, 1, cfg.audio_grid, with_aug_norm=False) if use_a else None
         self.visual_encoder = ViTEncoder(cfg, 3, cfg.visual_grid, with_aug_norm=False) if use_v else None
         self.head = nn.Linear(cfg.embed_dim * (use_a + use_v), num_classes)
-        nn.init.xavier_uniform_(self.head.weight)   # SPEC 2's initialisation
+        nn.init.xavier_uniform_(self.head.weight)   # method.md §2's initialisation
         nn.init.zeros_(self.head.bias)
 
     @classmethod
@@ -107,7 +107,7 @@ class EquiAVClassifier(nn.Module):
 class FinetuneConfig(utils.TrainConfig):
     """Every field is a `--field value` option; the loader, optimiser, AMP and logging
     options are utils.TrainConfig's. Fields left at None take their value from the
-    profile (PROFILES below): `paper` = SPEC 11, `toy` = CPU demo. run_dir: none ->
+    profile (PROFILES below): `paper` = method.md §11, `toy` = CPU demo. run_dir: none ->
     runs/finetune[_toy...] (checkpoint.pt, best.pt, log.jsonl, results.json)."""
     # -- data --
     train: Optional[str] = option(None, "training manifest; none -> the toy dataset's train split "
@@ -134,10 +134,10 @@ class FinetuneConfig(utils.TrainConfig):
                                     "mae, or scratch (random initialization, --init unused)")
     preset: Optional[str] = option(None, "model size for authors'/MAE/scratch initialization (ours "
                                          "stores its own): base (paper), tiny (toy)")
-    mode: str = option("multimodal", "audio, visual or multimodal (SPEC 11)")
+    mode: str = option("multimodal", "audio, visual or multimodal (method.md §11)")
     linear_probe: bool = option(False, "freeze the encoders and train the head only")
-    drop_path: float = option(0.1, "stochastic depth rate of the encoders (SPEC 11)")
-    # -- the recipe (SPEC 11) --
+    drop_path: float = option(0.1, "stochastic depth rate of the encoders (method.md §11)")
+    # -- the recipe (method.md §11) --
     head_lr_mult: float = option(50.0, "the head's learning rate is this times --lr")
     mixup: Optional[float] = option(None, "probability of mixing a training clip with another "
                                           "(waveforms, frames, labels; lambda ~ Beta(10, 10)) "
@@ -147,7 +147,7 @@ class FinetuneConfig(utils.TrainConfig):
                                  "mask, widths up to 192 and 48 at T=1024, F=128 (scaled)")
 
 
-# Defaults for the fields left at None. `paper`: SPEC 11 (batch size and warm-up
+# Defaults for the fields left at None. `paper`: method.md §11 (batch size and warm-up
 # are not given there: CAV-MAE's 48 per step and 2 epochs); `toy`: tuned so that
 # `python finetune.py` finishes in a few minutes on 2 CPU cores. Both warm up from 0
 # (times each group's multiplier) and clip no gradients.
@@ -467,7 +467,7 @@ def build_model(cfg, kind, mcfg, num_classes, device):
 def make_optimizer(net, cfg):
     """AdamW with two parameter groups: the encoders at --lr and the head at
     --lr x --head_lr_mult. Each group's "lr_scale" is applied by utils.set_lr at
-    every step (the public code overwrote all groups with one rate; SPEC 9).
+    every step (the public code overwrote all groups with one rate; method.md §9).
     A linear probe has only the head group."""
     groups = [{"params": net.head_parameters(), "lr_scale": cfg.head_lr_mult, "name": "head"}]
     if not cfg.linear_probe:
@@ -522,7 +522,7 @@ def resume(run_dir, meta, net, optimizer, scaler):
 # =============================================================================
 
 def finetune_specaugment(spec, generator):
-    """SpecAugment on the fine-tuning input (SPEC 11): augment.py's time and
+    """SpecAugment on the fine-tuning input (method.md §11): augment.py's time and
     frequency masks (widths < 192 T/1024 frames and 48 F/128 bins, set to 0),
     and nothing else of the pretraining augmentations: the masks are copied
     into an identity vector. As in augment.py a clip is masked with p 0.8.
@@ -544,7 +544,7 @@ def _set_train_mode(net, linear_probe):
 def _inputs(batch, mode, device):
     x_a = batch["audio"].to(device, non_blocking=True) if mode != "visual" else None
     x_v = None
-    if mode != "audio":  # ImageNet normalisation last (SPEC 1)
+    if mode != "audio":  # ImageNet normalisation last (method.md §1)
         x_v = augment.normalize_image(augment.frames_to(device, batch["frame"]))
     return x_a, x_v
 

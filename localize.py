@@ -1,4 +1,4 @@
-"""Sound-source localization (SPEC 13; the paper's figure 3): maps over the visual
+"""Sound-source localization (method.md §13; the paper's figure 3): maps over the visual
 patch grid of how much each patch contributes to a clip's audio-visual similarity
 s = cos(z_inter_a, z_inter_v), and the localization literature's scores.
 
@@ -30,7 +30,7 @@ SIZE_BUCKETS = {"<10%": (0.0, 0.10), "10-30%": (0.10, 0.30), ">30%": (0.30, 1.01
 
 
 # ---------------------------------------------------------------------------
-# The maps (SPEC 13)
+# The maps (method.md §13)
 # ---------------------------------------------------------------------------
 
 def visual_inter_without(model, h, T, drop):
@@ -47,7 +47,7 @@ def visual_inter_without(model, h, T, drop):
 
 
 def localize(model, x_a, x_v, T_a=None, T_v=None, method="occlusion", chunk=64, confidence=None):
-    """Sound-source maps over the visual patch grid (SPEC 13) -> (B, rows, cols).
+    """Sound-source maps over the visual patch grid (method.md §13) -> (B, rows, cols).
 
     x_a (B, T, F) normalized fbank, x_v (B, 3, H, W) ImageNet-normalized; T_a, T_v the
     fixed evaluation vectors (B, S, d_t). With s = cos(z_inter_a, z_inter_v):
@@ -366,7 +366,7 @@ def evaluate_localization(model, dataset, entries, T_a, T_v, device, method="occ
 @torch.no_grad()
 def _confidence(model, audio, frame, T_a, T_v):
     """The clip's confidence that its sound is in its frame, defined before any scoring:
-    s = cos(z_inter_a, z_inter_v), the retrieval similarity (SPEC 13). (B,)"""
+    s = cos(z_inter_a, z_inter_v), the retrieval similarity (method.md §13). (B,)"""
     b = audio.shape[0]
     z_a, z_v = utils.unwrap(model).embed(audio, augment.normalize_image(frame),
                                          T_a.expand(b, -1, -1), T_v.expand(b, -1, -1))
@@ -418,32 +418,15 @@ def evaluate_negatives(model, dataset, negatives, T_a, T_v, device, method="occl
     return out, torch.cat(frames)[:8], figure
 
 
-def targets(scored, negatives=None, distractor=None):
-    """The issue's targets for a map, each (value, bound, met): pointing against the centre
-    point's per object size and overall, IoU at box area against the Gaussian's, pIA under
-    each negative sound against the true sound's, the confidence's AUROC, and the
-    distractor's sounding against silent object."""
-    out = {}
-    s, centre = scored["sounding"], scored["baselines"]["centre_point"]
-    for name, factor in (("<10%", 4.0), ("10-30%", 0.9)):
-        value, bound = s["pointing_by_size"][name][0], factor * centre["pointing_by_size"][name][0]
-        out[f"pointing {name} >= {factor}x centre"] = (value, bound, value >= bound)
-    value, bound = s["pointing_game"], 1.25 * centre["pointing_game"]
-    out["pointing >= 1.25x centre"] = (value, bound, value >= bound)
-    value, bound = s["iou_at_area"], 1.5 * scored["baselines"]["gaussian"]["iou_at_area"]
-    out["IoU at area >= 1.5x Gaussian"] = (value, bound, value >= bound)
-    if negatives:
-        for kind, pia in negatives["pia"].items():
-            if kind != "true":
-                bound = 0.25 * negatives["pia"]["true"]
-                out[f"pIA {kind} <= 25% of true"] = (pia, bound, pia <= bound)
-        for kind, area in negatives["auroc"].items():
-            bound = 0.95 if kind in ("silence", "noise") else 0.9
-            out[f"AUROC {kind} >= {bound}"] = (area, bound, area >= bound)
-    if distractor and "silent" in distractor:
-        value, bound = distractor["sounding"]["pointing_game"], 4 * distractor["silent"]["pointing_game"]
-        out["distractor sounding >= 4x silent"] = (value, bound, value >= bound)
-    return out
+def against_baselines(scored):
+    """The sounding object's pointing and IoU at box area as multiples of each baseline's
+    (the centre point, the centred Gaussian, a random point), scored alike on the same
+    clips: {baseline: {"pointing": ratio, "iou_at_area": ratio}} (None where the baseline
+    scores 0)."""
+    s = scored["sounding"]
+    return {name: {key: (s[key] / b[key] if b[key] else None)
+                   for key in ("pointing_game", "iou_at_area")}
+            for name, b in scored["baselines"].items() if isinstance(b, dict)}
 
 
 def format_negatives(score):

@@ -1,4 +1,4 @@
-"""EquiAV's contrastive objectives (SPEC 7; the paper's L_inter and L_intra).
+"""EquiAV's contrastive objectives (method.md §7; the paper's L_inter and L_intra).
 
 Every embedding is L2-normalized first; tau = 0.07; B samples in the (global) batch.
 
@@ -27,10 +27,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
-# ---- The two losses (SPEC 7) ----
+# ---- The two losses (method.md §7) ----
 
 def inter_modal_loss(z_a, z_v, temperature):
-    """Audio-visual InfoNCE, symmetric (SPEC 7, L_inter). z_a, z_v (b, d): this rank's
+    """Audio-visual InfoNCE, symmetric (method.md §7, L_inter). z_a, z_v (b, d): this rank's
     L2-normalised inter-modal embeddings; temperature: float or 0-d tensor. Returns
     (loss, acc_a2v, acc_v2a): the mean over local rows of 1/2 [CE(z_a Z_v^T / tau) +
     CE(z_v Z_a^T / tau)], Z the gathered (B, d) columns, targets at rank * b + i; and
@@ -59,7 +59,7 @@ def _intra_direction(x, all_x, all_y, targets, temperature):
 
 
 def intra_modal_loss(q, k, temperature):
-    """Equivariant intra-modal loss of one modality (SPEC 7, L_intra_m). q (b, d):
+    """Equivariant intra-modal loss of one modality (method.md §7, L_intra_m). q (b, d):
     L2-normalised z_equi_m, predicted from the original and t; k (b, d): z_aug_m, encoded
     from the augmented input. Sample i's positive is (q_i, k_i), its negatives k_j and
     q_j for all j != i of the global batch. loss = 1/2 (L_q + L_k), q or k as anchors,
@@ -149,7 +149,7 @@ def gather_with_grad(x):
 # ---- The full objective ----
 
 class EquiAVLoss(nn.Module):
-    """L = w_inter L_inter + w_a L_intra_a + w_v L_intra_v (SPEC 7), tau shared by all
+    """L = w_inter L_inter + w_a L_intra_a + w_v L_intra_v (method.md §7), tau shared by all
     terms (0.07); learnable_temperature learns log(tau) as the module's only parameter.
     A weight of 0 skips its term (no compute, no gathers; under DDP the heads that only
     feed it get no gradient).

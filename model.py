@@ -1,9 +1,9 @@
-"""EquiAV model (SPEC 2-6): Kim et al., "EquiAV: Leveraging Equivariance for Audio-Visual
+"""EquiAV model (method.md §2-6): Kim et al., "EquiAV: Leveraging Equivariance for Audio-Visual
 Contrastive Learning", ICML 2024. Read top to bottom it follows the paper's ladder:
 PatchEmbed -> Attention -> MLP -> Block -> ViTEncoder (f_m), AugEncoder (e_m) ->
 TransformationPredictor (u_m), ProjectionHead (g_m), EquiAV (the pretraining forward). The
-fine-tuning classifier (SPEC 11) is in finetune.py, localization maps (SPEC 13) in
-localize.py, checkpoint loading (SPEC 10) in convert.py. Needs only torch: copy it out alone.
+fine-tuning classifier (method.md §11) is in finetune.py, localization maps (method.md §13) in
+localize.py, checkpoint loading (method.md §10) in convert.py. Needs only torch: copy it out alone.
 """
 
 from __future__ import annotations
@@ -31,14 +31,14 @@ class ModelConfig:
     depth: int = 12
     num_heads: int = 12
     mlp_ratio: float = 4.0
-    audio_aug_dim: int = 24    # d_t, the length of an audio augmentation vector (SPEC 8)
+    audio_aug_dim: int = 24    # d_t, the length of an audio augmentation vector (method.md §8)
     visual_aug_dim: int = 18   # d_t of a visual one
-    aug_hidden: int = 256      # width of the augmentation encoder e_m (SPEC 3)
-    pred_heads: int = 8        # cross-attention heads of the predictor u_m (SPEC 4)
+    aug_hidden: int = 256      # width of the augmentation encoder e_m (method.md §3)
+    pred_heads: int = 8        # cross-attention heads of the predictor u_m (method.md §4)
     pred_head_dim: int = 64
     predictor: str = "attention"   # u_m's kind: attention (the paper's), linear, hypernetwork
-    pred_rank: int = 16        # r of the hypernetwork kind's generated low-rank map (SPEC 4.3)
-    proj_hidden: int = 2048    # projection heads g_m (SPEC 5)
+    pred_rank: int = 16        # r of the hypernetwork kind's low-rank map (method.md §4.3)
+    proj_hidden: int = 2048    # projection heads g_m (method.md §5)
     proj_dim: int = 512
     drop_path: float = 0.0     # stochastic depth, maximum rate (last block)
 
@@ -88,7 +88,7 @@ def get_config(name: str, **overrides) -> ModelConfig:
     return dataclasses.replace(PRESETS[name], **overrides)
 
 
-# ---- Initialisation helpers (SPEC 2) ----
+# ---- Initialisation helpers (method.md §2) ----
 
 def _init_linear_and_norm(m: nn.Module) -> None:
     """xavier-uniform Linear weights, zero biases, LayerNorm weight 1 / bias 0."""
@@ -102,7 +102,7 @@ def _init_linear_and_norm(m: nn.Module) -> None:
 
 
 def sincos_pos_embed_2d(dim: int, rows: int, cols: int) -> torch.Tensor:
-    """Fixed 2-D sine-cosine position embedding (MAE convention, SPEC 2).
+    """Fixed 2-D sine-cosine position embedding (MAE convention, method.md §2).
 
     Returns (rows * cols, dim), tokens in row-major order (n = r * cols + c).
     Channels [0, dim/2) encode the column index c, [dim/2, dim) the row index r;
@@ -130,7 +130,7 @@ def drop_path(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
     return x * mask.div_(keep)
 
 
-# ---- Encoders f_a, f_v (SPEC 2) ----
+# ---- Encoders f_a, f_v (method.md §2) ----
 
 class PatchEmbed(nn.Module):
     """Non-overlapping p x p patches -> D-dim tokens: (B, C, H, W) -> (B, H/p * W/p, D)."""
@@ -173,7 +173,7 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block (SPEC 2) with per-sample drop path."""
+    """Pre-norm transformer block (method.md §2) with per-sample drop path."""
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, drop_path: float = 0.0):
         super().__init__()
@@ -189,7 +189,7 @@ class Block(nn.Module):
 
 
 class ViTEncoder(nn.Module):
-    """One modality's ViT f_m (SPEC 2): patches + fixed 2-D sin-cos position embedding +
+    """One modality's ViT f_m (method.md §2): patches + fixed 2-D sin-cos position embedding +
     learned modality embedding, `depth` blocks, final LayerNorm. Audio (B, T, F) is laid out
     as a 1-channel image (B, 1, F, T): rows frequency, cols time, grid (F/p, T/p). Visual
     input is (B, 3, H, W), ImageNet-normalized. Original inputs end in `norm`, augmented ones
@@ -203,13 +203,13 @@ class ViTEncoder(nn.Module):
         self.image_hw = (grid[0] * p, grid[1] * p)
         self.patch_embed = PatchEmbed(in_chans, D, p)
         # A buffer, not a constant: it is saved in checkpoints and a loaded
-        # (e.g. converted) table replaces the computed one (SPEC 2, 10).
+        # (e.g. converted) table replaces the computed one (method.md §2, 10).
         self.register_buffer("pos_embed", sincos_pos_embed_2d(D, *grid)[None])  # (1, N, D)
         self.modality_embed = nn.Parameter(torch.zeros(1, 1, D))
         rates = torch.linspace(0, cfg.drop_path, cfg.depth).tolist()  # deeper blocks drop more
         self.blocks = nn.ModuleList([Block(D, cfg.num_heads, cfg.mlp_ratio, r) for r in rates])
         self.norm = nn.LayerNorm(D)
-        # The augmented views get their own final norm (SPEC 2, as the authors' model): their
+        # The augmented views get their own final norm (method.md §2, as the authors' model): their
         # token statistics differ from the originals' (masked, cropped, jittered inputs), and
         # `norm` is what retrieval and fine-tuning read, so the views do not pull on it.
         self.norm_aug = nn.LayerNorm(D) if with_aug_norm else None
@@ -236,18 +236,18 @@ class ViTEncoder(nn.Module):
         return self.norm_aug(x) if aug else self.norm(x)
 
 
-# ---- Augmentation encoder e_m and transformation predictor u_m (SPEC 3, 4) ----
+# ---- Augmentation encoder e_m and transformation predictor u_m (method.md §3, 4) ----
 
 class QuickGELU(nn.Module):
     """x * sigmoid(1.702 x): the sigmoid approximation of GELU (Hendrycks & Gimpel 2016),
-    as CLIP uses it; the authors' augmentation encoder is built with it (SPEC 3)."""
+    as CLIP uses it; the authors' augmentation encoder is built with it (method.md §3)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x * torch.sigmoid(1.702 * x)
 
 
 class AugEncoder(nn.Module):
-    """e_m (SPEC 3): t (..., d_t) -> (..., hidden); three Linear layers, QuickGELU between."""
+    """e_m (method.md §3): t (..., d_t) -> (..., hidden); three Linears, QuickGELU between."""
 
     def __init__(self, d_t: int, hidden: int):
         super().__init__()
@@ -263,7 +263,7 @@ class AugEncoder(nn.Module):
 class Predictor(nn.Module):
     """What every kind of u_m shares: predict_each gives one prediction per vector, and
     forward their centroid, so the centroid of S vectors is the mean of the S single
-    predictions for every kind (SPEC 4)."""
+    predictions for every kind (method.md §4)."""
 
     def predict_each(self, h: torch.Tensor, t: torch.Tensor, keep=None) -> torch.Tensor:
         raise NotImplementedError   # h (B, N, D), t (B, S, d_t) -> (B, S, D)
@@ -275,10 +275,10 @@ class Predictor(nn.Module):
 
 
 class TransformationPredictor(Predictor):
-    """u_m(h, t), attention kind (SPEC 4.1): predicts the embedding of the transformed input
+    """u_m(h, t), attention kind (method.md §4.1): predicts the embedding of the transformed input
     from the original tokens h (B, N, D) and parameter vectors t. Each augmentation vector is
     one cross-attention query over the tokens, so the S queries never interact and the
-    output for S vectors is the mean of the S single-vector predictions (h̄_m, SPEC 4)."""
+    output for S vectors is the mean of the S single-vector predictions (h̄_m, method.md §4)."""
 
     def __init__(self, cfg: ModelConfig, d_t: int):
         super().__init__()
@@ -326,7 +326,7 @@ class TransformationPredictor(Predictor):
 
 
 class LinearPredictor(Predictor):
-    """u_m(h, t), linear kind (SPEC 4.2; the paper names it, the form is ours):
+    """u_m(h, t), linear kind (method.md §4.2; the paper names it, the form is ours):
     u(h, t) = W [mean_N(h); e_m(t)] + b, one Linear(D + hidden -> D)."""
 
     def __init__(self, cfg: ModelConfig, d_t: int):
@@ -343,7 +343,7 @@ class LinearPredictor(Predictor):
 
 
 class HypernetworkPredictor(Predictor):
-    """u_m(h, t), hypernetwork kind (SPEC 4.3; the paper names it, the form is ours, after
+    """u_m(h, t), hypernetwork kind (method.md §4.3; the paper names it, the form is ours, after
     SIE, Garrido et al. 2023): e_m(t) generates the weights of the map applied to the pooled
     tokens, u(h, t) = mean_N(h) + U(t) V(t) mean_N(h), with U (D x r) and V (r x D) the two
     halves of one Linear(hidden -> 2 D r) of e_m(t). The rank r (pred_rank) keeps the base
@@ -372,7 +372,7 @@ PREDICTORS = {"attention": TransformationPredictor, "linear": LinearPredictor,
 
 def centroid(y: torch.Tensor) -> torch.Tensor:
     """h̄_m = (1/S) sum_i u_m(h_m, t_i): the mean of S single predictions y (B, S, D) -> (B, D).
-    With S = 1 it is the single prediction itself, ĥ_m (SPEC 4)."""
+    With S = 1 it is the single prediction itself, ĥ_m (method.md §4)."""
     return y.mean(dim=1)
 
 
@@ -384,12 +384,12 @@ def mean_tokens(h: torch.Tensor, keep=None) -> torch.Tensor:
     return (h * weight).sum(dim=1, keepdim=True) / weight.sum(dim=1, keepdim=True)
 
 
-# ---- Projection heads g_intra_m, g_inter_m (SPEC 5) ----
+# ---- Projection heads g_intra_m, g_inter_m (method.md §5) ----
 
 class ProjectionHead(nn.Module):
     """(..., D) -> (..., proj_dim): 3 Linear layers, each followed by LayerNorm
     (ReLU after the first two). Acts row-wise, so it also maps single tokens.
-    The last LayerNorm is the authors' (SPEC 5), in the place SimCLR and MoCo v3 put a
+    The last LayerNorm is the authors' (method.md §5), in the place SimCLR and MoCo v3 put a
     BatchNorm: each embedding leaves centred and scaled, so the cosine of the losses
     compares directions that no shared offset dominates."""
 
@@ -407,7 +407,7 @@ class ProjectionHead(nn.Module):
         return self.norm3(self.fc3(x))
 
 
-# ---- EquiAV (SPEC 6, 13) ----
+# ---- EquiAV (method.md §6, 13) ----
 
 class EquiAVOutput(NamedTuple):
     """The six pretraining embeddings, each (B, proj_dim), NOT L2-normalized."""
@@ -423,9 +423,9 @@ INTER_TARGETS = ("centroid", "original", "augmented", "equivariant")
 
 
 class EquiAV(nn.Module):
-    """The pretraining model (SPEC 6). inter_target, what g_inter_m embeds for the
+    """The pretraining model (method.md §6). inter_target, what g_inter_m embeds for the
     inter-modal loss (the paper's ablation of the inter-modal target):
-      "centroid"     u_m(h_m, T_m), the centroid of S predictions (SPEC 6, default);
+      "centroid"     u_m(h_m, T_m), the centroid of S predictions (method.md §6, default);
       "original"     mean_N(h_m) of the original's tokens;
       "augmented"    mean_N(h'_m) of the augmented view's tokens (norm_m_aug);
       "equivariant"  u_m(h_m, t_m), the single prediction of the applied augmentation.
@@ -467,7 +467,7 @@ class EquiAV(nn.Module):
         return EquiAVOutput(z_inter_a, z_inter_v, z_equi_a, z_equi_v, z_aug_a, z_aug_v)
 
     def inter_input(self, predictor, h, h_aug, t, T, keep=None):
-        """What g_inter_m embeds (B, D), by inter_target (SPEC 6 and its ablations):
+        """What g_inter_m embeds (B, D), by inter_target (method.md §6 and its ablations):
         "centroid" the centroid vectors T, "equivariant" the applied t, "original" and
         "augmented" a mean of tokens. keep: see TransformationPredictor.predict_each."""
         if self.inter_target == "centroid":
@@ -479,7 +479,7 @@ class EquiAV(nn.Module):
             return mean_tokens(h_aug, keep).squeeze(1)
         return mean_tokens(h, keep).squeeze(1)   # "original"
 
-    # -- Evaluation (SPEC 13): the inter-modal path of the original inputs alone --
+    # -- Evaluation (method.md §13): the inter-modal path of the original inputs alone --
 
     def inter_tokens(self, m, x):
         """Tokens (B, N, D) of original inputs x of modality m ("a" or "v") as the inter
@@ -497,7 +497,7 @@ class EquiAV(nn.Module):
 
     @torch.no_grad()
     def embed(self, x_a, x_v, T_a=None, T_v=None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Retrieval embeddings (SPEC 13): z_inter_a, z_inter_v of the originals, L2-normalized,
+        """Retrieval embeddings (method.md §13): z_inter_a, z_inter_v of the originals, normalized,
         each (B, proj_dim); T_a, T_v as for inter_from_tokens (retrieval.centroid_vectors)."""
         z_a = self.inter_from_tokens("a", self.inter_tokens("a", x_a), T_a)
         z_v = self.inter_from_tokens("v", self.inter_tokens("v", x_v), T_v)

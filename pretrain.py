@@ -1,14 +1,14 @@
-"""EquiAV pretraining (SPEC 6, 7, 8, 12): the recipe, top to bottom.
+"""EquiAV pretraining (method.md §6, 7, 8, 12): the recipe, top to bottom.
 
     python pretrain.py                               # toy data, `tiny` preset, CPU, minutes
     torchrun --nproc_per_node=8 pretrain.py --data train.json --eval_data eval.json \
-        --init_mae mae_pretrain_vit_base.pth         # the paper's recipe (SPEC 12)
+        --init_mae mae_pretrain_vit_base.pth         # the paper's recipe (method.md §12)
 
-Each step: (spectrogram, frame) pairs -> a random time roll of the originals (SPEC 12)
--> one augmented view per modality and its vector t (SPEC 8) -> S sampled vectors per
-sample for the centroids -> EquiAV forward (SPEC 6) -> inter- + intra-modal InfoNCE
-(SPEC 7) -> AdamW, warm-up + cosine learning rate, gradient clipping. After every epoch:
-zero-shot retrieval and the equivariance measures on a held-out split (SPEC 13), and
+Each step: (spectrogram, frame) pairs -> a random time roll of the originals (method.md §12)
+-> one augmented view per modality and its vector t (method.md §8) -> S sampled vectors per
+sample for the centroids -> EquiAV forward (method.md §6) -> inter- + intra-modal InfoNCE
+(method.md §7) -> AdamW, warm-up + cosine learning rate, gradient clipping. After every epoch:
+zero-shot retrieval and the equivariance measures on a held-out split (method.md §13), and
 a checkpoint that the same command resumes from.
 """
 import dataclasses
@@ -31,8 +31,8 @@ from losses import EquiAVLoss
 from model import INTER_TARGETS, EquiAV, ModelConfig, get_config
 from utils import option
 
-# The recipe's values for the options left at None, by profile. `paper` is SPEC 12 (AudioSet-2M,
-# 8 GPUs x 16); its AdamW betas (0.9, 0.95), weight decay 1e-5 and final lr 1e-6 are the
+# The recipe's values for the options left at None, by profile. `paper` is method.md §12
+# (AudioSet-2M, 8 GPUs x 16); its AdamW betas (0.9, 0.95), weight decay 1e-5 and final lr 1e-6 are the
 # paper's too, and utils.TrainConfig's defaults. `toy` makes `python pretrain.py` visibly
 # learn on 2 CPU cores in minutes.
 PROFILES = {
@@ -55,24 +55,25 @@ class PretrainConfig(utils.TrainConfig):
     preset: Optional[str] = option(None, "model size: base = ViT-B/16 (paper), tiny (toy)")
     model_overrides: Optional[str] = option(None, "ModelConfig changes, e.g. depth=2,embed_dim=96")
     inter_target: str = option("centroid", "what g_inter embeds: centroid = the mean of S "
-                                           "predictions (SPEC 6); original / augmented = the "
+                                           "predictions (method.md §6); original / augmented = "
+                                           "the "
                                            "mean token of the original / augmented input; "
                                            "equivariant = the prediction of the applied t")
     equivariant: bool = option(True, "false: invariant intra-modal loss (ablation)")
-    predictor: str = option("attention", "the transformation predictor u_m (SPEC 4): attention "
-                                         "(the paper's), linear or hypernetwork (ablation)")
-    S: int = option(16, "sampled augmentation vectors per centroid (SPEC 6)")
-    init_mae: Optional[str] = option(None, "both encoders from an ImageNet MAE ViT-B/16 (SPEC 10)")
-    init_official: Optional[str] = option(None, "initialise from the authors' EquiAV (SPEC 10)")
+    predictor: str = option("attention", "the transformation predictor u_m (method.md §4): "
+                                         "attention (the paper's), linear or hypernetwork")
+    S: int = option(16, "sampled augmentation vectors per centroid (method.md §6)")
+    init_mae: Optional[str] = option(None, "both encoders from ImageNet MAE (method.md §10)")
+    init_official: Optional[str] = option(None, "the authors' EquiAV weights (method.md §10)")
     init_from: Optional[str] = option(None, "initialise from our checkpoint of the same model "
                                             "(new optimizer, epoch 0), e.g. on another dataset")
-    temperature: float = option(0.07, "InfoNCE temperature tau (SPEC 7)")
+    temperature: float = option(0.07, "InfoNCE temperature tau (method.md §7)")
     learnable_temperature: bool = option(False, "learn tau along with the model")
     w_inter: float = option(1 / 3, "weight of the inter-modal loss")
     w_intra: float = option(1 / 3, "weight of each intra-modal loss (0: none)")
     w_a: Optional[float] = option(None, "audio intra-modal weight; none -> --w_intra")
     w_v: Optional[float] = option(None, "visual intra-modal weight; none -> --w_intra")
-    time_roll: bool = option(True, "random time shift of the originals (SPEC 12 input noise)")
+    time_roll: bool = option(True, "random time shift of the originals (method.md §12)")
     compile: Optional[bool] = option(None, "torch.compile; none -> on CUDA yes, on the CPU no")
     cpu_threads: Optional[int] = option(None, "torch threads per process on CPU; 0 -> the cores "
                                               "the loader workers leave; none -> torch's own")
@@ -132,7 +133,7 @@ def run(cfg, mcfg, device, local_rank=0):
                 f"{means['inter']:.3f}, intra_a {means['intra_a']:.3f}, intra_v "
                 f"{means['intra_v']:.3f})  acc a2v {means['acc_a2v']:.2f}  {time.time() - t0:.0f} s"
                 + (f"  skipped {summary['skipped']}" if summary["skipped"] else ""))
-        if eval_loader is not None:   # SPEC 13, with fixed-seed centroid vectors
+        if eval_loader is not None:   # method.md §13, with fixed-seed centroid vectors
             metrics, chance, n = retrieval.evaluate_retrieval(net, eval_loader, device, cfg.S,
                                                               cfg.seed, cfg.amp)
             eq = retrieval.equivariance_metrics(net, eval_loader, device, cfg.seed, cfg.amp)
@@ -151,11 +152,11 @@ def run(cfg, mcfg, device, local_rank=0):
 
 
 # =============================================================================
-# One step and one epoch (SPEC 6-8, 12)
+# One step and one epoch (method.md §6-8, 12)
 # =============================================================================
 
 def prepare_inputs(batch, gen, mcfg, S, device, time_roll=True):
-    """A loader batch -> the eight inputs of EquiAV.forward on `device` (SPEC 6, 8, 12).
+    """A loader batch -> the eight inputs of EquiAV.forward on `device` (method.md §6, 8, 12).
     Every random draw comes from `gen`, a CPU generator, and all of them reach the device
     in one pinned copy, so no step waits for the GPU."""
     B, T, F = batch["audio"].shape
@@ -169,7 +170,7 @@ def prepare_inputs(batch, gen, mcfg, S, device, time_roll=True):
     x_a = batch["audio"].to(device, non_blocking=True)                  # (B, T, F) normalized
     x_v = augment.frames_to(device, batch["frame"])                    # uint8 -> [0, 1]
     if time_roll:
-        x_a = augment.roll_time(x_a, roll)      # the original's input noise (SPEC 12) ...
+        x_a = augment.roll_time(x_a, roll)      # the original's input noise (method.md §12) ...
     x_a_aug = augment.apply_audio(x_a, t_a)     # ... and the view is made of the rolled original
     x_v_aug = augment.apply_visual(x_v, t_v)
     return (x_a, augment.normalize_image(x_v), x_a_aug, augment.normalize_image(x_v_aug),

@@ -1,8 +1,8 @@
-"""Zero-shot audio-visual retrieval and sound-source localization (SPEC 13).
+"""Zero-shot audio-visual retrieval and sound-source localization (method.md §13).
 
 Retrieval: every clip of a manifest is embedded with the pretrained EquiAV's
-inter-modal centroid embeddings z_inter_a, z_inter_v (SPEC 6) computed with a
-fixed set of centroid vectors, so the embeddings are deterministic (SPEC 9);
+inter-modal centroid embeddings z_inter_a, z_inter_v (method.md §6) computed with a
+fixed set of centroid vectors, so the embeddings are deterministic (method.md §9);
 audio->visual and visual->audio Recall@1/5/10 and median rank come from the
 cosine-similarity matrix, computed in row chunks so memory stays bounded.
 
@@ -11,7 +11,7 @@ close the predicted embedding of an augmentation is to the embedding of the
 augmented input, and how much of t a ridge regression reads back from the
 latter (equivariance_metrics).
 
-Localization (figure 3 of the paper; SPEC 13): the script scores localize.py's
+Localization (figure 3 of the paper; method.md §13): the script scores localize.py's
 maps where the manifest carries boxes and on the toy distractor split, and draws
 figure3.png.
 
@@ -55,7 +55,7 @@ class RetrievalConfig:
                                      "stats.json next to the manifest), dataset (that "
                                      "stats.json), audioset, vggsound, or MEAN,STD")
     out_dir: str = option("runs/retrieval", "retrieval.json and figure3.png are written here")
-    S: int = option(16, "augmentation vectors per centroid (SPEC 6), as in pretraining")
+    S: int = option(16, "augmentation vectors per centroid (method.md §6), as in pretraining")
     seed: int = option(0, "seed of the centroid vectors")
     chunk_size: int = option(4096, "query rows per similarity block")
     batch_size: int = option(32, "clips per forward")
@@ -64,8 +64,8 @@ class RetrievalConfig:
                                "at all")
     localize_indices: str = option("", "comma-separated manifest indices to draw instead of the "
                                        "first --localize")
-    map: str = option("gradient", "sound-source map (SPEC 13): gradient (integrated gradients "
-                                   "times the calibrated confidence), gradient_raw (without it), "
+    map: str = option("gradient", "sound-source map (method.md §13): gradient (integrated "
+                                   "gradients times the calibrated confidence), gradient_raw (without it), "
                                    "gradient_input, occlusion, token or attention; a comma list "
                                    "scores each, the first is drawn")
     confidence_data: str = option("auto", "training clips the map's confidence is calibrated on "
@@ -139,7 +139,7 @@ def _summarize(ranks, prefix):
 
 
 def retrieval_metrics(z_a, z_v, chunk_size=4096):
-    """Zero-shot retrieval metrics between paired embeddings (SPEC 13).
+    """Zero-shot retrieval metrics between paired embeddings (method.md §13).
 
     z_a, z_v: (N, d) L2-normalized; row i of each comes from the same clip.
     Returns {"a2v_R@1", "a2v_R@5", "a2v_R@10", "a2v_medr", "v2a_R@1", ...,
@@ -172,7 +172,7 @@ def chance_levels(n):
 # ---------------------------------------------------------------------------
 
 def centroid_vectors(cfg, S, seed, inter_target="centroid"):
-    """The fixed evaluation centroid vectors (SPEC 9): T_a (1, S, 24), T_v (1, S, 18).
+    """The fixed evaluation centroid vectors (method.md §9): T_a (1, S, 24), T_v (1, S, 18).
 
     Drawn once from a generator seeded with `seed` and shared by every clip,
     so a clip's embedding depends only on the clip, the model and the seed,
@@ -190,7 +190,7 @@ def centroid_vectors(cfg, S, seed, inter_target="centroid"):
 
 @torch.no_grad()
 def extract_embeddings(model, loader, device, S=16, seed=0, amp=False, view=None):
-    """Deterministic inter-modal embeddings of every clip of `loader` (SPEC 13).
+    """Deterministic inter-modal embeddings of every clip of `loader` (method.md §13).
 
     `loader` must come from an evaluation dataset (train=False: the middle
     frame, no mixup); under torchrun each rank embeds its shard and the
@@ -237,7 +237,7 @@ def evaluate_retrieval(model, loader, device, S=16, seed=0, amp=False):
 
 def augmented_views(model, loader, device, S=16, seed=0, amp=False):
     """The paper's premise measured: zero-shot retrieval with one side's input replaced
-    by its augmented view, one SPEC 8 augmentation group at a time (sampled as training
+    by its augmented view, one method.md §8 augmentation group at a time (sampled as training
     samples it, one fixed-seed vector per clip, the other slots at the identity) and all
     of them together. Returns {"audio": {group: metrics}, "visual": {...}} (collective
     under torchrun)."""
@@ -477,7 +477,7 @@ def run(cfg, device):
 
 def _localize(model, dataset, dataset_of, cfg, device, confidence):
     """For each map of --map: scores on the manifest (when it has boxes), on the distractor
-    split, under negative sounds, and the targets; figure3.png and negatives.png with the
+    split, under negative sounds, and against the baselines; figure3.png and negatives.png with the
     first map. Returns what goes under "localization" in retrieval.json."""
     vectors = centroid_vectors(model.cfg, cfg.S, cfg.seed, model.inter_target)
     T_a, T_v = utils.to_device_together(vectors, device)
@@ -520,11 +520,10 @@ def _localize(model, dataset, dataset_of, cfg, device, confidence):
             if method == methods[0]:
                 _negatives_figure(cfg, frames, neg_maps, method)
         if "manifest" in one:
-            one["targets"] = localize.targets(one["manifest"], one.get("negatives"),
-                                              one.get("distractor"))
-            met = sum(t[2] for t in one["targets"].values())
-            utils.print0(f"{method}: {met} of {len(one['targets'])} targets met; missed: "
-                         + (", ".join(k for k, t in one["targets"].items() if not t[2]) or "none"))
+            one["against_baselines"] = localize.against_baselines(one["manifest"])
+            utils.print0(f"{method} against the baselines (pointing, IoU at box area): " + "; ".join(
+                f"{name.replace('_', ' ')} {_times(r['pointing_game'])}, {_times(r['iou_at_area'])}"
+                for name, r in one["against_baselines"].items()))
         out["maps"][method] = one
     out.update(out["maps"][methods[0]])     # the first map's scores at the top, as before
     chosen = ([int(i) for i in cfg.localize_indices.split(",")] if cfg.localize_indices
@@ -540,6 +539,10 @@ def _localize(model, dataset, dataset_of, cfg, device, confidence):
     utils.print0(f"wrote {png}: frame | {methods[0]} map, and the augmented view nearest to the "
                  f"centroid | its map; sounding boxes green, map maxima white crosses")
     return out
+
+
+def _times(ratio):
+    return "–" if ratio is None else f"{ratio:.2f}x"
 
 
 def fitted_confidence(model, cfg, dataset_of, device):

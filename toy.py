@@ -7,7 +7,7 @@ out of the box on a CPU and the whole pipeline is exercised. The scripts
 generate it themselves on first use (`ensure_toy_dataset`).
 
 Every clip shows and sounds one object (two in the multi-label variant). Its design
-follows how real audio-visual data behaves under the paper's augmentations (SPEC 8),
+follows how real audio-visual data behaves under the paper's augmentations (method.md §8),
 decided before any model was trained on it (TOY_VERSION 3):
 - The class survives every augmentation, as a band-cropped, jittered bark is still a
   bark. Audio classes are a texture (harmonic lines at f0, or a noise band around
@@ -675,7 +675,7 @@ def nearest_centroid_accuracy(f_fit, y_fit, f_test, y_test):
 def cue_check(root, audio_length=256, mel_bins=64, image_size=96, seed=0):
     """Nearest-centroid class accuracy of the fixed cue features, fitted on the clean
     training clips of the toy dataset at `root` and scored on its test clips: clean,
-    under each SPEC 8 augmentation group alone (sampled as training samples them, the
+    under each method.md §8 augmentation group alone (sampled as training samples them, the
     other slots left at the identity) and under all of them. {"audio": {...}, "visual": {...}}."""
     paths = toy_paths(root)
     mean, std = data.resolve_norm_stats("auto", paths["train"], None, audio_length, mel_bins)

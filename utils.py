@@ -3,7 +3,7 @@
 Nothing here is part of the method: command-line configs from dataclasses,
 torchrun process-group setup, rank-0 printing, gathering results in dataset
 order, per-epoch random streams (what makes resuming exact), the
-learning-rate schedule (SPEC 12), the optimizer update, mixed precision,
+learning-rate schedule (method.md §12), the optimizer update, mixed precision,
 atomic checkpoints and JSON-lines logs.
 """
 import argparse
@@ -435,7 +435,7 @@ def seed_epoch(seed, epoch, rank):
 
 
 # ---------------------------------------------------------------------------
-# Learning rate (SPEC 12): linear warm-up, then cosine, stepped per iteration
+# Learning rate (method.md §12): linear warm-up, then cosine, stepped per iteration
 # ---------------------------------------------------------------------------
 
 def cosine_lr(step, total_steps, warmup_steps, base_lr, warmup_start_lr=0.0, final_lr=0.0):

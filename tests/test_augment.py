@@ -1,4 +1,4 @@
-"""Tests for augment.py (SPEC 8, 12): every recorded vector describes what was done.
+"""Tests for augment.py (method.md §8, 12): every recorded vector describes what was done.
 
 Each augmentation is checked alone against reference ops written here (torchvision
 functional ops, torch.roll, explicit zeroing), applied one sample at a time from the
@@ -116,7 +116,7 @@ def audio_kernel(sigma):
 
 
 def ref_visual(x, v):
-    """The whole visual pipeline in SPEC 8's order, composed from the references."""
+    """The whole visual pipeline in method.md §8's order, composed from the references."""
     x = ref_visual_crop(x, v)
     x = ref_visual_jitter(x, v)
     x = ref_blur(x, v[VS["blur_on"]], v[VS["blur_sigma"]], visual_kernel)
@@ -581,7 +581,7 @@ def test_cuda_matches_cpu():
 
 
 def test_audio_crop_ratio_is_relative_to_the_plane():
-    # SPEC 8's ratio range is for the 1024 x 128 plane; at T=256, F=64 the plane's
+    # method.md §8's ratio range is for the 1024 x 128 plane; at T=256, F=64 the plane's
     # aspect (F/T) is twice as large, so the allowed range doubles with it.
     T, F = 256, 64
     t = A.sample_audio_params(20000, gen(18), T, F)

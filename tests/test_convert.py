@@ -1,4 +1,4 @@
-"""Checkpoint import (SPEC 10), tested the way minGPT tests its weight import:
+"""Checkpoint import (method.md §10), tested the way minGPT tests its weight import:
 build weights in the other code's format, run an independent functional
 forward of that code's model, convert + load into ours, compare outputs."""
 
@@ -46,7 +46,7 @@ def rand(shape, g):
 
 
 def authors_state_dict(seed=0):
-    """The public model's keys (SPEC 10) at CFG's sizes, with the prefixes,
+    """The public model's keys (method.md §10) at CFG's sizes, with the prefixes,
     temperature keys and unused block norms the public checkpoints carry."""
     g = torch.Generator().manual_seed(seed)
     sd = {}
@@ -135,7 +135,7 @@ def ref_head(sd, name, x):
 
 
 def audio_to_raw(t):
-    """Our normalized audio vectors -> the public code's raw values (SPEC 10)."""
+    """Our normalized audio vectors -> the public code's raw values (method.md §10)."""
     r = t.clone()
     r[..., 1:3] *= T_LEN                 # time-mask start/end in frames
     r[..., 3:5] *= F_BINS                # freq-mask start/end in bins
@@ -204,7 +204,7 @@ def test_conversion_key_set_drops_temperature_and_unused_norms():
 
 
 def test_default_scales_are_the_base_sizes():
-    """cfg=None means T=1024, F=128: the literal numbers of SPEC 10."""
+    """cfg=None means T=1024, F=128: the literal numbers of method.md §10."""
     w, b = torch.randn(8, 24, dtype=torch.float64), torch.randn(8, dtype=torch.float64)
     out = convert_official_state_dict({"aug_encoder_a.0.weight": w, "aug_encoder_a.0.bias": b})
     w2 = out["predictor_a.aug_encoder.fc1.weight"]
@@ -322,7 +322,7 @@ def test_scripts_load_an_authors_checkpoint_through_the_conversion(tmp_path):
     for name in EquiAVOutput._fields:
         torch.testing.assert_close(getattr(ours, name).double(), ref[name], atol=1e-4, rtol=1e-4)
 
-    # the localization maps of SPEC 13 run on the converted model
+    # the localization maps of method.md §13 run on the converted model
     for method in localize.MAPS:
         m = localize.localize(model, x["x_a"].float(), x["x_v"].float(), x["T_a"].float(),
                               x["T_v"].float(), method=method,

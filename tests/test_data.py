@@ -91,7 +91,7 @@ def _signal(n, rate, seed, channels):
 
 
 def _reference_fbank(wave_cn, rate, audio_length, mel_bins):
-    """Independent SPEC 1 pipeline on an (N, C) float waveform."""
+    """Independent method.md §1 pipeline on an (N, C) float waveform."""
     x = torch.tensor(wave_cn.mean(axis=1), dtype=torch.float32)
     if rate != SR:
         x = torchaudio.functional.resample(x, rate, SR)

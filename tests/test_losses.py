@@ -1,4 +1,4 @@
-"""Tests for losses.py (SPEC 7): values and gradients against loop-based
+"""Tests for losses.py (method.md §7): values and gradients against loop-based
 references, hand-computed accuracies, float32 under autocast, and two gloo
 processes against one process on the concatenated batch."""
 

@@ -1,4 +1,4 @@
-"""Tests of model.py (SPEC 2-6, 11, 13): every check compares against an
+"""Tests of model.py (method.md §2-6, 11, 13): every check compares against an
 independent computation or an invariant, with configs small enough for CPU."""
 
 import math
@@ -132,7 +132,7 @@ def test_unknown_predictor_kind_is_refused():
 
 
 def identity_vectors(n, slots, dim):
-    """No augmentation (SPEC 8): RRC on with full extent, colour-jitter order 0, 1/3, 2/3, 1."""
+    """No augmentation (method.md §8): RRC on at full extent, jitter order 0, 1/3, 2/3, 1."""
     t = torch.zeros(n, dim)
     t[:, slots["rrc_on"]] = 1.0
     for name in ("rrc_height", "rrc_width", "rrc_time_len", "rrc_freq_width"):
@@ -234,7 +234,7 @@ def test_drop_path_drops_whole_samples_and_preserves_the_mean():
 # --------------------------------------------------------------------- EquiAV
 
 def manual_outputs(model, x, centroid=True, equivariant=True):
-    """SPEC 6 written out from the submodules, one call per term."""
+    """method.md §6 written out from the submodules, one call per term."""
     res = {}
     for m, enc, pred, gi, ge in (("a", model.audio_encoder, model.predictor_a, model.proj_inter_a,
                                   model.proj_intra_a),
@@ -434,7 +434,7 @@ def test_get_config_errors_and_overrides():
         get_config("tiny", audio_length=100)
 
 
-# ------------------------------------------------------- localization maps (SPEC 13)
+# ------------------------------------------------------- localization maps (method.md §13)
 
 def test_predictor_keep_mask_equals_removing_the_tokens():
     torch.manual_seed(11)

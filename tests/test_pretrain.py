@@ -50,7 +50,7 @@ def test_profiles_fill_only_unset_fields():
     assert toy.profile == "toy" and toy.preset == "tiny"
     assert (toy.epochs, toy.batch_size, toy.lr) == tuple(
         pretrain.PROFILES["toy"][k] for k in ("epochs", "batch_size", "lr"))
-    # with --data: the paper's recipe (SPEC 12) unless set explicitly
+    # with --data: the paper's recipe (method.md §12) unless set explicitly
     paper = pretrain.resolve_config(pretrain.PretrainConfig(data="x.json", lr=3e-4))
     assert paper.profile == "paper" and paper.preset == "base"
     assert (paper.epochs, paper.batch_size, paper.warmup_epochs, paper.clip_grad) == (20, 16, 2.0, 0.01)

@@ -239,7 +239,9 @@ def test_retrieval_script_end_to_end(tmp_path, tiny_equiav, monkeypatch):
     # negative sounds: the toy's three manifests were written beside its retrieval split
     assert set(loc["negatives"]["pia"]) == {"true", "silence", "noise", "offscreen"}
     assert set(loc["negatives"]["auroc"]) == {"silence", "noise", "offscreen"}
-    assert (tmp_path / "out" / "negatives.png").exists() and loc["targets"]
+    assert (tmp_path / "out" / "negatives.png").exists()
+    assert set(loc["against_baselines"]) == set(k for k, v in loc["manifest"]["baselines"].items()
+                                                if isinstance(v, dict))
     assert loc["manifest"]["n_clips"] == 8 and 0.0 <= loc["manifest"]["sounding"]["pointing_game"] <= 100.0
     # the centre baseline, recomputed from the manifest's boxes
     entries = data.read_manifest(toy.toy_paths(root)["retrieval"])
@@ -483,14 +485,12 @@ def test_negative_sounds_threshold_is_fixed_on_the_true_maps(tmp_path, monkeypat
     assert out["pia"]["true"] == pytest.approx(100 * 900 / 9216)
     assert out["pia"]["silence"] == 100.0
     assert out["auroc"]["silence"] == 1.0 and frames.shape == (4, 3, 96, 96)
-    t = localize.targets({"sounding": {"pointing_game": 50.0, "iou_at_area": 0.5,
-                                       "pointing_by_size": {"<10%": (40.0, 1), "10-30%": (90.0, 1)}},
-                          "baselines": {"centre_point": {"pointing_game": 50.0, "pointing_by_size":
-                                                         {"<10%": (10.0, 1), "10-30%": (100.0, 1)}},
-                                        "gaussian": {"iou_at_area": 0.3}}}, out)
-    assert t["pointing <10% >= 4.0x centre"][2] and t["pointing 10-30% >= 0.9x centre"][2]
-    assert not t["pointing >= 1.25x centre"][2] and t["IoU at area >= 1.5x Gaussian"][2]
-    assert not t["pIA silence <= 25% of true"][2] and t["AUROC silence >= 0.95"][2]
+    scored = {"sounding": {"pointing_game": 50.0, "iou_at_area": 0.5},
+              "baselines": {"centre_point": {"pointing_game": 40.0, "iou_at_area": 0.25},
+                            "gaussian": {"pointing_game": 0.0, "iou_at_area": 0.4}, "n": 3}}
+    ratios = localize.against_baselines(scored)
+    assert ratios == {"centre_point": {"pointing_game": 1.25, "iou_at_area": 2.0},
+                      "gaussian": {"pointing_game": None, "iou_at_area": 1.25}}
 
 
 def test_attention_map_is_the_predictor_softmax_over_patches(tiny_equiav):

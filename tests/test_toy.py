@@ -205,7 +205,7 @@ def test_distractor_split_two_objects_one_sounds_and_its_swap(toy, capsys):
 
 
 def test_class_survives_every_augmentation_without_training(tmp_path_factory):
-    """The toy's premise (SPEC 8 distorts the pairing, not the class): fixed class features
+    """The toy's premise (method.md §8 distorts the pairing, not the class): fixed class features
     with a nearest-centroid classifier, fitted on clean training clips, keep most of their
     clean accuracy on test clips under each augmentation group and under all together."""
     root = tmp_path_factory.mktemp("cue") / "toy"
