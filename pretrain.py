@@ -32,14 +32,16 @@ from model import INTER_TARGETS, EquiAV, ModelConfig, get_config
 from utils import option
 
 # The recipe's values for the options left at None, by profile. `paper` is method.md §12
-# (AudioSet-2M, 8 GPUs x 16); its AdamW betas (0.9, 0.95), weight decay 1e-5 and final lr 1e-6 are the
-# paper's too, and utils.TrainConfig's defaults. `toy` makes `python pretrain.py` visibly
-# learn on 2 CPU cores in minutes.
+# (AudioSet-2M, 8 GPUs x 16); its AdamW betas (0.9, 0.95), weight decay 1e-5 and final lr
+# 1e-6 are the paper's too, and utils.TrainConfig's defaults. `toy` makes `python
+# pretrain.py` visibly learn on a CPU in minutes: it loads in-process, so that every core
+# computes, and each clip's fbank is computed once and kept (data.py's cache_fbanks; the
+# measured effect is in docs/performance.md).
 PROFILES = {
     "paper": dict(preset="base", epochs=20, batch_size=16, lr=1e-4, warmup_epochs=2.0,
                   warmup_start_lr=2e-7, clip_grad=0.01, run_dir="runs/pretrain"),
     "toy": dict(preset="tiny", epochs=10, batch_size=32, lr=1e-3, warmup_epochs=1.0,
-                warmup_start_lr=2e-7, clip_grad=1.0, num_workers=1, cpu_threads=0,
+                warmup_start_lr=2e-7, clip_grad=1.0, num_workers=0, cpu_threads=0,
                 run_dir=os.path.dirname(convert.TOY_CHECKPOINT)),
 }
 
@@ -333,7 +335,8 @@ def build_data(cfg, mcfg, device):
     def loader(manifest, train, batch_size):
         dataset = data.AudioVisualDataset(manifest, train=train, norm_mean=mean, norm_std=std,
                                           audio_length=mcfg.audio_length, mel_bins=mcfg.mel_bins,
-                                          image_size=mcfg.image_size, skip_bad=cfg.skip_bad)
+                                          image_size=mcfg.image_size, skip_bad=cfg.skip_bad,
+                                          cache_fbanks=cfg.num_workers == 0)
         return data.make_loader(dataset, batch_size, train=train, num_workers=cfg.num_workers,
                                 seed=cfg.seed, pin_memory=device.type == "cuda")
 

@@ -270,6 +270,27 @@ def test_training_frames_are_random_but_reproducible(real):
     assert len(set(picked)) > 2
 
 
+def test_cached_fbanks_give_the_same_samples_and_are_computed_once(real, monkeypatch):
+    root, _ = real
+    plain, cached = _dataset(root, train=True), _dataset(root, train=True, cache_fbanks=True)
+    reads = []
+    real_fbank = cached.fbank
+    monkeypatch.setattr(cached, "fbank", lambda wav, path: reads.append(path) or real_fbank(wav, path))
+    for epoch in range(3):
+        for i in range(len(plain)):
+            key = data.SampleKey(i, epoch, seed=1)
+            a, b = plain[key], cached[key]
+            for name in ("audio", "frame", "label"):
+                assert torch.equal(a[name], b[name]), (epoch, i, name)
+    assert sorted(reads) == sorted(set(reads)) and len(reads) == len(plain)   # once per clip
+    # off with mixup (waveforms are mixed before the fbank) and beyond the memory line
+    assert _dataset(root, train=True, cache_fbanks=True, mixup=0.5)._kept is None
+    monkeypatch.setattr(data, "FBANK_CACHE_BYTES", 4 * 100 * 32 * len(plain) - 1)
+    assert _dataset(root, train=True, cache_fbanks=True)._kept is None
+    monkeypatch.setattr(data, "FBANK_CACHE_BYTES", 4 * 100 * 32 * len(plain))
+    assert _dataset(root, train=True, cache_fbanks=True)._kept == {}
+
+
 def test_mixup_mixes_waveforms_frames_and_labels(tmp_path):
     # four one-class clips with constant-colour frames, so lambda and the partner are
     # readable from the label vector
@@ -680,5 +701,6 @@ def test_default_workers_fit_the_machine(monkeypatch):
         train="a.json", test="b.json", init="c.pt")).num_workers == 3
     monkeypatch.setattr(utils, "available_cores", lambda: 64)
     assert pretrain.resolve_config(pretrain.PretrainConfig(data="x.json")).num_workers == 8
-    assert pretrain.resolve_config(pretrain.PretrainConfig()).num_workers == 1   # the toy's own
+    toy = pretrain.resolve_config(pretrain.PretrainConfig())   # the toy loads in-process, and
+    assert (toy.num_workers, toy.cpu_threads) == (0, 0)        # its threads take every core
     assert pretrain.resolve_config(pretrain.PretrainConfig(data="x.json", num_workers=0)).num_workers == 0
