@@ -1,17 +1,21 @@
 """The paper's ablations at toy scale, rebuilt by one command, with error bars.
 
-    python ablate.py                               # every row, seed 0 (about 80 min on 2 cores)
+    python ablate.py                               # every row, seed 0 (hours on 2 cores)
     python ablate.py --rows default,invariant --seeds 5
     python ablate.py --quick                       # 1 epoch, 2 seeds, a tiny toy: a smoke run
     python ablate.py --rows default,invariant --seeds 3 --epochs 10,30   # by training length
     python ablate.py --rows inter_augmented --views true   # + which views stop that target
+    python ablate.py --rows default,invariant --seeds 3 --train_clips 20000 --epochs 1,3
+                                                   # a 10x training set, the same steps
 
 Rows (the switches of the paper's ablation tables, as read from the authors'
 poster; AudioSet zero-shot R@1, V->A / A->V):
 - intra-modal loss: equivariant (default) against invariant (`--equivariant false`);
 - inter-modal target (`--inter_target`): the centroid (default), the originals,
   the augmented views, the single equivariant predictions;
-- centroid samples `--S` 1 / 4 / 8 (16 is the default).
+- centroid samples `--S` 1 / 4 / 8 (16 is the default);
+- transformation predictor (`--predictor`): attention (default), linear, hypernetwork (the
+  last two in our forms, method.md §4.2, 4.3).
 
 Each row is the command a reader would type, `python pretrain.py` with the row's
 flags (plus --seed, --run_dir and the given --pretrain_args), then the linear

@@ -1,5 +1,4 @@
-"""Audio-visual data for EquiAV (method.md §1, 11): manifests, fbanks and frames, datasets,
-loaders.
+"""Audio-visual data: manifests, fbanks, frames, datasets and loaders (method.md §1, 11).
 
 Implements the paper's inputs (method.md §1: 10 s of audio as a 128-bin Kaldi
 log-mel spectrogram; one RGB frame of a clip stored as 10 frames at 1 fps) and
@@ -14,7 +13,7 @@ from CAV-MAE and the authors' code:
 
 Relative paths in a manifest are resolved against the manifest's folder.
 
-Bad input policy (no silent zero-filled samples, STYLE 9): every decoding
+Bad input policy (no silent zero-filled samples): every decoding
 failure raises DataError naming the manifest, the entry index (and its line in
 the JSON file when it can be found), the file and the reason. With
 skip_bad=True the dataset instead returns a BadSample that `collate` drops and
@@ -23,7 +22,8 @@ bad_data.BadDataPolicy, which counts them and fails once more than a set
 fraction of samples was bad. `python data.py check MANIFEST` validates every
 entry up front.
 
-The built-in toy dataset, a synthetic world in this layout, is toy.py's.
+The built-in toy dataset, a synthetic world in this layout, is toy.py's. Small datasets
+loaded in-process can keep their fbanks in memory (cache_fbanks, as the toy profile does).
 
 CLI:  python data.py stats MANIFEST | check MANIFEST [--label_csv CSV]
       | weights MANIFEST --label_csv CSV --out FILE

@@ -1,15 +1,22 @@
-"""Sound-source localization (method.md §13; the paper's figure 3): maps over the visual
-patch grid of how much each patch contributes to a clip's audio-visual similarity
-s = cos(z_inter_a, z_inter_v), and the localization literature's scores.
+"""Sound-source localization, the paper's figure 3 (method.md §13): maps and their scores.
 
-Maps: occlusion (s - s without patch token i: exact, one predictor pass per token,
-batched), gradient x input (its first-order estimate, one backward) and the literal
-token map cos(z_inter_a, g_inter_v(h_i)), upsampled to the frame. Where a manifest
-carries boxes the maps are scored as LVS and EZ-VSL score them (pointing game,
-cIoU@0.5, mean cIoU, AUC) against the centre point, a random point and a centred
-Gaussian; on the toy distractor split the sounding and the silent object apart.
-figure3.png draws the frame and its map beside the augmented view nearest to the
-visual centroid. retrieval.py runs all of this.
+A map over the visual patch grid says how much each patch contributes to a clip's
+audio-visual similarity s = cos(z_inter_a, z_inter_v), upsampled to the frame. The default,
+"gradient", is integrated gradients of s from a grey frame's tokens (complete: the patches
+add up to s - s_grey), times the probability that the sound is the frame's own, a logistic
+fit of s on training clips (fit_confidence), so that a wrong sound leaves the frame dark.
+Also: "gradient_raw" (without that factor), "gradient_input" (gradient x input), "occlusion"
+(s - s without patch token i), "token" (cos(z_inter_a, g_inter_v(h_i))) and "attention"
+(the predictor's cross-attention, which does not hear the sound).
+
+Scores, where a manifest has boxes: the pointing game overall and by object size, the IoU
+at the box's own area, and the literature's cIoU@0.5, mean cIoU and AUC (LVS, EZ-VSL),
+each beside the centre point, a centred Gaussian and a random point scored alike
+(against_baselines gives the ratios); under negative sounds (silence, noise, an off-screen
+sound) the share of the frame above a threshold fixed on the true sounds (pIA) and the
+AUROC of s; on the toy's distractor split the sounding and the silent object apart.
+figure3.png draws each frame and its map beside the augmented view nearest to the visual
+centroid; negatives.png each clip's maps under its four sounds. retrieval.py runs it all.
 """
 import math
 import os

@@ -1,4 +1,4 @@
-"""EquiAV's contrastive objectives (method.md §7; the paper's L_inter and L_intra).
+"""EquiAV's contrastive objectives, the paper's L_inter and L_intra (method.md §7).
 
 Every embedding is L2-normalized first; tau = 0.07; B samples in the (global) batch.
 

@@ -1,9 +1,13 @@
-"""EquiAV model (method.md §2-6): Kim et al., "EquiAV: Leveraging Equivariance for Audio-Visual
-Contrastive Learning", ICML 2024. Read top to bottom it follows the paper's ladder:
-PatchEmbed -> Attention -> MLP -> Block -> ViTEncoder (f_m), AugEncoder (e_m) ->
-TransformationPredictor (u_m), ProjectionHead (g_m), EquiAV (the pretraining forward). The
-fine-tuning classifier (method.md §11) is in finetune.py, localization maps (method.md §13) in
-localize.py, checkpoint loading (method.md §10) in convert.py. Needs only torch: copy it out alone.
+"""The EquiAV model (method.md §2-6), after Kim et al., "EquiAV: Leveraging Equivariance for
+Audio-Visual Contrastive Learning", ICML 2024.
+
+Read top to bottom it follows the paper's ladder: PatchEmbed -> Attention -> MLP -> Block ->
+ViTEncoder (f_m), AugEncoder (e_m) -> the transformation predictor u_m in three kinds
+(TransformationPredictor, the paper's attention one; LinearPredictor and
+HypernetworkPredictor, our forms of its ablation), centroid (h̄_m), ProjectionHead (g_m),
+EquiAV (the pretraining forward, with ĥ_m and h̄_m named). The fine-tuning classifier
+(method.md §11) is in finetune.py, localization maps (§13) in localize.py, checkpoint
+loading (§10) in convert.py. Needs only torch: copy it out alone.
 """
 
 from __future__ import annotations
