@@ -21,8 +21,8 @@ Output, the CAV-MAE / EquiAV layout (see data.py):
 --segments CSV[,CSV]: AudioSet's segment CSVs or VGGSound's vggsound.csv (told apart by
 their columns). A clip's video_id is {YTID}_{start}, start in whole seconds with six
 digits as VGGSound and VGG-SS name clips (a fractional start adds .mmm). Its video is
-the file in --videos whose name starts with the YTID (the one named as the clip or the
-video if several), else --fetch's command writes it; a video no longer than the segment
+the file in --videos whose name starts with the YTID, whatever its suffix (the one named
+as the clip or the video if several), else --fetch's command writes it; a video no longer than the segment
 is taken as the segment already cut. The clip is [start, end) (VGGSound: 10 s): its
 frame k is the frame shown at start + k s, its sound that span at 16 kHz mono. A clip
 that cannot be made is recorded with its reason (see REASONS) and skipped by a rerun
@@ -51,6 +51,7 @@ failed are listed with file and reason; then the exit status is 1 and no manifes
 written, unless --allow_failures (a segment list's missing clips never block it).
 """
 import csv
+import ctypes
 import dataclasses
 import hashlib
 import json
@@ -77,7 +78,9 @@ import data
 import utils
 from utils import option
 
-VIDEO_SUFFIXES = (".mp4", ".mkv", ".webm", ".avi", ".mov", ".m4v", ".flv", ".mpg", ".mpeg", ".ts")
+# The files a --videos folder is read for (a segment list's search takes any file instead).
+VIDEO_SUFFIXES = (".mp4", ".mkv", ".webm", ".avi", ".mov", ".m4v", ".flv", ".mpg", ".mpeg", ".ts",
+                  ".ogv", ".ogg", ".3gp", ".3g2", ".wmv", ".asf", ".mts", ".m2ts", ".vob")
 AUDIO_SUFFIXES = (".wav", ".ogg", ".oga", ".opus", ".mp3", ".flac", ".m4a", ".aac", ".wma")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
 
@@ -434,11 +437,13 @@ def _loose(name):
 
 
 def find_sources(folder):
-    """{YTID: [video files whose name starts with it]} of a folder, searched recursively
-    (a YouTube id is 11 characters)."""
+    """{YTID: [files whose name starts with it]} of a folder, searched recursively (a YouTube
+    id is 11 characters). Every file counts, whatever its suffix: PyAV decides whether it holds
+    a video, and a file that does not is recorded as the clip's failure with that reason
+    (`no video track`, `undecodable`), naming the file. Hidden files are not sources."""
     found = {}
     for p in sorted(Path(folder).rglob("*")):
-        if p.suffix.lower() in VIDEO_SUFFIXES:
+        if p.is_file() and not p.name.startswith("."):
             found.setdefault(p.name[:11], []).append(p)
     return found
 
@@ -457,6 +462,17 @@ def pick_source(segment, candidates):
                     f"{[p.name for p in candidates[:4]]}", "ambiguous source")
 
 
+def die_with_parent():
+    """On Linux, have this process killed when the one that started it dies (prctl
+    PR_SET_PDEATHSIG): a run killed with SIGKILL leaves no worker or fetch command behind
+    to write a clip beside its rerun. Elsewhere nothing is done."""
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)   # 1: PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass
+
+
 def fetch(template, segment, dest, timeout):
     """Run the --fetch command for one segment, retried once: its placeholders {ytid},
     {start}, {end} (seconds) and {out} (= dest) filled in, each word on its own (no shell).
@@ -470,7 +486,7 @@ def fetch(template, segment, dest, timeout):
     for _ in range(2):   # a try and one retry
         try:
             proc = subprocess.Popen(words, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                    start_new_session=True)
+                                    start_new_session=True, preexec_fn=die_with_parent)
         except OSError as err:   # the command vanished or may not be run
             raise ClipError(f"{segment.video_id}: fetch failed: cannot run {words[0]} ({err})",
                             "fetch failed") from err
@@ -628,7 +644,8 @@ def prepare_segments(cfg):
           f"{len(todo)} to make")
     args = [(s, labels[s.video_id], sources.get(s.ytid, []), cfg) for s in todo]
     if cfg.workers > 0:
-        with multiprocessing.get_context("spawn").Pool(cfg.workers) as pool:
+        with multiprocessing.get_context("spawn").Pool(cfg.workers,
+                                                       initializer=die_with_parent) as pool:
             list(tqdm(pool.imap_unordered(_segment_one, args), total=len(args), desc="clips"))
     else:
         for a in tqdm(args, desc="clips"):

@@ -65,9 +65,9 @@ class RetrievalConfig:
     localize_indices: str = option("", "comma-separated manifest indices to draw instead of the "
                                        "first --localize")
     map: str = option("gradient", "sound-source map (method.md §13): gradient (integrated "
-                                   "gradients times the calibrated confidence), gradient_raw (without it), "
-                                   "gradient_input, occlusion, token or attention; a comma list "
-                                   "scores each, the first is drawn")
+                                   "gradients times the calibrated confidence), gradient_raw "
+                                   "(without it), gradient_input, occlusion, token or "
+                                   "attention; a comma list scores each, the first is drawn")
     confidence_data: str = option("auto", "training clips the map's confidence is calibrated on "
                                           "(true against mismatched pairs): auto (train.json "
                                           "beside the manifest, or the toy's), none, or "

@@ -478,3 +478,136 @@ def test_vggss_boxes_reach_the_manifest_and_score_with_localize(tmp_path):
     scores = localize.score_maps(frames, boxes)
     assert scores["pointing_game"] == 100.0
     assert localize.score_maps(frames.flip(-1), boxes)["pointing_game"] == 0.0
+
+
+def encode_container(path, seconds, video="mpeg4", sound="aac", fmt=None):
+    """encode_seconds' picture and tone (second k: square at x = 2 + 5 k, 300 + 100 k Hz) in
+    another container and codecs; video None: a sound file only."""
+    c = av.open(str(path), "w", format=fmt)
+    vs = c.add_stream(video, rate=FPS) if video else None
+    s = c.add_stream(sound, rate=SR)
+    channels = 2 if sound == "vorbis" else 1       # FFmpeg's own Vorbis encoder: stereo only
+    s.layout = "stereo" if channels == 2 else "mono"
+    if sound == "vorbis":
+        s.codec_context.options = {"strict": "experimental"}
+    if vs is not None:
+        vs.width, vs.height, vs.pix_fmt = SW, SH, "yuv420p"
+        _encode_squares(c, vs, [2 + 5 * (i // FPS) for i in range(int(seconds * FPS))], 4)
+    t = np.arange(int(seconds * SR)) / SR
+    x = (0.5 * np.sin(2 * np.pi * np.cumsum(300 + 100 * np.floor(t)) / SR)).astype(np.float32)
+    step = 1024
+    for start in range(0, x.size, step):
+        f = av.AudioFrame.from_ndarray(np.repeat(x[None, start:start + step], channels, 0),
+                                       format="fltp", layout=s.layout.name)
+        f.sample_rate, f.pts = SR, start
+        for p in s.encode(f):
+            c.mux(p)
+    for p in s.encode():
+        c.mux(p)
+    c.close()
+
+
+def test_a_source_is_any_file_named_after_its_video_and_pyav_decides(tmp_path):
+    """Ogg (VP8 video and Vorbis sound: PyAV's wheels carry a Theora decoder but no Theora
+    encoder), 3GP and Matroska under a suffix no list names are read; a sound-only file and a
+    file that is not media with the video's name are recorded with their own reasons, naming
+    the file; `not found` is left for a video that no file is named after."""
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    encode_container(videos / "OOOOOOOOOOO.ogg", 12, video="libvpx", sound="vorbis")
+    encode_container(videos / "TTTTTTTTTTT.3gp", 12)
+    encode_container(videos / "MMMMMMMMMMM.video", 12, video="libvpx", fmt="matroska")
+    encode_container(videos / "AAAAAAAAAAA.mka", 12, video=None)             # sound only
+    (videos / "NNNNNNNNNNN.txt").write_text("a note, not a video\n")
+    (videos / ".OOOOOOOOOOO.mp4").write_bytes(b"hidden: never a source")
+    with av.open(str(videos / "OOOOOOOOOOO.ogg")) as c:                       # the real thing
+        assert (c.format.name, [s.codec_context.name for s in c.streams]) == ("ogg", ["vp8", "vorbis"])
+    with av.open(str(videos / "TTTTTTTTTTT.3gp")) as c:
+        assert "3gp" in c.format.name
+    csv_path = tmp_path / "segments.csv"
+    csv_path.write_text("# YTID, start_seconds, end_seconds, positive_labels\n" + "".join(
+        f'{y * 11}, 1.000, 11.000, "/m/a"\n' for y in "OTMANF"))
+    out = tmp_path / "out"
+    entries, missing = prepare.main(prepare.PrepareConfig(segments=str(csv_path),
+                                                          videos=str(videos), out=str(out)))
+    assert sorted(e["video_id"] for e in entries) == [
+        "MMMMMMMMMMM_000001", "OOOOOOOOOOO_000001", "TTTTTTTTTTT_000001"]
+    for e in entries:
+        shown = [second_of_frame(data.frame_path(out / "frames", e["video_id"], k)) for k in range(10)]
+        assert shown == [1 + k for k in range(10)], e["source"]
+        x = wav_samples(out / "audio" / f"{e['video_id']}.wav")
+        assert abs(tone_hz(x[2 * SR + 320:3 * SR - 320]) - 600) < 15, e["source"]   # second 3
+    assert missing == {"AAAAAAAAAAA_000001": "no video track", "NNNNNNNNNNN_000001": "undecodable",
+                       "FFFFFFFFFFF_000001": "not found"}
+    detail = {line.split("\t")[0]: line.split("\t")[2]
+              for line in (out / "failures.txt").read_text().splitlines()}
+    assert "AAAAAAAAAAA.mka: no video track" in detail["AAAAAAAAAAA_000001"]
+    assert "NNNNNNNNNNN.txt: cannot decode" in detail["NNNNNNNNNNN_000001"]
+    assert "no file in" in detail["FFFFFFFFFFF_000001"]
+
+
+SLOW_FETCH = '''
+import shutil, sys, time
+ytid, out, source, log = sys.argv[1:]
+open(log, "a").write(ytid + "\\n")
+if ytid.startswith("X"):
+    sys.exit("ERROR: [youtube] " + ytid + ": Video unavailable")
+open(out + ".part", "w").write("half")      # a download in progress
+time.sleep(0.8)
+shutil.copy(source + "/" + ytid + ".mp4", out)
+'''
+
+
+def test_a_segments_run_killed_with_sigkill_resumes_to_each_clip_once(tmp_path):
+    import re
+    import signal
+    import subprocess
+    import time
+    source = tmp_path / "youtube"
+    source.mkdir()
+    good = [c * 11 for c in "ABCDEFGH"]
+    for ytid in good:
+        encode_seconds(source / f"{ytid}.mp4", 11)
+    script, log = tmp_path / "slow_fetch.py", tmp_path / "calls.txt"
+    script.write_text(SLOW_FETCH)
+    vgg = tmp_path / "vggsound.csv"
+    vgg.write_text("".join(f"{y},0,dog barking,train\n" for y in good[:4])
+                   + "XXXXXXXXXXX,0,dog barking,train\n"
+                   + "".join(f"{y},0,cat meowing,test\n" for y in good[4:]))
+    out = tmp_path / "out"
+    command = [sys.executable, os.path.join(os.path.dirname(prepare.__file__), "prepare.py"),
+               "--segments", str(vgg), "--out", str(out), "--workers", "2", "--fetch",
+               f"{sys.executable} {script} {{ytid}} {{out}} {source} {log}"]
+    run = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list((out / "clips").glob("*.json"))) < 3:
+        time.sleep(0.05)
+    run.send_signal(signal.SIGKILL)                 # in the middle of the next fetches
+    run.wait()
+    before = {p.name: p.stat().st_mtime_ns for p in (out / "clips").glob("*.json")}
+    fetched_before = log.read_text().split()
+    time.sleep(1.5)             # no worker or fetch command of the killed run goes on
+    assert {p.name: p.stat().st_mtime_ns for p in (out / "clips").glob("*.json")} == before
+    assert log.read_text().split() == fetched_before
+    assert 3 <= len(before) < len(good)
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    clips = {p.name: p.stat().st_mtime_ns for p in (out / "clips").glob("*.json")}
+    assert sorted(clips) == sorted(f"{y}_000000.json" for y in good)
+    assert all(clips[name] == t for name, t in before.items())      # not written again
+    fetched = log.read_text().split()
+    for name in before:                                              # nor fetched again
+        assert fetched.count(name[:11]) == fetched_before.count(name[:11]) == 1, name
+    leftovers = [p for p in out.rglob("*") if p.is_file() and (
+        p.suffix in (".tmp", ".part") or ".partial" in p.parts or ".fetch" in p.parts)]
+    assert leftovers == []
+    failures = (out / "failures.txt").read_text().splitlines()
+    assert [line.split("\t")[:2] for line in failures] == [["XXXXXXXXXXX_000000", "fetch failed"]]
+    counts = re.search(r"(\d+) clips asked, (\d+) written \((\d+) before this run\), (\d+) missing",
+                       done.stdout)
+    asked, written, kept, missing = map(int, counts.groups())
+    assert (asked, written, kept, missing) == (9, len(clips), len(before), len(failures))
+    manifests = data.read_manifest(out / "train.json") + data.read_manifest(out / "test.json")
+    assert sorted(e["video_id"] for e in manifests) == sorted(n[:-5] for n in clips)
+    for e in manifests:
+        assert len(wav_samples(out / "audio" / f"{e['video_id']}.wav")) == 10 * SR
