@@ -41,6 +41,7 @@ Writes {out}/ablation.md (markdown tables, the paper's numbers beside ours) and
 """
 import contextlib
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -472,6 +473,18 @@ def score_manifest(cfg):
                                   n_test_multilabel=0, n_distractor=0, seed=1)["test"]
 
 
+def shared_clips(train_manifest, score_manifest):
+    """How many clips the two manifests share, by content: the SHA-1 of each clip's sound
+    file (the toy draws a clip's sound and picture from one random stream, so equal sounds
+    mean one clip). -> (shared, clips in train_manifest, clips in score_manifest)."""
+    def digests(manifest):
+        root = os.path.dirname(os.path.abspath(manifest))
+        with_paths = [os.path.join(root, e["wav"]) for e in data.read_manifest(manifest)]
+        return {hashlib.sha1(open(p, "rb").read()).hexdigest() for p in with_paths}
+    a, b = digests(train_manifest), digests(score_manifest)
+    return len(a & b), len(a), len(b)
+
+
 def noise(results, stats):
     """The two sources of spread in R@1: the evaluation's (bootstrap over one gallery's
     clips, mean over runs) and training's (sd over seeds of the default row), and the range
@@ -593,6 +606,8 @@ def main(cfg):
     stats = by_length[max(by_length)]
     spread = noise([r for r in results if r["epochs"] == max(by_length)], stats)
     views = survival(toy_root_of(cfg), vggss=cfg.vggss) if cfg.survival else None
+    overlap = (shared_clips(toy.toy_paths(toy_root_of(cfg))["train"], manifest)
+               if manifest else None)
     diagnostic = view_diagnostic(cfg) if cfg.views else None
     scored = (f"{cfg.train_clips or TOY_TRAIN_CLIPS} training clips, {results[-1]['steps']} "
               f"steps at the longest, scored on {manifest or 'each run’s last evaluation'} in "
@@ -602,6 +617,8 @@ def main(cfg):
               + (f"\nEach row against default, by training length ({scored}):\n\n"
                  + length_table(by_length, results) if len(by_length) > 1 else "")
               + "\nNoise, R@1 points: " + _pairs(spread, 1) + "\n"
+              + (f"\nTraining clips among the scoring clips (same sound file): {overlap[0]} "
+                 f"(of {overlap[1]} training and {overlap[2]} scoring clips)\n" if overlap else "")
               + ("\nWhat survives one view: " + _pairs(views, 3) + "\n" if views else "")
               + ("\nWhich views stop the augmented target (seed 0, "
                  f"{VIEW_EPOCHS} epochs):\n\n" + views_table(diagnostic) if diagnostic else ""))
@@ -612,6 +629,7 @@ def main(cfg):
         json.dump({"config": dataclasses.asdict(cfg), "runs": results, "statistics": stats,
                    "statistics_by_epochs": by_length,
                    "noise": spread, "survival": views, "view_diagnostic": diagnostic,
+                   "shared_train_score_clips": overlap,
                    "score_data": manifest}, f, indent=1)
     print("\n" + report + f"\nwrote {cfg.out}/ablation.md and ablation.json")
     return results

@@ -247,3 +247,20 @@ def test_length_table_pairs_each_row_with_default_at_each_length():
     assert "| invariant | 30 | 2 | -2.0 [-14.7, +10.7] |" in table
     assert "| default | 10 | 0.850 / 0.425 | 0.85 | -0.85 |" in table
     assert "| invariant | 30 | 0.400 / 0.200 | 0.40 | -0.40 |" in table
+
+
+def test_shared_clips_counts_the_clips_two_manifests_hold_alike(toy_root, tmp_path):
+    """The scoring set is drawn with another seed: it shares no clip with a training set.
+    A larger training set under the same seed holds the smaller one's clips, and a test
+    split drawn with the same seed is still a split of its own."""
+    paths = toy.toy_paths(toy_root)
+    bigger = tmp_path / "bigger"
+    toy.make_toy_dataset(bigger, n_train=12, n_test=4, n_retrieval=4, n_train_multilabel=0,
+                         n_test_multilabel=0, n_distractor=0, num_workers=0)
+    other = tmp_path / "other"
+    toy.make_toy_dataset(other, n_train=0, n_test=6, n_retrieval=6, n_train_multilabel=0,
+                         n_test_multilabel=0, n_distractor=0, num_workers=0, seed=1)
+    big = toy.toy_paths(bigger)
+    assert ablate.shared_clips(paths["train"], big["train"]) == (8, 8, 12)
+    assert ablate.shared_clips(big["train"], toy.toy_paths(other)["test"]) == (0, 12, 6)
+    assert ablate.shared_clips(big["train"], big["test"]) == (0, 12, 4)
