@@ -64,8 +64,8 @@ def localize(model, x_a, x_v, T_a=None, T_v=None, method="occlusion", chunk=64, 
     "gradient": that map times the calibrated probability that the sound belongs to the
       frame, p = confidence.probability(s) (a Confidence fitted on training clips), so
       that a wrong sound leaves the frame dark;
-    "gradient_input": gradient x input, m_i = h_i . ds/dh_i (the map before this one,
-      kept for comparison): the inter path is nearly scale-invariant in h (LayerNorms),
+    "gradient_input": gradient x input, m_i = h_i . ds/dh_i (kept for comparison):
+      the inter path is nearly scale-invariant in h (LayerNorms),
       so by Euler's theorem its map sums to about 0 whatever s is, and a large object,
       which makes most of the mean it is scaled along, comes out cold inside;
     "occlusion": m_i = s - s_{-i}, s recomputed with patch token i removed from the

@@ -521,11 +521,12 @@ def _localize(model, dataset, dataset_of, cfg, device, confidence):
                 _negatives_figure(cfg, frames, neg_maps, method)
         if "manifest" in one:
             one["against_baselines"] = localize.against_baselines(one["manifest"])
-            utils.print0(f"{method} against the baselines (pointing, IoU at box area): " + "; ".join(
-                f"{name.replace('_', ' ')} {_times(r['pointing_game'])}, {_times(r['iou_at_area'])}"
-                for name, r in one["against_baselines"].items()))
+            ratios = "; ".join(f"{name.replace('_', ' ')} {_times(r['pointing_game'])}, "
+                               f"{_times(r['iou_at_area'])}"
+                               for name, r in one["against_baselines"].items())
+            utils.print0(f"{method} against the baselines (pointing, IoU at box area): {ratios}")
         out["maps"][method] = one
-    out.update(out["maps"][methods[0]])     # the first map's scores at the top, as before
+    out.update(out["maps"][methods[0]])     # the first map's scores also at the top level
     chosen = ([int(i) for i in cfg.localize_indices.split(",")] if cfg.localize_indices
               else list(range(min(cfg.localize, len(dataset)))))
     figure = [_figure_clip(dataset, entries, i, "") for i in chosen]
