@@ -53,6 +53,7 @@ written, unless --allow_failures (a segment list's missing clips never block it)
 import csv
 import ctypes
 import dataclasses
+import functools
 import hashlib
 import json
 import multiprocessing
@@ -462,15 +463,17 @@ def pick_source(segment, candidates):
                     f"{[p.name for p in candidates[:4]]}", "ambiguous source")
 
 
-def die_with_parent():
-    """On Linux, have this process killed when the one that started it dies (prctl
-    PR_SET_PDEATHSIG): a run killed with SIGKILL leaves no worker or fetch command behind
-    to write a clip beside its rerun. Elsewhere nothing is done."""
+def die_with_parent(parent):
+    """On Linux, have this process killed when `parent`, the process that started it, dies
+    (prctl PR_SET_PDEATHSIG): a run killed with SIGKILL leaves no worker or fetch command
+    behind to write a clip beside its rerun. Elsewhere nothing is done."""
     if sys.platform.startswith("linux"):
         try:
             ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)   # 1: PR_SET_PDEATHSIG
         except (OSError, AttributeError):
-            pass
+            return
+        if os.getppid() != parent:   # it died before the prctl: nobody will signal us
+            os._exit(1)
 
 
 def fetch(template, segment, dest, timeout):
@@ -486,7 +489,8 @@ def fetch(template, segment, dest, timeout):
     for _ in range(2):   # a try and one retry
         try:
             proc = subprocess.Popen(words, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                    start_new_session=True, preexec_fn=die_with_parent)
+                                    start_new_session=True,
+                                    preexec_fn=functools.partial(die_with_parent, os.getpid()))
         except OSError as err:   # the command vanished or may not be run
             raise ClipError(f"{segment.video_id}: fetch failed: cannot run {words[0]} ({err})",
                             "fetch failed") from err
@@ -644,8 +648,8 @@ def prepare_segments(cfg):
           f"{len(todo)} to make")
     args = [(s, labels[s.video_id], sources.get(s.ytid, []), cfg) for s in todo]
     if cfg.workers > 0:
-        with multiprocessing.get_context("spawn").Pool(cfg.workers,
-                                                       initializer=die_with_parent) as pool:
+        with multiprocessing.get_context("spawn").Pool(
+                cfg.workers, initializer=die_with_parent, initargs=(os.getpid(),)) as pool:
             list(tqdm(pool.imap_unordered(_segment_one, args), total=len(args), desc="clips"))
     else:
         for a in tqdm(args, desc="clips"):

@@ -247,29 +247,9 @@ SW, SH, SR = 96, 48, 16000
 def encode_seconds(path, seconds, first=0, with_audio=True, with_video=True):
     """A video whose second k (k = first, first + 1, ...) shows a white square at
     x = 2 + 5 k and sounds a tone of 300 + 100 k Hz: what any second of a cut came from
-    can be read off its picture and its sound."""
-    c = av.open(str(path), "w")
-    vs = c.add_stream("mpeg4", rate=FPS) if with_video else None
-    s = c.add_stream("aac", rate=SR) if with_audio else None
-    if with_audio:
-        s.layout = "mono"
-    if with_video:
-        vs.width, vs.height, vs.pix_fmt = SW, SH, "yuv420p"
-        _encode_squares(c, vs, [2 + 5 * (first + i // FPS) for i in range(int(seconds * FPS))], 4)
-    if with_audio:
-        t = np.arange(int(seconds * SR)) / SR
-        hz = 300 + 100 * (first + np.floor(t))
-        x = (0.5 * np.sin(2 * np.pi * np.cumsum(hz) / SR)).astype(np.float32)
-        step = s.codec_context.frame_size or 1024
-        for start in range(0, x.size, step):
-            f = av.AudioFrame.from_ndarray(x[None, start:start + step].copy(), format="fltp",
-                                           layout="mono")
-            f.sample_rate, f.pts = SR, start
-            for p in s.encode(f):
-                c.mux(p)
-        for p in s.encode():
-            c.mux(p)
-    c.close()
+    can be read off its picture and its sound (MPEG-4 video, AAC sound, in MP4)."""
+    encode_container(path, seconds, first, video="mpeg4" if with_video else None,
+                     sound="aac" if with_audio else None)
 
 
 def second_of_frame(path):
@@ -480,30 +460,33 @@ def test_vggss_boxes_reach_the_manifest_and_score_with_localize(tmp_path):
     assert localize.score_maps(frames.flip(-1), boxes)["pointing_game"] == 0.0
 
 
-def encode_container(path, seconds, video="mpeg4", sound="aac", fmt=None):
-    """encode_seconds' picture and tone (second k: square at x = 2 + 5 k, 300 + 100 k Hz) in
-    another container and codecs; video None: a sound file only."""
+def encode_container(path, seconds, first=0, video="mpeg4", sound="aac", fmt=None):
+    """encode_seconds' picture and tone in any container and codecs; video or sound None:
+    no such track."""
     c = av.open(str(path), "w", format=fmt)
     vs = c.add_stream(video, rate=FPS) if video else None
-    s = c.add_stream(sound, rate=SR)
+    s = c.add_stream(sound, rate=SR) if sound else None
     channels = 2 if sound == "vorbis" else 1       # FFmpeg's own Vorbis encoder: stereo only
-    s.layout = "stereo" if channels == 2 else "mono"
+    if s is not None:
+        s.layout = "stereo" if channels == 2 else "mono"
     if sound == "vorbis":
         s.codec_context.options = {"strict": "experimental"}
     if vs is not None:
         vs.width, vs.height, vs.pix_fmt = SW, SH, "yuv420p"
-        _encode_squares(c, vs, [2 + 5 * (i // FPS) for i in range(int(seconds * FPS))], 4)
-    t = np.arange(int(seconds * SR)) / SR
-    x = (0.5 * np.sin(2 * np.pi * np.cumsum(300 + 100 * np.floor(t)) / SR)).astype(np.float32)
-    step = 1024
-    for start in range(0, x.size, step):
-        f = av.AudioFrame.from_ndarray(np.repeat(x[None, start:start + step], channels, 0),
-                                       format="fltp", layout=s.layout.name)
-        f.sample_rate, f.pts = SR, start
-        for p in s.encode(f):
+        _encode_squares(c, vs, [2 + 5 * (first + i // FPS) for i in range(int(seconds * FPS))], 4)
+    if s is not None:
+        t = np.arange(int(seconds * SR)) / SR
+        hz = 300 + 100 * (first + np.floor(t))
+        x = (0.5 * np.sin(2 * np.pi * np.cumsum(hz) / SR)).astype(np.float32)
+        step = s.codec_context.frame_size or 1024
+        for start in range(0, x.size, step):
+            f = av.AudioFrame.from_ndarray(np.repeat(x[None, start:start + step], channels, 0),
+                                           format="fltp", layout=s.layout.name)
+            f.sample_rate, f.pts = SR, start
+            for p in s.encode(f):
+                c.mux(p)
+        for p in s.encode():
             c.mux(p)
-    for p in s.encode():
-        c.mux(p)
     c.close()
 
 
