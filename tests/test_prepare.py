@@ -567,6 +567,7 @@ def test_a_segments_run_killed_with_sigkill_resumes_to_each_clip_once(tmp_path):
         time.sleep(0.05)
     run.send_signal(signal.SIGKILL)                 # in the middle of the next fetches
     run.wait()
+    time.sleep(0.5)             # a system call in flight in a child at the kill completes
     before = {p.name: p.stat().st_mtime_ns for p in (out / "clips").glob("*.json")}
     fetched_before = log.read_text().split()
     time.sleep(1.5)             # no worker or fetch command of the killed run goes on
