@@ -22,8 +22,8 @@ Output, the CAV-MAE / EquiAV layout (see data.py):
 their columns). A clip's video_id is {YTID}_{start}, start in whole seconds with six
 digits as VGGSound and VGG-SS name clips (a fractional start adds .mmm). Its video is
 the file in --videos whose name starts with the YTID, whatever its suffix (the one named
-as the clip or the video if several), else --fetch's command writes it; a video no longer than the segment
-is taken as the segment already cut. The clip is [start, end) (VGGSound: 10 s): its
+as the clip or the video if several), else --fetch's command writes it; a video no longer
+than the segment is taken as the segment already cut. The clip is [start, end) (VGGSound: 10 s): its
 frame k is the frame shown at start + k s, its sound that span at 16 kHz mono. A clip
 that cannot be made is recorded with its reason (see REASONS) and skipped by a rerun
 (--retry_missing: retried); missing clips are data, the exit status stays 0. Manifests:

@@ -362,8 +362,8 @@ def build_model(cfg, mcfg, device):
                                   fused=device.type == "cuda")   # one kernel; no scaler sync
     scaler = utils.make_grad_scaler(device, cfg.amp)
     millions = sum(p.numel() for p in net.parameters()) / 1e6
-    utils.print0(f"model: preset {cfg.preset!r} ({millions:.2f}M parameters), predictor "
-                 f"{mcfg.predictor}, inter_target={cfg.inter_target}, equivariant={cfg.equivariant}")
+    utils.print0(f"model: preset {cfg.preset!r} ({millions:.2f}M parameters), {mcfg.predictor} "
+                 f"predictor, inter_target={cfg.inter_target}, equivariant={cfg.equivariant}")
     return net, criterion, optimizer, scaler
 
 
